@@ -1,0 +1,15 @@
+"""medyate-peft: memory-budgeted dynamic sparse fine-tuning (MeDyate, TraDy) as a PEFT method.
+
+`import medyate_peft` registers the method with PEFT, so `get_peft_model(model, MeDyateConfig(...))`
+and `PeftModel.from_pretrained(base, path)` work like any built-in PEFT method.
+"""
+
+from ._registration import register
+
+register()
+
+from .medyate import MeDyateConfig, MeDyateLayer, MeDyateModel  # noqa: E402
+from .strategies import STRATEGIES  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["STRATEGIES", "MeDyateConfig", "MeDyateLayer", "MeDyateModel", "__version__"]

@@ -1,0 +1,227 @@
+"""Measured memory of one training step, beside the papers' analytical budget.
+
+Bytes of every tensor autograd saves for the backward pass are counted with
+`torch.autograd.graph.saved_tensors_hooks` and attributed to the module whose forward saved them;
+storages of parameters and buffers are excluded (they are not extra memory). Weight-gradient bytes
+are the sizes of the `.grad` tensors that the step produced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .budget import slots_to_kb
+
+if TYPE_CHECKING:
+    from .medyate.model import MeDyateModel
+
+
+@dataclass
+class LayerRow:
+    name: str
+    channels: int
+    in_channels: int
+    weight_slots: int
+    activation_slots: int
+    measured_saved_bytes_per_sample: float | None = None
+
+    @property
+    def slots(self) -> int:
+        return self.weight_slots + self.activation_slots
+
+
+@dataclass
+class MemoryReport:
+    """Analytical (papers' accounting) and measured memory of one training step of one adapter."""
+
+    adapter: str
+    strategy: str
+    budget_slots: int
+    bytes_per_slot: int
+    layers: list[LayerRow]
+    batch_size: int | None = None
+    measured_selected_saved_bytes: int | None = None  # x[:, S] of the selected layers, whole batch
+    measured_frozen_path_saved_bytes: int | None = None  # everything else autograd kept, whole batch
+    measured_weight_grad_bytes_used: int | None = None  # slots of the flat vector that selected channels use
+    measured_weight_grad_bytes_allocated: int | None = None  # the flat vector's .grad (fixed, <= budget)
+    measured_head_grad_bytes: int | None = None  # modules_to_save (classifier), trained in full
+    saved_bytes_by_module: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def used_slots(self) -> int:
+        return sum(row.slots for row in self.layers)
+
+    @property
+    def used_kb(self) -> float:
+        return slots_to_kb(self.used_slots, self.bytes_per_slot)
+
+    @property
+    def budget_kb(self) -> float:
+        return slots_to_kb(self.budget_slots, self.bytes_per_slot)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(used_slots=self.used_slots, used_kb=self.used_kb, budget_kb=self.budget_kb)
+        return out
+
+    def __str__(self) -> str:
+        kb = self.bytes_per_slot / 1024
+        lines = [
+            f"MeDyate memory report: adapter {self.adapter!r}, strategy {self.strategy!r}",
+            f"{'layer':<40} {'channels':>11} {'W slots':>9} {'A slots':>9} {'kB':>8} {'measured A kB/sample':>21}",
+        ]
+        for row in self.layers:
+            measured = row.measured_saved_bytes_per_sample
+            measured_txt = "-" if measured is None else f"{measured / 1024:.2f}"
+            lines.append(
+                f"{row.name[-40:]:<40} {row.channels:>5}/{row.in_channels:<5} {row.weight_slots:>9} "
+                f"{row.activation_slots:>9} {row.slots * kb:>8.2f} {measured_txt:>21}"
+            )
+        lines.append(
+            f"analytical: {self.used_slots} of {self.budget_slots} slots = {self.used_kb:.1f} of "
+            f"{self.budget_kb:.1f} kB per sample"
+        )
+        if self.batch_size is not None:
+            per = 1024 * self.batch_size
+            lines += [
+                f"measured (one training step, batch {self.batch_size}):",
+                f"  saved activations of selected channels: {self.measured_selected_saved_bytes / per:.1f} kB/sample",
+                f"  weight gradients of selected channels: {self.measured_weight_grad_bytes_used / 1024:.1f} kB used "
+                f"of a {self.measured_weight_grad_bytes_allocated / 1024:.1f} kB fixed gradient vector",
+                f"  beside the budget: frozen-path activations {self.measured_frozen_path_saved_bytes / per:.1f} "
+                f"kB/sample, head gradients {self.measured_head_grad_bytes / 1024:.1f} kB",
+            ]
+        else:
+            lines.append("measured: pass a sample batch (or set input_size) to measure a training step")
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def record_saved_tensors(model: nn.Module, owner: nn.Module | None = None) -> Iterator[dict[str, int]]:
+    """Bytes of the distinct storages autograd saves, keyed by the innermost module of `model` that saved them.
+
+    Parameters and buffers of `owner` (default: `model`) are excluded: saving them costs nothing.
+    """
+    owner = model if owner is None else owner
+    excluded = {t.untyped_storage().data_ptr() for t in [*owner.parameters(), *owner.buffers()]}
+    seen: set[int] = set()
+    by_module: dict[str, int] = {}
+    stack = ["<outside modules>"]
+    handles = []
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        stack.pop()
+
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, a, n=name: stack.append(n)))
+        handles.append(module.register_forward_hook(leave))
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in excluded and ptr not in seen:
+            seen.add(ptr)
+            by_module[stack[-1]] = by_module.get(stack[-1], 0) + storage.nbytes()
+        return tensor
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield by_module
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _scalar_loss(output: Any) -> torch.Tensor:
+    """A scalar to back-propagate: the model's loss if it returned one, else the sum of its logits."""
+    loss = getattr(output, "loss", None)
+    if loss is not None:
+        return loss
+    logits = getattr(output, "logits", output)
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    return logits.float().sum()
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    for value in [*args, *kwargs.values()]:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    raise ValueError("memory_report needs a batch of tensors to measure a training step")
+
+
+def measure_step(tuner: MeDyateModel, adapter: str, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Run one forward+backward in train mode and restore every state it touched (grads, norms, RNG)."""
+    plan = tuner.plans[adapter]
+    trainable = [p for p in tuner.parameters() if p.requires_grad]
+    old_grads = [p.grad for p in trainable]
+    tracker_state = plan.tracker.state_dict()
+    rng = torch.get_rng_state()
+    was_training = tuner.training
+    try:
+        for p in trainable:
+            p.grad = None
+        tuner.train()
+        with record_saved_tensors(tuner.model, owner=tuner) as by_module:
+            output = tuner(*args, **kwargs)
+        _scalar_loss(output).backward()
+        values = tuner.medyate_values[adapter]
+        head_bytes = sum(
+            p.grad.nbytes for n, p in tuner.named_parameters() if p.grad is not None and ".modules_to_save." in n
+        )
+        return {
+            "by_module": dict(by_module),
+            "values_grad_bytes": 0 if values.grad is None else values.grad.nbytes,
+            "head_grad_bytes": head_bytes,
+        }
+    finally:
+        for p, grad in zip(trainable, old_grads, strict=True):
+            p.grad = grad
+        plan.tracker.load_state_dict(tracker_state)
+        torch.set_rng_state(rng)
+        tuner.train(was_training)
+
+
+def memory_report(tuner: MeDyateModel, adapter: str, args: tuple, kwargs: dict) -> MemoryReport:
+    config = tuner.peft_config[adapter]
+    plan = tuner.plans[adapter]
+    if plan.pool is None:
+        raise RuntimeError(
+            "no channels are selected yet: give MeDyateConfig an input_size, or run one training step first"
+        )
+    if not args and not kwargs and config.input_size is not None:
+        args, kwargs = tuner.dummy_inputs(config)
+    layers = tuner.medyate_layers()
+    costs = {c.name: c for c in plan.pool.costs}
+    rows = []
+    for name, idx in tuner.selection(adapter).items():
+        cost = costs[name]
+        rows.append(LayerRow(name, len(idx), cost.in_channels, len(idx) * cost.weight_slots,
+                             len(idx) * cost.activation_slots))
+    report = MemoryReport(adapter, config.strategy, plan.budget, config.bytes_per_slot, rows)
+    if not args and not kwargs:
+        return report
+    measured = measure_step(tuner, adapter, args, kwargs)
+    batch = _batch_size(args, kwargs)
+    by_module = measured["by_module"]
+    selected = {row.name for row in rows}
+    for row in rows:
+        row.measured_saved_bytes_per_sample = by_module.get(row.name, 0) / batch
+    element = tuner.medyate_values[adapter].element_size()
+    report.batch_size = batch
+    report.saved_bytes_by_module = by_module
+    report.measured_selected_saved_bytes = sum(v for k, v in by_module.items() if k in selected)
+    report.measured_frozen_path_saved_bytes = sum(v for k, v in by_module.items() if k not in selected)
+    report.measured_weight_grad_bytes_allocated = measured["values_grad_bytes"]
+    report.measured_weight_grad_bytes_used = element * sum(
+        len(idx) * layers[name].slice_shape[0] * layers[name].slice_shape[1]
+        for name, idx in tuner.selection(adapter).items()
+    )
+    report.measured_head_grad_bytes = measured["head_grad_bytes"]
+    return report

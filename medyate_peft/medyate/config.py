@@ -1,0 +1,82 @@
+"""MeDyateConfig: what to train under which memory budget."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+from ..strategies import get_strategy
+
+# Bumped when the adapter file layout changes; loading a newer one fails with a clear message.
+FORMAT_VERSION = 1
+
+
+@dataclass
+class MeDyateConfig(PeftConfig):
+    """Configuration of a MeDyate (or TraDy, or baseline-strategy) sparse adapter.
+
+    Memory is counted as in the papers: per training sample, weight-gradient plus stored
+    input-activation elements of the selected input channels, `bytes_per_slot` bytes each.
+    """
+
+    budget_kb: float = field(default=256.0, metadata={"help": "Training memory budget in kB (KiB)."})
+    bytes_per_slot: int = field(default=4, metadata={"help": "Bytes per counted element (4 = fp32, as the papers)."})
+    input_size: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Shape of one input sample without the batch dim, e.g. [3, 224, 224] or [128] (tokens). "
+            "None: activation shapes are learned from the first training batch."
+        },
+    )
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Candidate layers (names or regex). None: every Conv2d/Linear."}
+    )
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Layers never trained."})
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules trained in full and saved (the classifier). None: the model's head if found."},
+    )
+    strategy: str = field(default="medyate", metadata={"help": "Channel-selection strategy (see STRATEGIES)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the channel draws (identical on every DDP rank)."})
+    layer_ranking: str | dict[str, Any] | None = field(
+        default=None, metadata={"help": "LaRa/RGN ranking: a JSON path or dict from `medyate_peft.rank_layers`."}
+    )
+    alpha_opt: float = field(default=0.2, metadata={"help": "MeDyate's K rule: smallest K with B / M_K <= alpha_opt."})
+    rgn_coverage: float = field(default=0.97, metadata={"help": "TraDy's K rule: share of cumulative RGN kept."})
+    freeze_bn_stats: bool = field(
+        default=True, metadata={"help": "Keep BatchNorm running statistics frozen so the base model stays intact."}
+    )
+    lean_backward: bool = field(
+        default=True, metadata={"help": "Save no activations for frozen layers on the backward path."}
+    )
+    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Adapter file format version."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.MEDYATE
+        if isinstance(self.budget_kb, bool) or not isinstance(self.budget_kb, (int, float)):
+            raise TypeError(f"budget_kb must be a number of kB, got {self.budget_kb!r}")
+        if not math.isfinite(self.budget_kb) or self.budget_kb <= 0:
+            raise ValueError(f"budget_kb must be a positive finite number of kB, got {self.budget_kb}")
+        if self.bytes_per_slot <= 0:
+            raise ValueError(f"bytes_per_slot must be positive (4 for fp32), got {self.bytes_per_slot}")
+        get_strategy(self.strategy)
+        if not 0 < self.alpha_opt <= 1:
+            raise ValueError(f"alpha_opt must be in (0, 1], got {self.alpha_opt}")
+        if not 0 < self.rgn_coverage <= 1:
+            raise ValueError(f"rgn_coverage must be in (0, 1], got {self.rgn_coverage}")
+        if self.input_size is not None:
+            self.input_size = [int(s) for s in self.input_size]
+            if not self.input_size or min(self.input_size) <= 0:
+                raise ValueError(f"input_size must be a non-empty list of positive sizes, got {self.input_size}")
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"this adapter was written with format version {self.format_version}, newer than this "
+                f"medyate-peft understands ({FORMAT_VERSION}); upgrade with `pip install -U medyate-peft`"
+            )
+        if isinstance(self.target_modules, (list, set, tuple)):
+            self.target_modules = sorted(self.target_modules)

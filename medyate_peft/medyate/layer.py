@@ -1,0 +1,278 @@
+"""Conv2d and Linear layers that carry MeDyate channel deltas.
+
+Per adapter a layer stores the channels it has ever trained (`medyate_index`) and the delta slices
+of those channels (`medyate_delta`, frozen). The channels trained in the current epoch take their
+values from a segment of the tuner's flat trainable vector (a `Selection`); `resample()` folds them
+into the stored deltas. The base weight is never touched until `merge`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ..budget import activation_slots_of_input
+from ..kernels import ChannelSparseConv2d, ChannelSparseLinear, ConvSpec, Selection, add_to_channels
+
+
+class MeDyateLayer(BaseTunerLayer):
+    adapter_layer_names = ("medyate_delta",)
+    other_param_names = ("medyate_index",)
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.medyate_delta = nn.ParameterDict({})
+        self.medyate_index = BufferDict({}, persistent=True)
+        self.frozen_peft_weight_names = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.live: dict[str, tuple[nn.Parameter, Selection]] = {}
+        self.lean_backward = True
+        self.activation_slots: int | None = None
+        self.kwargs = kwargs
+
+    # -- layout -------------------------------------------------------------------------------
+    @property
+    def groups(self) -> int:
+        return getattr(self.get_base_layer(), "groups", 1)
+
+    @property
+    def in_channels(self) -> int:
+        return self.get_base_layer().weight.shape[1] * self.groups
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        """Shape (C'/g, kh*kw) of one input channel's weight slice."""
+        weight = self.get_base_layer().weight
+        return weight.shape[0] // self.groups, weight[0, 0].numel()
+
+    def update_layer(self, adapter_name: str, lean_backward: bool = True) -> None:
+        """Create an empty delta for this adapter: no channel trained yet."""
+        weight = self.get_base_layer().weight
+        empty = torch.zeros(0, *self.slice_shape, dtype=weight.dtype, device=weight.device)
+        self.medyate_delta[adapter_name] = nn.Parameter(empty, requires_grad=False)
+        self.medyate_index[adapter_name] = torch.zeros(0, dtype=torch.long, device=weight.device)
+        self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: ("medyate_delta",)}
+        self.lean_backward = lean_backward
+        self.set_adapter(self.active_adapters)
+
+    def set_delta(self, adapter_name: str, index: torch.Tensor, delta: torch.Tensor) -> None:
+        """Replace the stored channels and deltas of an adapter (sorted by channel)."""
+        order = torch.argsort(index)
+        weight = self.get_base_layer().weight
+        self.medyate_index[adapter_name] = index[order].to(device=weight.device, dtype=torch.long)
+        values = delta[order].reshape(len(index), *self.slice_shape).to(device=weight.device, dtype=weight.dtype)
+        self.medyate_delta[adapter_name] = nn.Parameter(values, requires_grad=False)
+
+    # -- live selection -----------------------------------------------------------------------
+    def set_live(self, adapter_name: str, values: nn.Parameter, selection: Selection | None) -> None:
+        """Point the adapter's trainable channels at a segment of the flat vector (None: none)."""
+        if selection is None:
+            self.live.pop(adapter_name, None)
+            return
+        index = self.medyate_index[adapter_name]
+        new = selection.idx[~torch.isin(selection.idx, index)]
+        if len(new):
+            delta = self.medyate_delta[adapter_name].data
+            zeros = delta.new_zeros(len(new), *self.slice_shape)
+            self.set_delta(adapter_name, torch.cat([index, new.to(index.device)]), torch.cat([delta, zeros]))
+        self.live[adapter_name] = (values, selection)
+
+    def live_values(self, adapter_name: str) -> torch.Tensor | None:
+        if adapter_name not in self.live:
+            return None
+        values, sel = self.live[adapter_name]
+        return values.detach()[sel.offset : sel.offset + sel.numel].view(len(sel.idx), *self.slice_shape)
+
+    def fold_live(self, adapter_name: str) -> None:
+        """Add the live trained values into the stored deltas (the flat vector is reset by the tuner)."""
+        live = self.live_values(adapter_name)
+        if live is None:
+            return
+        _, sel = self.live[adapter_name]
+        pos = torch.searchsorted(self.medyate_index[adapter_name], sel.idx.to(self.medyate_index[adapter_name].device))
+        self.medyate_delta[adapter_name].data[pos] += live.to(self.medyate_delta[adapter_name].dtype)
+
+    def folded_delta(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(channels, delta slices) including the live values, without mutating anything."""
+        index = self.medyate_index[adapter_name]
+        delta = self.medyate_delta[adapter_name].detach().clone()
+        live = self.live_values(adapter_name)
+        if live is not None:
+            pos = torch.searchsorted(index, self.live[adapter_name][1].idx.to(index.device))
+            delta[pos] += live.to(delta.dtype)
+        return index, delta
+
+    # -- effective weight ---------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        weight = self.get_base_layer().weight
+        dense = torch.zeros_like(weight)
+        index, delta = self.folded_delta(adapter_name)
+        if len(index):
+            add_to_channels(dense, self.groups, index, delta)
+        return dense
+
+    def _contributing_adapters(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.medyate_delta]
+
+    def effective_weight(self) -> torch.Tensor:
+        """W_base + every active adapter's deltas (live values included), without autograd history."""
+        weight = self.get_base_layer().weight.detach()
+        parts = [(self.medyate_index[a], self.medyate_delta[a].detach(), a) for a in self._contributing_adapters()]
+        parts = [p for p in parts if len(p[0])]
+        if not parts:
+            return weight
+        weight = weight.clone()
+        for index, delta, adapter in parts:
+            add_to_channels(weight, self.groups, index, delta)
+            live = self.live_values(adapter)
+            if live is not None:
+                add_to_channels(weight, self.groups, self.live[adapter][1].idx, live)
+        return weight
+
+    def _trainable_selection(self) -> tuple[nn.Parameter, Selection] | None:
+        trainable = [
+            self.live[a] for a in self._contributing_adapters() if a in self.live and self.live[a][0].requires_grad
+        ]
+        if len(trainable) > 1:
+            raise RuntimeError(
+                "several active MeDyate adapters are being trained at once; activate one adapter for training "
+                "with `model.set_adapter(name)`"
+            )
+        return trainable[0] if trainable else None
+
+    # -- merge ----------------------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if adapter not in self.medyate_delta:
+                continue
+            merged = self.get_base_layer().weight.data + self.get_delta_weight(adapter)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights; the adapter {adapter} seems to be broken")
+            self.get_base_layer().weight.data = merged
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.medyate_delta:
+                self.get_base_layer().weight.data -= self.get_delta_weight(adapter)
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        self.activation_slots = activation_slots_of_input(self.get_base_layer(), x)
+        trainable = self._trainable_selection() if torch.is_grad_enabled() else None
+        base_weight = self.get_base_layer().weight
+        if base_weight.requires_grad:
+            # The user unfroze the base weight: plain autograd keeps its gradient.
+            return self._dense(x, base_weight + (self.effective_weight() - base_weight.detach()))
+        needs_graph = trainable is not None or (self.lean_backward and torch.is_grad_enabled() and x.requires_grad)
+        if not needs_graph:
+            return self._dense(x, self.effective_weight())
+        values, sel = trainable if trainable is not None else (None, None)
+        return self._sparse(x, values, sel)
+
+    def _dense(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _sparse(self, x: torch.Tensor, values: nn.Parameter | None, sel: Selection | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return "medyate." + super().__repr__()
+
+
+def _tf_same_pads(x: torch.Tensor, conv: nn.Conv2d) -> list[int]:
+    """TensorFlow 'SAME' padding for this input size (extra pixel on the right/bottom)."""
+    pads = []
+    for dim in (1, 0):  # F.pad order: last dim first
+        size, k, s, d = x.shape[2 + dim], conv.kernel_size[dim], conv.stride[dim], conv.dilation[dim]
+        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        pads += [total // 2, total - total // 2]
+    return pads
+
+
+class Conv2d(nn.Module, MeDyateLayer):
+    """MeDyate on nn.Conv2d: normal, pointwise, depthwise and grouped; any stride/padding/dilation/mode."""
+
+    def __init__(self, base_layer: nn.Conv2d, adapter_name: str, lean_backward: bool = True, **kwargs: Any):
+        super().__init__()
+        MeDyateLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, lean_backward)
+
+    forward = MeDyateLayer.forward
+    __repr__ = MeDyateLayer.__repr__
+
+    def _padded(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Explicit padding for modes the convolution kernels lack ('same' with even kernels, reflect...)."""
+        conv = self.get_base_layer()
+        if type(conv).__name__ == "Conv2dSame":  # timm's TF-style dynamic 'same' padding
+            return F.pad(x, _tf_same_pads(x, conv)), (0, 0)
+        if conv.padding_mode != "zeros":
+            return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), (0, 0)
+        if conv.padding == "valid":
+            return x, (0, 0)
+        if conv.padding == "same":
+            pads = []
+            for dim in (1, 0):  # F.pad order: last dim first
+                total = conv.dilation[dim] * (conv.kernel_size[dim] - 1)
+                pads += [total // 2, total - total // 2]
+            return F.pad(x, pads), (0, 0)
+        return x, tuple(conv.padding)
+
+    def _spec(self, padding: tuple[int, int]) -> ConvSpec:
+        conv = self.get_base_layer()
+        return ConvSpec(
+            in_channels=conv.in_channels,
+            kernel_size=tuple(conv.kernel_size),
+            stride=tuple(conv.stride),
+            padding=padding,
+            dilation=tuple(conv.dilation),
+            groups=conv.groups,
+        )
+
+    def _dense(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x, padding = self._padded(x)
+        spec = self._spec(padding)
+        return F.conv2d(x, weight, self.get_base_layer().bias, spec.stride, padding, spec.dilation, spec.groups)
+
+    def _sparse(self, x: torch.Tensor, values: nn.Parameter | None, sel: Selection | None) -> torch.Tensor:
+        x, padding = self._padded(x)
+        bias = self.get_base_layer().bias
+        return ChannelSparseConv2d.apply(x, values, bias, self.effective_weight, self._spec(padding), sel)
+
+
+class Linear(nn.Module, MeDyateLayer):
+    """MeDyate on nn.Linear; inputs (N, C) or (N, ..., C) with tokens on the middle dims."""
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, lean_backward: bool = True, **kwargs: Any):
+        super().__init__()
+        MeDyateLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, lean_backward)
+
+    forward = MeDyateLayer.forward
+    __repr__ = MeDyateLayer.__repr__
+
+    def _dense(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.get_base_layer().bias)
+
+    def _sparse(self, x: torch.Tensor, values: nn.Parameter | None, sel: Selection | None) -> torch.Tensor:
+        return ChannelSparseLinear.apply(x, values, self.get_base_layer().bias, self.effective_weight, sel)

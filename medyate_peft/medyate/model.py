@@ -1,0 +1,380 @@
+"""MeDyateModel: the PEFT tuner that plans, samples and trains input channels under a budget."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..budget import LayerCost, budget_slots, layer_cost, slots_to_kb, weight_slots_per_channel
+from ..kernels import Selection
+from ..ranking import select_by_alpha, select_by_rgn
+from ..sampling import ChannelPool, NormTracker, greedy_fill, uniform_order, weighted_order
+from ..strategies import get_strategy
+from .config import MeDyateConfig
+from .layer import Conv2d, Linear, MeDyateLayer
+
+logger = logging.getLogger(__name__)
+
+HEAD_NAMES = ("classifier", "score", "head", "fc")
+
+
+def _unsupported_reason(name: str, module: nn.Module, model: nn.Module) -> str | None:
+    """Why a Conv2d/Linear cannot be wrapped (None: it can)."""
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.MultiheadAttention):
+        return "nn.MultiheadAttention reads out_proj.weight directly, bypassing any wrapper"
+    custom_forward = type(module).forward not in (nn.Conv2d.forward, nn.Linear.forward)
+    if custom_forward and type(module).__name__ != "Conv2dSame":
+        return f"{type(module).__name__} overrides forward(); its semantics are unknown to MeDyate"
+    return None
+
+
+def _is_candidate_type(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv2d, nn.Linear))
+
+
+def _detect_head(model: nn.Module) -> list[str] | None:
+    """The classifier a user would expect to be trained in full: timm's declared one, else a known name."""
+    declared = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    names = dict(model.named_modules())
+    head = declared.get("classifier") if isinstance(declared, dict) else None
+    if head in names and any(p.numel() for p in names[head].parameters()):
+        return [head]
+    for candidate in HEAD_NAMES:
+        if candidate in names and any(p.numel() for p in names[candidate].parameters()):
+            return [candidate]
+    return None
+
+
+@dataclass
+class AdapterPlan:
+    """Sampling state of one adapter: the channel pool, its norms, the RNG and the live selection."""
+
+    budget: int
+    generator: torch.Generator
+    pool: ChannelPool | None = None
+    tracker: NormTracker | None = None
+    selected: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    epoch: int = 0
+
+
+class MeDyateModel(BaseTuner):
+    """Wraps candidate Conv2d/Linear layers; trains a budgeted, re-sampled set of their input channels.
+
+    The trainable parameter is one flat vector per adapter (`medyate_values`), sized by the budget,
+    not by the layers: every epoch a layer's selected channels are mapped to a segment of it, so
+    optimizers and DDP wrappers built once keep working while the selection changes.
+    """
+
+    prefix: str = "medyate_"
+    tuner_layer_cls = MeDyateLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # -- injection ------------------------------------------------------------------------------
+    def _prepare_adapter_config(self, peft_config: MeDyateConfig, model_config: dict) -> MeDyateConfig:
+        return peft_config
+
+    def _prepare_model(self, peft_config: MeDyateConfig, model: nn.Module) -> None:
+        """Resolve the head (modules_to_save) and, with no target_modules, every supported layer."""
+        if peft_config.modules_to_save is None:
+            peft_config.modules_to_save = _detect_head(model)
+            if peft_config.modules_to_save is None:
+                logger.warning("MeDyate: no classifier head found; pass modules_to_save=[...] to train one in full")
+        if peft_config.target_modules is not None:
+            return
+        saved = tuple(peft_config.modules_to_save or ())
+        names = []
+        for name, module in model.named_modules():
+            if not _is_candidate_type(module) or any(name == s or name.startswith(s + ".") for s in saved):
+                continue
+            reason = _unsupported_reason(name, module, model)
+            if reason:
+                logger.info("MeDyate: skipping %s: %s", name, reason)
+                continue
+            names.append(name)
+        peft_config.target_modules = names
+
+    def _create_and_replace(
+        self,
+        peft_config: MeDyateConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(target, MeDyateLayer):
+            target.update_layer(adapter_name, peft_config.lean_backward)
+            return
+        if not _is_candidate_type(target):
+            raise TypeError(
+                f"target module {current_key!r} is a {type(target).__name__}; MeDyate trains input channels of "
+                "nn.Conv2d and nn.Linear layers only. Remove it from target_modules (or leave target_modules=None "
+                "to take every supported layer)."
+            )
+        reason = _unsupported_reason(current_key, target, self.model)
+        if reason:
+            raise TypeError(f"target module {current_key!r} cannot be wrapped: {reason}. Remove it from target_modules.")
+        layer_cls = Conv2d if isinstance(target, nn.Conv2d) else Linear
+        new_module = layer_cls(target, adapter_name, lean_backward=peft_config.lean_backward)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        config: MeDyateConfig = self.peft_config[adapter_name]
+        if not hasattr(self, "medyate_values"):
+            self.medyate_values = nn.ParameterDict({})
+            self.plans: dict[str, AdapterPlan] = {}
+        super().inject_adapter(model, adapter_name, **kwargs)
+        budget = budget_slots(config.budget_kb, config.bytes_per_slot)
+        layers = self.medyate_layers()
+        capacity = min(budget, sum(m.in_channels * weight_slots_per_channel(m.get_base_layer()) for m in layers.values()))
+        device = next(iter(layers.values())).get_base_layer().weight.device
+        values = nn.Parameter(torch.zeros(capacity, device=device))
+        values.requires_grad = adapter_name in self.active_adapters and not config.inference_mode
+        self.medyate_values[adapter_name] = values
+        generator = torch.Generator().manual_seed(config.seed)
+        self.plans[adapter_name] = AdapterPlan(budget=budget, generator=generator)
+        self.train(self.training)
+        if config.input_size is not None and values.requires_grad:
+            self._observe_shapes(*self.dummy_inputs(config))
+            self.plan(adapter_name)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name, values in getattr(self, "medyate_values", {}).items():
+            values.requires_grad = name in names and not inference_mode
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        del self.medyate_values[adapter_name]
+        del self.plans[adapter_name]
+
+    def train(self, mode: bool = True) -> MeDyateModel:
+        """Train mode, except BatchNorm layers outside modules_to_save keep frozen running statistics."""
+        super().train(mode)
+        freeze = any(getattr(c, "freeze_bn_stats", False) for c in self.peft_config.values())
+        if mode and freeze:
+            for name, module in self.model.named_modules():
+                if isinstance(module, _BatchNorm) and ".modules_to_save." not in f".{name}.":
+                    module.eval()
+        return self
+
+    # -- layers and costs -----------------------------------------------------------------------
+    def medyate_layers(self) -> dict[str, MeDyateLayer]:
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, MeDyateLayer)}
+
+    def layer_costs(self) -> list[LayerCost]:
+        """Spec costs of every wrapped layer whose input shape has been observed."""
+        costs = []
+        for name, module in self.medyate_layers().items():
+            if module.activation_slots is None:
+                logger.info("MeDyate: %s was not reached by the forward pass; it is not a candidate", name)
+                continue
+            costs.append(layer_cost(name, module.get_base_layer(), module.activation_slots))
+        return costs
+
+    def dummy_inputs(self, config: MeDyateConfig, batch_size: int = 1) -> tuple[tuple, dict]:
+        """(args, kwargs) of a zero batch of `input_size`, as the model's forward expects it."""
+        device = next(self.model.parameters()).device
+        main_input = getattr(self.model, "main_input_name", None)
+        shape = (batch_size, *config.input_size)
+        if main_input == "input_ids":
+            return (), {"input_ids": torch.zeros(shape, dtype=torch.long, device=device)}
+        if main_input is not None:
+            return (), {main_input: torch.zeros(shape, device=device)}
+        return (torch.zeros(shape, device=device),), {}
+
+    def _observe_shapes(self, args: tuple, kwargs: dict) -> None:
+        modes = {m: m.training for m in self.model.modules()}
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                self.model(*args, **kwargs)
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+
+    # -- planning and sampling ------------------------------------------------------------------
+    def is_planned(self, adapter_name: str) -> bool:
+        return self.plans[adapter_name].pool is not None
+
+    def plan(self, adapter_name: str | None = None) -> None:
+        """Build the channel pool (pre-selected layers) and draw the first selection."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        config: MeDyateConfig = self.peft_config[adapter_name]
+        plan = self.plans[adapter_name]
+        costs = self.layer_costs()
+        if not costs:
+            raise RuntimeError(
+                "MeDyate could not learn any layer's activation shape: pass input_size=[...] (one sample's shape) "
+                "in MeDyateConfig, or run a training forward pass first"
+            )
+        smallest = min(c.channel_slots for c in costs)
+        if smallest > plan.budget:
+            raise ValueError(
+                f"budget_kb={config.budget_kb} ({plan.budget} slots) is too small for any single channel; the "
+                f"cheapest channel needs {smallest} slots = {slots_to_kb(smallest, config.bytes_per_slot):.2f} kB"
+            )
+        pool_costs = self._preselect(config, costs, plan.budget)
+        plan.pool = ChannelPool.build(pool_costs)
+        plan.tracker = NormTracker(len(plan.pool))
+        total = sum(c.layer_slots for c in pool_costs)
+        if total <= plan.budget:
+            logger.warning(
+                "MeDyate: the budget (%d slots) covers every candidate channel (%d slots); all are trained",
+                plan.budget, total,
+            )
+        self._draw(adapter_name)
+
+    def _preselect(self, config: MeDyateConfig, costs: list[LayerCost], budget: int) -> list[LayerCost]:
+        strategy = get_strategy(config.strategy)
+        if strategy.layers == "all":
+            return costs
+        ranking = config.layer_ranking
+        if ranking is None:
+            logger.warning(
+                "MeDyate: strategy %r ranks layers but no layer_ranking was given; using every candidate layer",
+                config.strategy,
+            )
+            return costs
+        if strategy.layers == "lara":
+            names = select_by_alpha(costs, ranking["lara"], budget, config.alpha_opt)
+        else:
+            names = select_by_rgn(costs, ranking["rgn"], config.rgn_coverage)
+        chosen = set(names)
+        return [c for c in costs if c.name in chosen]
+
+    def _draw(self, adapter_name: str) -> None:
+        config: MeDyateConfig = self.peft_config[adapter_name]
+        plan = self.plans[adapter_name]
+        strategy = get_strategy(config.strategy)
+        if strategy.order == "weighted" and plan.tracker.epochs_done > 0:
+            order = weighted_order(plan.tracker.norms, plan.generator)
+        elif strategy.order in ("uniform", "weighted"):
+            order = uniform_order(len(plan.pool), plan.generator)
+        else:
+            raise NotImplementedError(f"strategy {config.strategy!r} needs full-gradient norms (not implemented yet)")
+        plan.selected = greedy_fill(order, plan.pool.slots, plan.budget)
+        self._apply_selection(adapter_name)
+
+    def _apply_selection(self, adapter_name: str) -> None:
+        """Map the selected channels to consecutive segments of the flat trainable vector."""
+        plan = self.plans[adapter_name]
+        values = self.medyate_values[adapter_name]
+        chosen = plan.pool.to_selection(plan.selected)
+        starts = plan.pool.offsets()
+        offset = 0
+        for name, layer in self.medyate_layers().items():
+            if name not in chosen:
+                layer.set_live(adapter_name, values, None)
+                continue
+            idx = chosen[name].to(values.device)
+            numel = len(idx) * math.prod(layer.slice_shape)
+            record = partial(self._record_norms, adapter_name, starts[name], idx.cpu())
+            layer.set_live(adapter_name, values, Selection(idx=idx, offset=offset, numel=numel, record=record))
+            offset += numel
+        if offset > values.numel():
+            raise AssertionError(f"selection needs {offset} weight slots, flat vector holds {values.numel()}")
+
+    def _record_norms(self, adapter_name: str, start: int, idx: torch.Tensor, norms: torch.Tensor) -> None:
+        self.plans[adapter_name].tracker.record(start + idx, norms)
+
+    def resample(self, optimizer: torch.optim.Optimizer | None = None, adapter_name: str | None = None) -> None:
+        """Epoch boundary: fold trained values into the deltas and draw the next channels.
+
+        Pass the optimizer so that its state for the flat vector (momentum, Adam moments) is reset,
+        since its slots now belong to other channels. Static strategies keep their selection.
+        """
+        adapter_name = adapter_name or self.active_adapters[0]
+        config: MeDyateConfig = self.peft_config[adapter_name]
+        plan = self.plans[adapter_name]
+        if plan.pool is None:
+            raise RuntimeError("resample() before the first training step: nothing has been selected yet")
+        self._sync_norms(plan.tracker)
+        plan.tracker.end_epoch(plan.selected)
+        plan.epoch += 1
+        if not get_strategy(config.strategy).dynamic:
+            return
+        values = self.medyate_values[adapter_name]
+        for layer in self.medyate_layers().values():
+            layer.fold_live(adapter_name)
+        with torch.no_grad():
+            values.zero_()
+        if optimizer is not None:
+            optimizer.state.pop(values, None)
+        self._draw(adapter_name)
+
+    @staticmethod
+    def _sync_norms(tracker: NormTracker) -> None:
+        """Under DDP, average the measured channel norms over ranks so every rank draws the same."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for buf in (tracker.epoch_sum, tracker.epoch_count):
+                reduced = buf.to(torch.float64)
+                dist.all_reduce(reduced)
+                buf.copy_(reduced.to(buf.dtype))
+
+    def selection(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """Current selected channels per layer."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        plan = self.plans[adapter_name]
+        return {} if plan.pool is None else plan.pool.to_selection(plan.selected)
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any):
+        if self.training and torch.is_grad_enabled():
+            for adapter_name in self.active_adapters:
+                values = self.medyate_values[adapter_name] if adapter_name in self.medyate_values else None
+                if values is not None and values.requires_grad and not self.is_planned(adapter_name):
+                    logger.info("MeDyate: learning activation shapes from the first training batch")
+                    self._observe_shapes(args, kwargs)
+                    self.plan(adapter_name)
+        return self.model(*args, **kwargs)
+
+    # -- save / load ----------------------------------------------------------------------------
+    @classmethod
+    def _get_adapter_state_dict(
+        cls, model: nn.Module, config: MeDyateConfig, adapter_name: str, state_dict: dict, unwanted_adapter_names: list
+    ) -> dict[str, torch.Tensor]:
+        """Per layer: the channels whose delta is non-zero and those delta slices only."""
+        out = {}
+        for name, module in model.named_modules():
+            if not isinstance(module, MeDyateLayer) or adapter_name not in module.medyate_delta:
+                continue
+            index, delta = module.folded_delta(adapter_name)
+            changed = delta.flatten(1).abs().amax(dim=1) > 0 if len(index) else torch.zeros(0, dtype=torch.bool)
+            if not changed.any():
+                continue
+            out[f"{name}.medyate_index.{adapter_name}"] = index[changed].cpu().contiguous()
+            out[f"{name}.medyate_delta.{adapter_name}"] = delta[changed].cpu().contiguous()
+        return out
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: MeDyateConfig, adapter_name: str, state_dict: dict
+    ) -> dict[str, torch.Tensor]:
+        """Validate every delta against this base model, then install them; nothing changes on error."""
+        from ..serialization import install_deltas
+
+        return install_deltas(model, adapter_name, state_dict)
+
+    # -- reporting ------------------------------------------------------------------------------
+    def memory_report(self, *args: Any, adapter_name: str | None = None, **kwargs: Any):
+        """Analytical budget use per layer, and (given a sample batch, or with input_size) the measured bytes."""
+        from ..measure import memory_report
+
+        return memory_report(self, adapter_name or self.active_adapters[0], args, kwargs)
+

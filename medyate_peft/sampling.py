@@ -1,0 +1,126 @@
+"""Channel sampling within a slot budget (spec section 4).
+
+Channels of the pre-selected layers form one pool. An order over the pool is drawn (uniform, or
+without replacement with probability proportional to a weight via Efraimidis-Spirakis keys), then
+channels are taken in that order while they fit the remaining budget; a channel that does not fit
+is skipped and drawing goes on until nothing fits [ours].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .budget import LayerCost
+
+
+@dataclass(frozen=True)
+class ChannelPool:
+    """All input channels of the candidate layers, flattened: entry j is (layer[j], channel[j])."""
+
+    costs: tuple[LayerCost, ...]
+    layer: torch.Tensor  # int64, index into costs
+    channel: torch.Tensor  # int64, input channel within its layer
+    slots: torch.Tensor  # int64, cost(i, c) of each entry
+
+    @classmethod
+    def build(cls, costs: list[LayerCost]) -> ChannelPool:
+        layer = torch.cat([torch.full((c.in_channels,), i, dtype=torch.long) for i, c in enumerate(costs)])
+        channel = torch.cat([torch.arange(c.in_channels) for c in costs])
+        slots = torch.tensor([c.channel_slots for c in costs], dtype=torch.long)[layer]
+        return cls(tuple(costs), layer, channel, slots)
+
+    def __len__(self) -> int:
+        return len(self.layer)
+
+    def offsets(self) -> dict[str, int]:
+        """Position of each layer's first channel in the pool."""
+        out, start = {}, 0
+        for cost in self.costs:
+            out[cost.name] = start
+            start += cost.in_channels
+        return out
+
+    def to_selection(self, taken: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pool positions -> {layer name: sorted channel indices}, layers with no channel left out."""
+        chosen: dict[str, torch.Tensor] = {}
+        for i, cost in enumerate(self.costs):
+            channels = self.channel[taken[self.layer[taken] == i]]
+            if len(channels):
+                chosen[cost.name] = torch.sort(channels).values
+        return chosen
+
+
+def uniform_order(n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randperm(n, generator=generator)
+
+
+def weighted_order(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Order of a draw without replacement with P ∝ weight (Efraimidis-Spirakis, O(n log n)).
+
+    key = u^(1/w), compared in log space; zero-weight entries are never drawn.
+    """
+    u = torch.rand(len(weights), generator=generator, dtype=torch.float64).clamp_min(1e-300)
+    w = weights.to(torch.float64)
+    keys = torch.where(w > 0, u.log() / w.clamp_min(1e-300), torch.full_like(w, -torch.inf))
+    order = torch.argsort(keys, descending=True, stable=True)
+    return order[: int((w > 0).sum())]
+
+
+def greedy_fill(order: torch.Tensor, slots: torch.Tensor, budget: int) -> torch.Tensor:
+    """Pool positions taken in `order` while they fit; overflowing channels are skipped."""
+    ordered_slots = slots[order].tolist()
+    smallest = min(ordered_slots, default=budget + 1)
+    taken, remaining = [], budget
+    for pos, cost in zip(order.tolist(), ordered_slots, strict=True):
+        if cost <= remaining:
+            taken.append(pos)
+            remaining -= cost
+            if remaining < smallest:
+                break
+    return torch.tensor(taken, dtype=torch.long)
+
+
+class NormTracker:
+    """Channel importance N[c] over the pool, built from the compact gradients of the sparse backward.
+
+    During an epoch it sums per-step norms of the selected channels; `end_epoch` turns them into the
+    mean per-step norm [ours] and applies the exploration rule once (epoch 2: channels never selected
+    get the maximum observed norm).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.norms = torch.zeros(size, dtype=torch.float64)
+        self.ever_selected = torch.zeros(size, dtype=torch.bool)
+        self.epoch_sum = torch.zeros(size, dtype=torch.float64)
+        self.epoch_count = torch.zeros(size, dtype=torch.long)
+        self.epochs_done = 0
+
+    def record(self, positions: torch.Tensor, norms: torch.Tensor) -> None:
+        self.epoch_sum.index_add_(0, positions, norms.to(torch.float64).cpu())
+        self.epoch_count.index_add_(0, positions, torch.ones_like(positions))
+
+    def end_epoch(self, selected: torch.Tensor) -> None:
+        seen = selected[self.epoch_count[selected] > 0]
+        self.norms[seen] = self.epoch_sum[seen] / self.epoch_count[seen]
+        self.ever_selected[selected] = True
+        self.epochs_done += 1
+        if self.epochs_done == 1 and bool(self.ever_selected.any()):
+            self.norms[~self.ever_selected] = self.norms[self.ever_selected].max()
+        self.epoch_sum.zero_()
+        self.epoch_count.zero_()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "norms": self.norms.clone(),
+            "ever_selected": self.ever_selected.clone(),
+            "epoch_sum": self.epoch_sum.clone(),
+            "epoch_count": self.epoch_count.clone(),
+            "epochs_done": torch.tensor(self.epochs_done),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for key in ("norms", "ever_selected", "epoch_sum", "epoch_count"):
+            getattr(self, key).copy_(state[key])
+        self.epochs_done = int(state["epochs_done"])

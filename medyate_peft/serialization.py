@@ -1,0 +1,91 @@
+"""Adapter file contents: per layer the indices of changed channels and their delta slices.
+
+Loading validates every entry against the base model before installing anything, so a wrong
+adapter fails with a message that names the layer and leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .medyate.layer import MeDyateLayer
+
+INDEX_KEY, DELTA_KEY = "medyate_index", "medyate_delta"
+PEFT_PREFIX = "base_model.model."
+
+
+def _layers_by_key_name(model: nn.Module) -> dict[str, MeDyateLayer]:
+    """MeDyate layers under both the PeftModel name and the bare-model name."""
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MeDyateLayer):
+            layers[name] = module
+            layers[name.removeprefix(PEFT_PREFIX)] = module
+            layers[PEFT_PREFIX + name] = module
+    return layers
+
+
+def _check_entry(name: str, layer: MeDyateLayer, index: torch.Tensor, delta: torch.Tensor) -> None:
+    hint = "the adapter was made for a different base model"
+    if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: channel indices must be a 1-D integer tensor, got {index.dtype} {tuple(index.shape)}")
+    if len(index) and (int(index.min()) < 0 or int(index.max()) >= layer.in_channels):
+        raise ValueError(
+            f"{name}: channel index out of range [0, {layer.in_channels}) "
+            f"(min {int(index.min())}, max {int(index.max())}); {hint}"
+        )
+    if len(torch.unique(index)) != len(index):
+        raise ValueError(f"{name}: repeated channel indices; the adapter file is corrupt")
+    expected = (len(index), *layer.slice_shape)
+    if tuple(delta.shape) != expected:
+        raise ValueError(
+            f"{name}: delta of shape {tuple(delta.shape)} does not fit this layer, which needs {expected} "
+            f"for {len(index)} channels; {hint}"
+        )
+    if not torch.is_floating_point(delta) or not torch.isfinite(delta).all():
+        raise ValueError(f"{name}: delta values must be finite floating-point numbers; the adapter file is corrupt")
+
+
+def install_deltas(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> dict:
+    """Install the MeDyate entries of a loaded state dict; return the other entries untouched."""
+    layers = _layers_by_key_name(model)
+    entries: dict[str, dict[str, torch.Tensor]] = {}
+    rest = {}
+    for key, value in state_dict.items():
+        name, _, kind = key.rpartition(".")
+        if kind in (INDEX_KEY, DELTA_KEY):
+            entries.setdefault(name, {})[kind] = value
+        else:
+            rest[key] = value
+    for name, entry in entries.items():
+        if name not in layers:
+            raise ValueError(
+                f"the adapter holds deltas for layer {name.removeprefix(PEFT_PREFIX)!r}, which this model does not "
+                "have as a MeDyate layer; the adapter was made for a different base model"
+            )
+        if set(entry) != {INDEX_KEY, DELTA_KEY}:
+            missing = {INDEX_KEY, DELTA_KEY} - set(entry)
+            raise ValueError(f"{name}: the adapter file lacks {sorted(missing)}; it is truncated or corrupt")
+        _check_entry(name.removeprefix(PEFT_PREFIX), layers[name], entry[INDEX_KEY], entry[DELTA_KEY])
+    for name, entry in entries.items():
+        layer = layers[name]
+        if adapter_name not in layer.medyate_delta:
+            layer.update_layer(adapter_name, layer.lean_backward)
+        layer.set_delta(adapter_name, entry[INDEX_KEY].long(), entry[DELTA_KEY])
+    return {**rest, **_current_adapter_tensors(model, adapter_name)}
+
+
+def _current_adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Every MeDyate tensor of the adapter under its model key, so PEFT reports no key as missing.
+
+    Layers absent from the file (nothing changed there) keep their empty deltas; the flat
+    trainable vector starts at zero, as it does after every resample.
+    """
+    out = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name.endswith(f".{INDEX_KEY}.{adapter_name}") or name.endswith(f".{DELTA_KEY}.{adapter_name}"):
+            out[name] = tensor.detach()
+        elif name.endswith(f"medyate_values.{adapter_name}"):
+            out[name] = torch.zeros_like(tensor)
+    return out
