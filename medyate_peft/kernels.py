@@ -59,6 +59,15 @@ class ConvSpec:
     padding: tuple[int, int]
     dilation: tuple[int, int]
     groups: int
+    pad: Callable[[torch.Tensor], torch.Tensor] | None = None  # explicit per-channel padding (reflect, 'same')
+
+
+def _input_grad_through_pad(pad: Callable, x_shape: torch.Size, grad_padded: torch.Tensor) -> torch.Tensor:
+    """Back-propagate through an explicit padding; its gradient does not depend on the input values."""
+    with torch.enable_grad():
+        probe = grad_padded.new_zeros(x_shape, requires_grad=True)
+        (grad_x,) = torch.autograd.grad(pad(probe), probe, grad_padded)
+    return grad_x
 
 
 def _scatter_segment(values: torch.Tensor, sel: Selection, compact: torch.Tensor) -> torch.Tensor:
@@ -74,10 +83,14 @@ class ChannelSparseConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, values, bias, weight_fn: WeightFn, spec: ConvSpec, sel: Selection | None):
-        y = F.conv2d(x, weight_fn(), bias, spec.stride, spec.padding, spec.dilation, spec.groups)
+        # Padding acts per channel, so the unpadded slice is saved and padded again in backward.
         x_sel = x.index_select(1, sel.idx) if sel is not None and ctx.needs_input_grad[1] else None
+        ctx.x_shape = x.shape
+        if spec.pad is not None:
+            x = spec.pad(x)
+        y = F.conv2d(x, weight_fn(), bias, spec.stride, spec.padding, spec.dilation, spec.groups)
         ctx.save_for_backward(x_sel, values)
-        ctx.x_shape, ctx.weight_fn, ctx.spec, ctx.sel = x.shape, weight_fn, spec, sel
+        ctx.padded_shape, ctx.weight_fn, ctx.spec, ctx.sel = x.shape, weight_fn, spec, sel
         return y
 
     @staticmethod
@@ -87,9 +100,12 @@ class ChannelSparseConv2d(torch.autograd.Function):
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = conv2d_input(
-                ctx.x_shape, ctx.weight_fn(), grad_y, spec.stride, spec.padding, spec.dilation, spec.groups
+                ctx.padded_shape, ctx.weight_fn(), grad_y, spec.stride, spec.padding, spec.dilation, spec.groups
             )
+            if spec.pad is not None:
+                grad_x = _input_grad_through_pad(spec.pad, ctx.x_shape, grad_x)
         if x_sel is not None:
+            x_sel = x_sel if spec.pad is None else spec.pad(x_sel)
             grad_values = _scatter_segment(values, sel, _conv_channel_grad(x_sel, grad_y, spec, sel.idx))
         if ctx.needs_input_grad[2]:
             grad_bias = grad_y.sum(dim=(0, 2, 3))

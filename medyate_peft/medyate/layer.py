@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -123,18 +125,19 @@ class MeDyateLayer(BaseTunerLayer):
         return [a for a in self.active_adapters if a in self.medyate_delta]
 
     def effective_weight(self) -> torch.Tensor:
-        """W_base + every active adapter's deltas (live values included), without autograd history."""
+        """W_base + every active adapter's folded deltas, without autograd history.
+
+        Live values are folded into the stored delta before the single addition to the base weight,
+        so a reloaded adapter (which stores the folded delta) gives bit-identical outputs.
+        """
         weight = self.get_base_layer().weight.detach()
-        parts = [(self.medyate_index[a], self.medyate_delta[a].detach(), a) for a in self._contributing_adapters()]
-        parts = [p for p in parts if len(p[0])]
-        if not parts:
+        adapters = [a for a in self._contributing_adapters() if len(self.medyate_index[a])]
+        if not adapters:
             return weight
         weight = weight.clone()
-        for index, delta, adapter in parts:
+        for adapter in adapters:
+            index, delta = self.folded_delta(adapter)
             add_to_channels(weight, self.groups, index, delta)
-            live = self.live_values(adapter)
-            if live is not None:
-                add_to_channels(weight, self.groups, self.live[adapter][1].idx, live)
         return weight
 
     def _trainable_selection(self) -> tuple[nn.Parameter, Selection] | None:
@@ -198,14 +201,14 @@ class MeDyateLayer(BaseTunerLayer):
         return "medyate." + super().__repr__()
 
 
-def _tf_same_pads(x: torch.Tensor, conv: nn.Conv2d) -> list[int]:
+def _tf_same_pad(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """TensorFlow 'SAME' padding for this input size (extra pixel on the right/bottom)."""
     pads = []
     for dim in (1, 0):  # F.pad order: last dim first
         size, k, s, d = x.shape[2 + dim], conv.kernel_size[dim], conv.stride[dim], conv.dilation[dim]
         total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
         pads += [total // 2, total - total // 2]
-    return pads
+    return F.pad(x, pads)
 
 
 class Conv2d(nn.Module, MeDyateLayer):
@@ -220,25 +223,26 @@ class Conv2d(nn.Module, MeDyateLayer):
     forward = MeDyateLayer.forward
     __repr__ = MeDyateLayer.__repr__
 
-    def _padded(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Explicit padding for modes the convolution kernels lack ('same' with even kernels, reflect...)."""
+    def _padding(self) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, tuple[int, int]]:
+        """(explicit pad function, conv padding): modes the conv kernels lack get an explicit pad."""
         conv = self.get_base_layer()
         if type(conv).__name__ == "Conv2dSame":  # timm's TF-style dynamic 'same' padding
-            return F.pad(x, _tf_same_pads(x, conv)), (0, 0)
+            return partial(_tf_same_pad, conv=conv), (0, 0)
         if conv.padding_mode != "zeros":
-            return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), (0, 0)
+            return partial(F.pad, pad=conv._reversed_padding_repeated_twice, mode=conv.padding_mode), (0, 0)
         if conv.padding == "valid":
-            return x, (0, 0)
+            return None, (0, 0)
         if conv.padding == "same":
             pads = []
             for dim in (1, 0):  # F.pad order: last dim first
                 total = conv.dilation[dim] * (conv.kernel_size[dim] - 1)
                 pads += [total // 2, total - total // 2]
-            return F.pad(x, pads), (0, 0)
-        return x, tuple(conv.padding)
+            return partial(F.pad, pad=pads), (0, 0)
+        return None, tuple(conv.padding)
 
-    def _spec(self, padding: tuple[int, int]) -> ConvSpec:
+    def _spec(self) -> ConvSpec:
         conv = self.get_base_layer()
+        pad, padding = self._padding()
         return ConvSpec(
             in_channels=conv.in_channels,
             kernel_size=tuple(conv.kernel_size),
@@ -246,17 +250,17 @@ class Conv2d(nn.Module, MeDyateLayer):
             padding=padding,
             dilation=tuple(conv.dilation),
             groups=conv.groups,
+            pad=pad,
         )
 
     def _dense(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        x, padding = self._padded(x)
-        spec = self._spec(padding)
-        return F.conv2d(x, weight, self.get_base_layer().bias, spec.stride, padding, spec.dilation, spec.groups)
+        spec = self._spec()
+        x = x if spec.pad is None else spec.pad(x)
+        return F.conv2d(x, weight, self.get_base_layer().bias, spec.stride, spec.padding, spec.dilation, spec.groups)
 
     def _sparse(self, x: torch.Tensor, values: nn.Parameter | None, sel: Selection | None) -> torch.Tensor:
-        x, padding = self._padded(x)
         bias = self.get_base_layer().bias
-        return ChannelSparseConv2d.apply(x, values, bias, self.effective_weight, self._spec(padding), sel)
+        return ChannelSparseConv2d.apply(x, values, bias, self.effective_weight, self._spec(), sel)
 
 
 class Linear(nn.Module, MeDyateLayer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -93,8 +94,14 @@ class MeDyateModel(BaseTuner):
         if peft_config.target_modules is not None:
             return
         saved = tuple(peft_config.modules_to_save or ())
+        wrapped = [n for n, m in model.named_modules() if isinstance(m, MeDyateLayer)]
         names = []
         for name, module in model.named_modules():
+            if any(name.startswith(w + ".") for w in wrapped):
+                continue  # the base_layer inside an existing MeDyate layer
+            if isinstance(module, MeDyateLayer):
+                names.append(name)
+                continue
             if not _is_candidate_type(module) or any(name == s or name.startswith(s + ".") for s in saved):
                 continue
             reason = _unsupported_reason(name, module, model)
@@ -137,6 +144,9 @@ class MeDyateModel(BaseTuner):
         if not hasattr(self, "medyate_values"):
             self.medyate_values = nn.ParameterDict({})
             self.plans: dict[str, AdapterPlan] = {}
+            self._observing = False
+            # PeftModel calls the inner model directly, so lazy planning hooks into that model.
+            self._plan_hook = model.register_forward_pre_hook(self._plan_before_forward, with_kwargs=True)
         super().inject_adapter(model, adapter_name, **kwargs)
         budget = budget_slots(config.budget_kb, config.bytes_per_slot)
         layers = self.medyate_layers()
@@ -201,10 +211,12 @@ class MeDyateModel(BaseTuner):
     def _observe_shapes(self, args: tuple, kwargs: dict) -> None:
         modes = {m: m.training for m in self.model.modules()}
         try:
+            self._observing = True
             self.model.eval()
             with torch.no_grad():
                 self.model(*args, **kwargs)
         finally:
+            self._observing = False
             for module, mode in modes.items():
                 module.training = mode
 
@@ -333,16 +345,78 @@ class MeDyateModel(BaseTuner):
         plan = self.plans[adapter_name]
         return {} if plan.pool is None else plan.pool.to_selection(plan.selected)
 
-    # -- forward --------------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any):
-        if self.training and torch.is_grad_enabled():
-            for adapter_name in self.active_adapters:
-                values = self.medyate_values[adapter_name] if adapter_name in self.medyate_values else None
-                if values is not None and values.requires_grad and not self.is_planned(adapter_name):
-                    logger.info("MeDyate: learning activation shapes from the first training batch")
-                    self._observe_shapes(args, kwargs)
-                    self.plan(adapter_name)
-        return self.model(*args, **kwargs)
+    # -- exact training checkpoint --------------------------------------------------------------
+    def training_state_dict(self, adapter_name: str | None = None) -> dict[str, Any]:
+        """Everything MeDyate needs to resume bit-exactly: pool, norms, RNG, selection, deltas, live values.
+
+        Unlike `save_pretrained` (changed channels only, live values folded), nothing is folded or
+        filtered here. Tensors only (plus plain Python values), so it can go into `torch.save`.
+        """
+        adapter_name = adapter_name or self.active_adapters[0]
+        plan = self.plans[adapter_name]
+        layers = {
+            name: {"index": layer.medyate_index[adapter_name].cpu().clone(),
+                   "delta": layer.medyate_delta[adapter_name].detach().cpu().clone()}
+            for name, layer in self.medyate_layers().items()
+        }
+        state: dict[str, Any] = {
+            "adapter": adapter_name,
+            "epoch": plan.epoch,
+            "generator": plan.generator.get_state(),
+            "values": self.medyate_values[adapter_name].detach().cpu().clone(),
+            "layers": layers,
+            "pool": None,
+        }
+        if plan.pool is not None:
+            state["pool"] = [dataclasses.asdict(c) for c in plan.pool.costs]
+            state["tracker"] = plan.tracker.state_dict()
+            state["selected"] = plan.selected.clone()
+        return state
+
+    def load_training_state_dict(self, state: dict[str, Any], adapter_name: str | None = None) -> None:
+        """Restore a `training_state_dict` (same base model and config) so training continues identically."""
+        adapter_name = adapter_name or state["adapter"]
+        plan = self.plans[adapter_name]
+        layers = self.medyate_layers()
+        unknown = sorted(set(state["layers"]) - set(layers))
+        if unknown:
+            raise ValueError(f"checkpoint has MeDyate layers this model lacks: {unknown[:5]}; different base model?")
+        values = self.medyate_values[adapter_name]
+        if state["values"].shape != values.shape:
+            raise ValueError(
+                f"checkpoint's trainable vector has {state['values'].numel()} slots, this adapter {values.numel()}: "
+                "was it made with another budget_kb?"
+            )
+        for name, entry in state["layers"].items():
+            layers[name].set_delta(adapter_name, entry["index"], entry["delta"])
+        with torch.no_grad():
+            values.copy_(state["values"])
+        plan.epoch = state["epoch"]
+        plan.generator.set_state(state["generator"])
+        if state["pool"] is None:
+            return
+        plan.pool = ChannelPool.build([LayerCost(**c) for c in state["pool"]])
+        plan.tracker = NormTracker(len(plan.pool))
+        plan.tracker.load_state_dict(state["tracker"])
+        plan.selected = state["selected"].clone()
+        self._apply_selection(adapter_name)
+
+    # -- lazy planning ------------------------------------------------------------------------
+    def _plan_before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """At the first training forward of an unplanned, trainable adapter: learn shapes, then plan."""
+        if self._observing or not (module.training and torch.is_grad_enabled()):
+            return
+        for adapter_name in self.active_adapters:
+            values = self.medyate_values[adapter_name] if adapter_name in self.medyate_values else None
+            if values is not None and values.requires_grad and not self.is_planned(adapter_name):
+                logger.info("MeDyate: learning activation shapes from the first training batch")
+                self._observe_shapes(args, kwargs)
+                self.plan(adapter_name)
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        self._plan_hook.remove()
+        return model
 
     # -- save / load ----------------------------------------------------------------------------
     @classmethod
