@@ -8,8 +8,20 @@ from ._registration import register
 
 register()
 
+from .callbacks import MeDyateCallback  # noqa: E402
 from .medyate import MeDyateConfig, MeDyateLayer, MeDyateModel  # noqa: E402
+from .ranking import load_ranking, rank_layers, save_ranking  # noqa: E402
 from .strategies import STRATEGIES  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["STRATEGIES", "MeDyateConfig", "MeDyateLayer", "MeDyateModel", "__version__"]
+__all__ = [
+    "STRATEGIES",
+    "MeDyateCallback",
+    "MeDyateConfig",
+    "MeDyateLayer",
+    "MeDyateModel",
+    "__version__",
+    "load_ranking",
+    "rank_layers",
+    "save_ranking",
+]

@@ -28,7 +28,10 @@ def register() -> None:
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
+    from .peft_patches import install
+
     _add_peft_type()
+    install()  # atomic save_pretrained, clean failed loads (MeDyate adapters only)
     if PeftType.MEDYATE in PEFT_TYPE_TO_TUNER_MAPPING:
         return
     from .medyate import MeDyateConfig, MeDyateModel

@@ -4,6 +4,9 @@ Bytes of every tensor autograd saves for the backward pass are counted with
 `torch.autograd.graph.saved_tensors_hooks` and attributed to the module whose forward saved them;
 storages of parameters and buffers are excluded (they are not extra memory). Weight-gradient bytes
 are the sizes of the `.grad` tensors that the step produced.
+
+With `compare_lean` the step is measured twice, with the lean backward (`lean.py`) off and on, so
+the report shows what the option saves on the frozen path (and that the selected bytes do not move).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from .budget import slots_to_kb
+from .lean import lean_backward
 
 if TYPE_CHECKING:
     from .medyate.model import MeDyateModel
@@ -52,6 +56,9 @@ class MemoryReport:
     measured_weight_grad_bytes_allocated: int | None = None  # the flat vector's .grad (fixed, <= budget)
     measured_head_grad_bytes: int | None = None  # modules_to_save (classifier), trained in full
     saved_bytes_by_module: dict[str, int] = field(default_factory=dict)
+    lean_backward: bool | None = None  # the config's option, under which the fields above were measured
+    # {"off"/"on": {"selected_saved_bytes": ..., "frozen_path_saved_bytes": ...}}, whole batch
+    lean_comparison: dict[str, dict[str, int]] | None = None
 
     @property
     def used_slots(self) -> int:
@@ -97,6 +104,14 @@ class MemoryReport:
                 f"  beside the budget: frozen-path activations {self.measured_frozen_path_saved_bytes / per:.1f} "
                 f"kB/sample, head gradients {self.measured_head_grad_bytes / 1024:.1f} kB",
             ]
+            if self.lean_comparison is not None:
+                lines.append("  saved activations kB/sample    selected channels    frozen path")
+                for state, label in (("off", "without lean backward"), ("on", "with lean backward")):
+                    row = self.lean_comparison[state]
+                    lines.append(
+                        f"    {label:<27} {row['selected_saved_bytes'] / per:>18.1f} "
+                        f"{row['frozen_path_saved_bytes'] / per:>14.1f}"
+                    )
         else:
             lines.append("measured: pass a sample batch (or set input_size) to measure a training step")
         return "\n".join(lines)
@@ -188,7 +203,16 @@ def measure_step(tuner: MeDyateModel, adapter: str, args: tuple, kwargs: dict) -
         tuner.train(was_training)
 
 
-def memory_report(tuner: MeDyateModel, adapter: str, args: tuple, kwargs: dict) -> MemoryReport:
+def _split_saved(by_module: dict[str, int], selected: set[str]) -> dict[str, int]:
+    """Saved bytes of the selected layers and of everything else (the frozen path)."""
+    inside = sum(v for k, v in by_module.items() if k in selected)
+    return {"selected_saved_bytes": inside, "frozen_path_saved_bytes": sum(by_module.values()) - inside}
+
+
+def memory_report(
+    tuner: MeDyateModel, adapter: str, args: tuple, kwargs: dict, compare_lean: bool = False
+) -> MemoryReport:
+    """The report; with `compare_lean`, one measured step with the lean backward off and one with it on."""
     config = tuner.peft_config[adapter]
     plan = tuner.plans[adapter]
     if plan.pool is None:
@@ -207,17 +231,30 @@ def memory_report(tuner: MeDyateModel, adapter: str, args: tuple, kwargs: dict) 
     report = MemoryReport(adapter, config.strategy, plan.budget, config.bytes_per_slot, rows)
     if not args and not kwargs:
         return report
-    measured = measure_step(tuner, adapter, args, kwargs)
+    selected = {row.name for row in rows}
+    report.lean_backward = config.lean_backward
+    if compare_lean:
+        runs = {}
+        for enabled in (False, True):
+            with lean_backward(tuner.model, enabled):
+                runs[enabled] = measure_step(tuner, adapter, args, kwargs)
+        measured = runs[config.lean_backward]
+        report.lean_comparison = {
+            "on" if enabled else "off": _split_saved(run["by_module"], selected)
+            for enabled, run in runs.items()
+        }
+    else:
+        measured = measure_step(tuner, adapter, args, kwargs)
     batch = _batch_size(args, kwargs)
     by_module = measured["by_module"]
-    selected = {row.name for row in rows}
     for row in rows:
         row.measured_saved_bytes_per_sample = by_module.get(row.name, 0) / batch
     element = tuner.medyate_values[adapter].element_size()
     report.batch_size = batch
     report.saved_bytes_by_module = by_module
-    report.measured_selected_saved_bytes = sum(v for k, v in by_module.items() if k in selected)
-    report.measured_frozen_path_saved_bytes = sum(v for k, v in by_module.items() if k not in selected)
+    split = _split_saved(by_module, selected)
+    report.measured_selected_saved_bytes = split["selected_saved_bytes"]
+    report.measured_frozen_path_saved_bytes = split["frozen_path_saved_bytes"]
     report.measured_weight_grad_bytes_allocated = measured["values_grad_bytes"]
     report.measured_weight_grad_bytes_used = element * sum(
         len(idx) * layers[name].slice_shape[0] * layers[name].slice_shape[1]

@@ -1,12 +1,36 @@
 """Layer importance (LaRa, RGN) and the pre-selection of the K layers that form the channel pool.
 
-Spec section 3. LaRa_i = ||dL/dW_i|| / sum_c cost(i, c); RGN_i = sum_c ||dL/dW_i[:, c]|| / cost(i, c);
-both cumulated over a short preliminary fine-tuning with full gradients.
+Spec section 3. With n(i, c) = ||dL/dW_i[:, c]||:
+LaRa_i = ||dL/dW_i|| / sum_c cost(i, c) and RGN_i = sum_c n(i, c) / cost(i, c), both summed over the
+steps of a short preliminary fine-tuning with full (dense) gradients. A ranking depends on the
+architecture, not on the dataset (Spearman > 0.8 across datasets), so it is saved as JSON and reused.
 """
 
 from __future__ import annotations
 
-from .budget import LayerCost
+import copy
+import itertools
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .budget import LayerCost, activation_slots_of_input, layer_cost
+
+RANKING_FORMAT = "medyate-layer-ranking"
+RANKING_VERSION = 1
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 def select_by_alpha(costs: list[LayerCost], lara: dict[str, float], budget: int, alpha_opt: float) -> list[str]:
@@ -34,3 +58,231 @@ def select_by_rgn(costs: list[LayerCost], rgn: dict[str, float], coverage: float
         if acc >= coverage * total:
             break
     return chosen
+
+
+# -- gradient statistics ------------------------------------------------------------------------
+def channel_norms(grad: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """n(i, c) for every input channel c of a dense weight gradient (Conv2d (C', C/g, kh, kw) or Linear (C', C))."""
+    if grad.dim() == 2:
+        return grad.detach().norm(dim=0)
+    out_channels, in_per_group = grad.shape[0], grad.shape[1]
+    grouped = grad.detach().reshape(groups, out_channels // groups, in_per_group, -1)
+    return grouped.square().sum(dim=(1, 3)).sqrt().reshape(-1)
+
+
+class GradientStats:
+    """Per-layer sums over steps of the channel norms n(i, c) and of the layer norm ||dL/dW_i||."""
+
+    def __init__(self) -> None:
+        self.channel: dict[str, torch.Tensor] = {}
+        self.layer: dict[str, float] = {}
+        self.steps = 0
+
+    def add(self, name: str, grad: torch.Tensor, groups: int = 1) -> None:
+        norms = channel_norms(grad, groups).to(device="cpu", dtype=torch.float64)
+        self.channel[name] = self.channel[name] + norms if name in self.channel else norms
+        self.layer[name] = self.layer.get(name, 0.0) + float(norms.square().sum().sqrt())
+
+    def all_reduce(self, costs: list[LayerCost]) -> None:
+        """Under torch.distributed, sum over ranks (layers in `costs` order, missing ones as zeros)."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        parts = [self.channel.get(c.name, torch.zeros(c.in_channels, dtype=torch.float64)) for c in costs]
+        layer = torch.tensor([self.layer.get(c.name, 0.0) for c in costs], dtype=torch.float64)
+        flat = torch.cat([*parts, layer, torch.tensor([float(self.steps)], dtype=torch.float64)])
+        backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        reduced = flat.to(backend_device)
+        dist.all_reduce(reduced)
+        reduced = reduced.cpu()
+        start = 0
+        for cost in costs:
+            self.channel[cost.name] = reduced[start : start + cost.in_channels].clone()
+            start += cost.in_channels
+        for cost, value in zip(costs, reduced[start : start + len(costs)].tolist(), strict=True):
+            self.layer[cost.name] = value
+        self.steps = int(reduced[-1])
+
+    def pool_vector(self, costs: Iterable[LayerCost]) -> torch.Tensor:
+        """n(i, c) of every channel, in ChannelPool order (zeros for layers the gradient did not reach)."""
+        return torch.cat(
+            [self.channel.get(c.name, torch.zeros(c.in_channels, dtype=torch.float64)) for c in costs]
+        )
+
+    def ranking(self, costs: list[LayerCost], source: str) -> dict[str, Any]:
+        """The cumulated LaRa and RGN of the layers in `costs` (0 where no gradient came), JSON-ready."""
+        if not any(c.name in self.channel for c in costs):
+            raise RuntimeError("no gradient reached any candidate layer: is the loss connected to the model?")
+        return {
+            "format": RANKING_FORMAT,
+            "version": RANKING_VERSION,
+            "source": source,
+            "steps": self.steps,
+            "lara": {c.name: self.layer.get(c.name, 0.0) / c.layer_slots for c in costs},
+            "rgn": {c.name: float(self.pool_vector([c]).sum()) / c.channel_slots for c in costs},
+            "layer_slots": {c.name: c.layer_slots for c in costs},
+        }
+
+
+# -- preliminary fine-tuning ----------------------------------------------------------------------
+def _candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers MeDyate would wrap with target_modules=None: supported Conv2d/Linear outside the head."""
+    from .medyate.model import _detect_head, _is_candidate_type, _unsupported_reason
+
+    heads = tuple(_detect_head(model) or ())
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if _is_candidate_type(module)
+        and not any(name == h or name.startswith(h + ".") for h in heads)
+        and _unsupported_reason(name, module, model) is None
+    }
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def output_loss(output: Any) -> torch.Tensor | None:
+    """The `loss` of a model output: a transformers ModelOutput, a dict, or any object with `.loss`."""
+    return output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+
+
+def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """A dict batch goes to `model(**batch)` and its `.loss` (transformers); a pair (x, y) to cross-entropy."""
+    if isinstance(batch, Mapping):
+        loss = output_loss(model(**batch))
+        if loss is None:
+            raise ValueError("the model returned no .loss for a dict batch (no 'labels'?): pass loss_fn=...")
+        return loss
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        inputs, labels = batch
+        return F.cross_entropy(model(inputs), labels)
+    raise TypeError(f"cannot compute a loss for a batch of type {type(batch).__name__}: pass loss_fn(model, batch)")
+
+
+def rank_layers(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    steps: int = 100,
+    loss_fn: LossFn | None = None,
+    lr: float = 0.01,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Rank the layers of `model` by LaRa and RGN over a short dense fine-tuning of a copy of it.
+
+    `model` is a plain model (before `get_peft_model`) or a PeftModel (its merged copy is ranked);
+    it is never modified. Every parameter of the copy is trained with SGD(lr, no momentum) for `steps`
+    batches (the loader is cycled), as the papers' preliminary run; lr=0 measures gradients at the
+    pretrained weights only. `loss_fn(model, batch)` defaults to `default_loss`. Memory: a dense
+    backward and a model copy, so run it where full fine-tuning fits (a server, a few minutes).
+    Returns a JSON-ready dict for `save_ranking` and `MeDyateConfig(layer_ranking=...)`.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    from peft import PeftModel
+
+    work = copy.deepcopy(model)
+    if isinstance(work, PeftModel):
+        work = work.merge_and_unload()
+    work.train()
+    layers = _candidate_layers(work)
+    if not layers:
+        raise ValueError("the model has no nn.Conv2d/nn.Linear layer outside its classifier to rank")
+    params = [p for p in work.parameters() if p.is_floating_point()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=lr) if lr > 0 else None
+    activation: dict[str, int] = {}
+
+    def observe(name: str, module: nn.Module, args: tuple) -> None:
+        activation[name] = activation_slots_of_input(module, args[0])
+
+    hooks = [module.register_forward_pre_hook(partial(observe, name)) for name, module in layers.items()]
+    device = next(iter(params)).device
+    stats = GradientStats()
+    loss_fn = loss_fn or default_loss
+    try:
+        for batch in tqdm(itertools.islice(itertools.cycle(dataloader), steps), total=steps,
+                          desc="ranking layers", disable=not progress):
+            loss = loss_fn(work, _to_device(batch, device))
+            work.zero_grad(set_to_none=True)
+            loss.backward()
+            for name, module in layers.items():
+                if module.weight.grad is not None:
+                    stats.add(name, module.weight.grad, getattr(module, "groups", 1))
+            stats.steps += 1
+            if optimizer is not None:
+                optimizer.step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    costs = [layer_cost(name, module, activation[name]) for name, module in layers.items() if name in activation]
+    return stats.ranking(costs, source=f"rank_layers({type(model).__name__}, steps={steps}, lr={lr})")
+
+
+# -- files -----------------------------------------------------------------------------------------
+def save_ranking(ranking: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write a validated ranking as JSON atomically (temp file in the same folder, then os.replace)."""
+    ranking = load_ranking(ranking)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(ranking, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check_scores(ranking: Mapping[str, Any], key: str, where: str) -> dict[str, float]:
+    scores = ranking.get(key)
+    if not isinstance(scores, Mapping) or not scores:
+        raise ValueError(f"layer ranking {where} has no {key!r} table of layer scores; make one with rank_layers()")
+    out = {}
+    for name, value in scores.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"layer ranking {where}: {key}[{name!r}] = {value!r} is not a finite score >= 0")
+        out[str(name)] = float(value)
+    return out
+
+
+def load_ranking(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """A ranking from a JSON path or a dict, validated: 'lara' and 'rgn' tables over the same layers."""
+    where = "(dict)"
+    if isinstance(source, (str, os.PathLike)):
+        where = str(source)
+        try:
+            source = json.loads(Path(source).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"layer ranking file not found: {where}") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"layer ranking {where} is not valid JSON: {err}") from None
+    if not isinstance(source, Mapping):
+        raise TypeError(f"layer ranking must be a path or a dict, got {type(source).__name__}")
+    if source.get("format", RANKING_FORMAT) != RANKING_FORMAT:
+        raise ValueError(f"{where} is not a MeDyate layer ranking (format={source.get('format')!r})")
+    if int(source.get("version", RANKING_VERSION)) > RANKING_VERSION:
+        raise ValueError(f"layer ranking {where} has version {source['version']}, newer than this medyate-peft reads")
+    lara, rgn = _check_scores(source, "lara", where), _check_scores(source, "rgn", where)
+    if set(lara) != set(rgn):
+        raise ValueError(f"layer ranking {where}: 'lara' and 'rgn' rank different layers")
+    return {**source, "format": RANKING_FORMAT, "version": RANKING_VERSION, "lara": lara, "rgn": rgn}
+
+
+def check_covers(ranking: Mapping[str, Any], names: Iterable[str]) -> None:
+    """Every candidate layer must be ranked: otherwise the ranking is of another architecture."""
+    missing = [n for n in names if n not in ranking["lara"]]
+    if missing:
+        raise ValueError(
+            f"the layer ranking has no score for {len(missing)} candidate layer(s), e.g. {missing[:3]}: it was "
+            "made for another architecture (or other target_modules); recompute it with rank_layers(model, ...)"
+        )

@@ -59,13 +59,25 @@ def uniform_order(n: int, generator: torch.Generator) -> torch.Tensor:
 def weighted_order(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Order of a draw without replacement with P ∝ weight (Efraimidis-Spirakis, O(n log n)).
 
-    key = u^(1/w), compared in log space; zero-weight entries are never drawn.
+    key = u^(1/w), compared in log space. Zero-weight entries come last, in uniform random order:
+    they are reached only once every positive-weight entry is taken, so a budget larger than the
+    channels with a measured gradient is still filled [ours].
     """
     u = torch.rand(len(weights), generator=generator, dtype=torch.float64).clamp_min(1e-300)
     w = weights.to(torch.float64)
-    keys = torch.where(w > 0, u.log() / w.clamp_min(1e-300), torch.full_like(w, -torch.inf))
-    order = torch.argsort(keys, descending=True, stable=True)
-    return order[: int((w > 0).sum())]
+    if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
+        raise ValueError("sampling weights must be finite and >= 0")
+    positive = w > 0
+    keys = torch.where(positive, u.log() / w.clamp_min(1e-300), torch.zeros_like(w))
+    drawn = torch.nonzero(positive).squeeze(1)
+    drawn = drawn[torch.argsort(keys[drawn], descending=True, stable=True)]
+    rest = torch.nonzero(~positive).squeeze(1)
+    return torch.cat([drawn, rest[torch.randperm(len(rest), generator=generator)]])
+
+
+def deterministic_order(scores: torch.Tensor) -> torch.Tensor:
+    """Highest score first; ties by pool position (the DetRGN oracles)."""
+    return torch.argsort(scores.to(torch.float64), descending=True, stable=True)
 
 
 def greedy_fill(order: torch.Tensor, slots: torch.Tensor, budget: int) -> torch.Tensor:
@@ -98,10 +110,16 @@ class NormTracker:
         self.epochs_done = 0
 
     def record(self, positions: torch.Tensor, norms: torch.Tensor) -> None:
-        self.epoch_sum.index_add_(0, positions, norms.to(torch.float64).cpu())
+        """Add one backward's norms; the sums live on the gradients' device (no host sync per step)."""
+        if self.epoch_sum.device != norms.device:
+            self.epoch_sum = self.epoch_sum.to(norms.device)
+            self.epoch_count = self.epoch_count.to(norms.device)
+        positions = positions.to(norms.device)
+        self.epoch_sum.index_add_(0, positions, norms.to(torch.float64))
         self.epoch_count.index_add_(0, positions, torch.ones_like(positions))
 
     def end_epoch(self, selected: torch.Tensor) -> None:
+        self.epoch_sum, self.epoch_count = self.epoch_sum.cpu(), self.epoch_count.cpu()
         seen = selected[self.epoch_count[selected] > 0]
         self.norms[seen] = self.epoch_sum[seen] / self.epoch_count[seen]
         self.ever_selected[selected] = True
@@ -115,8 +133,8 @@ class NormTracker:
         return {
             "norms": self.norms.clone(),
             "ever_selected": self.ever_selected.clone(),
-            "epoch_sum": self.epoch_sum.clone(),
-            "epoch_count": self.epoch_count.clone(),
+            "epoch_sum": self.epoch_sum.cpu().clone(),
+            "epoch_count": self.epoch_count.cpu().clone(),
             "epochs_done": torch.tensor(self.epochs_done),
         }
 

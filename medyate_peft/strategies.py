@@ -1,8 +1,9 @@
 """The channel-selection strategies of the papers, as data (spec section 4).
 
 Each strategy is: which layers form the pool, how the channel order is drawn, and whether the draw
-is repeated every epoch. The oracles need a full gradient every epoch (impractical on device: they
-are upper bounds for comparison).
+is repeated every epoch. The oracles need a full gradient (impractical on device: they are upper
+bounds for comparison): the first from `plan(full_gradient=closure)` or, without it, from the first
+`ranking_batches` training batches; the dynamic ones another at every `resample(full_gradient=...)`.
 """
 
 from __future__ import annotations

@@ -43,7 +43,18 @@ class MeDyateConfig(PeftConfig):
     strategy: str = field(default="medyate", metadata={"help": "Channel-selection strategy (see STRATEGIES)."})
     seed: int = field(default=0, metadata={"help": "Seed of the channel draws (identical on every DDP rank)."})
     layer_ranking: str | dict[str, Any] | None = field(
-        default=None, metadata={"help": "LaRa/RGN ranking: a JSON path or dict from `medyate_peft.rank_layers`."}
+        default=None,
+        metadata={
+            "help": "LaRa/RGN ranking: a JSON path or dict from `medyate_peft.rank_layers`. None with a "
+            "ranking strategy: computed from the first `ranking_batches` training batches (dense backward)."
+        },
+    )
+    ranking_batches: int = field(
+        default=3,
+        metadata={
+            "help": "Training batches whose dense gradients rank the layers (or seed an oracle) when no "
+            "layer_ranking is given; they hold the memory of full fine-tuning and train only the head."
+        },
     )
     alpha_opt: float = field(default=0.2, metadata={"help": "MeDyate's K rule: smallest K with B / M_K <= alpha_opt."})
     rgn_coverage: float = field(default=0.97, metadata={"help": "TraDy's K rule: share of cumulative RGN kept."})
@@ -53,11 +64,25 @@ class MeDyateConfig(PeftConfig):
     lean_backward: bool = field(
         default=True, metadata={"help": "Save no activations for frozen layers on the backward path."}
     )
+    detect_anomalies: bool = field(
+        default=True,
+        metadata={
+            "help": "Raise, naming the layer, on a NaN/inf gradient of a selected channel (checked on the norms the "
+            "sparse backward computes anyway) or trained value at resample. False under fp16 with a GradScaler, "
+            "which skips such steps itself: their norms are then left out of the channel statistics."
+        },
+    )
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Adapter file format version."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.MEDYATE
+        # First: a newer file may hold values (a new strategy...) that this version would misreport.
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"this adapter was written with format version {self.format_version}, newer than this "
+                f"medyate-peft understands ({FORMAT_VERSION}); upgrade with `pip install -U medyate-peft`"
+            )
         if isinstance(self.budget_kb, bool) or not isinstance(self.budget_kb, (int, float)):
             raise TypeError(f"budget_kb must be a number of kB, got {self.budget_kb!r}")
         if not math.isfinite(self.budget_kb) or self.budget_kb <= 0:
@@ -65,18 +90,22 @@ class MeDyateConfig(PeftConfig):
         if self.bytes_per_slot <= 0:
             raise ValueError(f"bytes_per_slot must be positive (4 for fp32), got {self.bytes_per_slot}")
         get_strategy(self.strategy)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int (the same on every DDP rank), got {self.seed!r}")
         if not 0 < self.alpha_opt <= 1:
             raise ValueError(f"alpha_opt must be in (0, 1], got {self.alpha_opt}")
         if not 0 < self.rgn_coverage <= 1:
             raise ValueError(f"rgn_coverage must be in (0, 1], got {self.rgn_coverage}")
+        if self.ranking_batches < 1:
+            raise ValueError(f"ranking_batches must be >= 1, got {self.ranking_batches}")
         if self.input_size is not None:
+            if not isinstance(self.input_size, (list, tuple)):
+                raise TypeError(
+                    f"input_size must be the shape of one sample without the batch dim, as a list such as "
+                    f"[3, 224, 224] or [128], got {self.input_size!r}"
+                )
             self.input_size = [int(s) for s in self.input_size]
             if not self.input_size or min(self.input_size) <= 0:
                 raise ValueError(f"input_size must be a non-empty list of positive sizes, got {self.input_size}")
-        if self.format_version > FORMAT_VERSION:
-            raise ValueError(
-                f"this adapter was written with format version {self.format_version}, newer than this "
-                f"medyate-peft understands ({FORMAT_VERSION}); upgrade with `pip install -U medyate-peft`"
-            )
         if isinstance(self.target_modules, (list, set, tuple)):
             self.target_modules = sorted(self.target_modules)

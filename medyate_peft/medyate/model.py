@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -15,10 +16,22 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import guards
 from ..budget import LayerCost, budget_slots, layer_cost, slots_to_kb, weight_slots_per_channel
+from ..ddp import check_ranks_agree, fingerprint
 from ..kernels import Selection
-from ..ranking import select_by_alpha, select_by_rgn
-from ..sampling import ChannelPool, NormTracker, greedy_fill, uniform_order, weighted_order
+from ..lean import apply_lean_backward, remove_lean_backward
+from ..oracles import DenseGradientProbe, FullGradient, measure_full_gradient
+from ..ranking import GradientStats, check_covers, load_ranking, select_by_alpha, select_by_rgn
+from ..rollback import restored_on_error
+from ..sampling import (
+    ChannelPool,
+    NormTracker,
+    deterministic_order,
+    greedy_fill,
+    uniform_order,
+    weighted_order,
+)
 from ..strategies import get_strategy
 from .config import MeDyateConfig
 from .layer import Conv2d, Linear, MeDyateLayer
@@ -38,6 +51,20 @@ def _unsupported_reason(name: str, module: nn.Module, model: nn.Module) -> str |
     if custom_forward and type(module).__name__ != "Conv2dSame":
         return f"{type(module).__name__} overrides forward(); its semantics are unknown to MeDyate"
     return None
+
+
+def _unmatched_targets(targets: list[str] | str | None, names: list[str]) -> list[str]:
+    """Entries of target_modules that match no module name, by PEFT's rules (name suffix, or full regex)."""
+    if targets is None:
+        return []
+    if isinstance(targets, str):
+        return [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def _kb_up(slots: int, bytes_per_slot: int) -> float:
+    """kB for `slots`, rounded up to 0.01 kB so that the value shown is enough."""
+    return math.ceil(slots_to_kb(slots, bytes_per_slot) * 100) / 100
 
 
 def _is_candidate_type(module: nn.Module) -> bool:
@@ -67,6 +94,8 @@ class AdapterPlan:
     tracker: NormTracker | None = None
     selected: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     epoch: int = 0
+    probe: DenseGradientProbe | None = None  # open while dense gradients of training batches are measured
+    full_norms: torch.Tensor | None = None  # oracles: n(i, c) of every pool channel from a full gradient
 
 
 class MeDyateModel(BaseTuner):
@@ -87,6 +116,24 @@ class MeDyateModel(BaseTuner):
 
     def _prepare_model(self, peft_config: MeDyateConfig, model: nn.Module) -> None:
         """Resolve the head (modules_to_save) and, with no target_modules, every supported layer."""
+        names = [name for name, _ in model.named_modules()]
+        # None matching (PEFT's task types add their usual names, e.g. "classifier" and "score", to the user's)
+        wanted = list(peft_config.modules_to_save or ())
+        missing = wanted if not any(n.endswith(s) for s in wanted for n in names) else []
+        if missing:
+            top = [name for name, _ in model.named_children()]
+            raise ValueError(
+                f"modules_to_save {missing} match no module of the model (its top-level modules: {top[:12]}); "
+                "name the classifier to train in full, or leave modules_to_save=None to detect it (loading an adapter? "
+                "it was made for a different base model)"
+            )
+        unmatched = _unmatched_targets(peft_config.target_modules, names)
+        if unmatched:
+            layers = [n for n, m in model.named_modules() if _is_candidate_type(m)]
+            raise ValueError(
+                f"target_modules {unmatched} match no module of the model (its Conv2d/Linear layers: {layers[:8]}"
+                f"{' ...' if len(layers) > 8 else ''}); leave target_modules=None to take every supported layer"
+            )
         if peft_config.modules_to_save is None:
             peft_config.modules_to_save = _detect_head(model)
             if peft_config.modules_to_save is None:
@@ -140,6 +187,11 @@ class MeDyateModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        """Wrap the layers, then observe shapes and plan; on any error the model is put back as it was."""
+        with restored_on_error(self):
+            self._inject_and_plan(model, adapter_name, **kwargs)
+
+    def _inject_and_plan(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         config: MeDyateConfig = self.peft_config[adapter_name]
         if not hasattr(self, "medyate_values"):
             self.medyate_values = nn.ParameterDict({})
@@ -148,6 +200,8 @@ class MeDyateModel(BaseTuner):
             # PeftModel calls the inner model directly, so lazy planning hooks into that model.
             self._plan_hook = model.register_forward_pre_hook(self._plan_before_forward, with_kwargs=True)
         super().inject_adapter(model, adapter_name, **kwargs)
+        if config.lean_backward:
+            apply_lean_backward(self.model)
         budget = budget_slots(config.budget_kb, config.bytes_per_slot)
         layers = self.medyate_layers()
         capacity = min(budget, sum(m.in_channels * weight_slots_per_channel(m.get_base_layer()) for m in layers.values()))
@@ -159,7 +213,14 @@ class MeDyateModel(BaseTuner):
         self.plans[adapter_name] = AdapterPlan(budget=budget, generator=generator)
         self.train(self.training)
         if config.input_size is not None and values.requires_grad:
-            self._observe_shapes(*self.dummy_inputs(config))
+            try:
+                self._observe_shapes(*self.dummy_inputs(config))
+            except Exception as err:
+                raise ValueError(
+                    f"input_size={config.input_size} does not fit the model: a forward pass of a zero batch of "
+                    f"shape {[1, *config.input_size]} failed ({type(err).__name__}: {err}). Pass the shape of one "
+                    "sample without the batch dim, or input_size=None to learn shapes from the first training batch"
+                ) from err
             self.plan(adapter_name)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -224,9 +285,30 @@ class MeDyateModel(BaseTuner):
     def is_planned(self, adapter_name: str) -> bool:
         return self.plans[adapter_name].pool is not None
 
-    def plan(self, adapter_name: str | None = None) -> None:
-        """Build the channel pool (pre-selected layers) and draw the first selection."""
+    def needs_dense_gradient(self, adapter_name: str) -> bool:
+        """Whether planning needs a full gradient: a layer-ranking strategy without ranking, or an oracle."""
+        config: MeDyateConfig = self.peft_config[adapter_name]
+        strategy = get_strategy(config.strategy)
+        return strategy.needs_full_gradient or (strategy.layers != "all" and config.layer_ranking is None)
+
+    def plan(self, adapter_name: str | None = None, full_gradient: FullGradient | None = None) -> None:
+        """Build the channel pool (pre-selected layers) and draw the first selection.
+
+        If `needs_dense_gradient`, the dense gradient comes from `full_gradient` (a closure returning
+        the loss of one batch, e.g. `lambda: F.cross_entropy(model(x), y)`) or, without it, from the
+        next `ranking_batches` training batches: planning then waits for them (logged).
+        """
         adapter_name = adapter_name or self.active_adapters[0]
+        stats = None
+        if self.needs_dense_gradient(adapter_name):
+            if full_gradient is None:
+                logger.info("MeDyate: planning of %r waits for dense gradients of its first training batches",
+                            adapter_name)
+                return
+            stats = self._full_gradient(full_gradient)
+        self._build_plan(adapter_name, stats)
+
+    def _build_plan(self, adapter_name: str, stats: GradientStats | None) -> None:
         config: MeDyateConfig = self.peft_config[adapter_name]
         plan = self.plans[adapter_name]
         costs = self.layer_costs()
@@ -239,11 +321,29 @@ class MeDyateModel(BaseTuner):
         if smallest > plan.budget:
             raise ValueError(
                 f"budget_kb={config.budget_kb} ({plan.budget} slots) is too small for any single channel; the "
-                f"cheapest channel needs {smallest} slots = {slots_to_kb(smallest, config.bytes_per_slot):.2f} kB"
+                f"cheapest channel needs {smallest} slots: use budget_kb >= {_kb_up(smallest, config.bytes_per_slot)}"
             )
+        strategy = get_strategy(config.strategy)
+        if stats is not None:
+            stats.all_reduce(costs)
+            if strategy.layers != "all" and config.layer_ranking is None:
+                config.layer_ranking = stats.ranking(costs, source=f"first {stats.steps} training batch(es)")
+                logger.warning(
+                    "MeDyate: computed a layer ranking from %d batch(es) of dense gradients; it is kept in "
+                    "peft_config[%r].layer_ranking (save it with medyate_peft.save_ranking to reuse it)",
+                    stats.steps, adapter_name,
+                )
         pool_costs = self._preselect(config, costs, plan.budget)
+        pool_smallest = min(c.channel_slots for c in pool_costs)
+        if pool_smallest > plan.budget:
+            raise ValueError(
+                f"budget_kb={config.budget_kb} ({plan.budget} slots) is too small for any channel of the layers "
+                f"strategy {config.strategy!r} pre-selected; their cheapest channel needs {pool_smallest} slots: use "
+                f"budget_kb >= {_kb_up(pool_smallest, config.bytes_per_slot)}"
+            )
         plan.pool = ChannelPool.build(pool_costs)
         plan.tracker = NormTracker(len(plan.pool))
+        plan.full_norms = stats.pool_vector(pool_costs) if strategy.needs_full_gradient else None
         total = sum(c.layer_slots for c in pool_costs)
         if total <= plan.budget:
             logger.warning(
@@ -256,13 +356,8 @@ class MeDyateModel(BaseTuner):
         strategy = get_strategy(config.strategy)
         if strategy.layers == "all":
             return costs
-        ranking = config.layer_ranking
-        if ranking is None:
-            logger.warning(
-                "MeDyate: strategy %r ranks layers but no layer_ranking was given; using every candidate layer",
-                config.strategy,
-            )
-            return costs
+        ranking = load_ranking(config.layer_ranking)
+        check_covers(ranking, [c.name for c in costs])
         if strategy.layers == "lara":
             names = select_by_alpha(costs, ranking["lara"], budget, config.alpha_opt)
         else:
@@ -274,14 +369,26 @@ class MeDyateModel(BaseTuner):
         config: MeDyateConfig = self.peft_config[adapter_name]
         plan = self.plans[adapter_name]
         strategy = get_strategy(config.strategy)
-        if strategy.order == "weighted" and plan.tracker.epochs_done > 0:
+        if strategy.needs_full_gradient and plan.full_norms is None:
+            raise RuntimeError(f"strategy {config.strategy!r} draws from a full gradient, and none was measured")
+        if strategy.order == "det_rgn":
+            order = deterministic_order(plan.full_norms / plan.pool.slots)
+        elif strategy.order == "prob_raw":
+            order = weighted_order(plan.full_norms, plan.generator)
+        elif strategy.order == "weighted" and plan.tracker.epochs_done > 0:
             order = weighted_order(plan.tracker.norms, plan.generator)
-        elif strategy.order in ("uniform", "weighted"):
-            order = uniform_order(len(plan.pool), plan.generator)
         else:
-            raise NotImplementedError(f"strategy {config.strategy!r} needs full-gradient norms (not implemented yet)")
+            order = uniform_order(len(plan.pool), plan.generator)
         plan.selected = greedy_fill(order, plan.pool.slots, plan.budget)
         self._apply_selection(adapter_name)
+
+    def _full_gradient(self, closure: FullGradient) -> GradientStats:
+        """Dense gradients of every wrapped layer for one closure call (no lazy planning inside it)."""
+        observing, self._observing = self._observing, True
+        try:
+            return measure_full_gradient(self.medyate_layers(), closure)
+        finally:
+            self._observing = observing
 
     def _apply_selection(self, adapter_name: str) -> None:
         """Map the selected channels to consecutive segments of the flat trainable vector."""
@@ -296,31 +403,68 @@ class MeDyateModel(BaseTuner):
                 continue
             idx = chosen[name].to(values.device)
             numel = len(idx) * math.prod(layer.slice_shape)
-            record = partial(self._record_norms, adapter_name, starts[name], idx.cpu())
+            record = partial(self._record_norms, adapter_name, name, starts[name], idx.cpu())
             layer.set_live(adapter_name, values, Selection(idx=idx, offset=offset, numel=numel, record=record))
             offset += numel
         if offset > values.numel():
             raise AssertionError(f"selection needs {offset} weight slots, flat vector holds {values.numel()}")
 
-    def _record_norms(self, adapter_name: str, start: int, idx: torch.Tensor, norms: torch.Tensor) -> None:
-        self.plans[adapter_name].tracker.record(start + idx, norms)
+    def _record_norms(self, adapter_name: str, layer: str, start: int, idx: torch.Tensor, norms: torch.Tensor) -> None:
+        plan = self.plans[adapter_name]
+        norms = norms.detach().to(torch.float64).cpu()
+        finite = torch.isfinite(norms)
+        if not bool(finite.all()):
+            if self.peft_config[adapter_name].detect_anomalies:
+                guards.check_channel_gradients(layer, idx, norms, plan.epoch)
+            idx, norms = idx[finite], norms[finite]  # a skipped (GradScaler) step says nothing about channels
+        plan.tracker.record(start + idx, norms)
 
-    def resample(self, optimizer: torch.optim.Optimizer | None = None, adapter_name: str | None = None) -> None:
+    def check_finite(self, loss: torch.Tensor | float, what: str = "loss") -> None:
+        """Raise NonFiniteError if `loss` (or any tensor) holds NaN/inf; call it before `backward()`."""
+        guards.check_finite(loss, what)
+
+    def resample(
+        self,
+        optimizer: torch.optim.Optimizer | None = None,
+        adapter_name: str | None = None,
+        full_gradient: FullGradient | None = None,
+    ) -> None:
         """Epoch boundary: fold trained values into the deltas and draw the next channels.
 
         Pass the optimizer so that its state for the flat vector (momentum, Adam moments) is reset,
-        since its slots now belong to other channels. Static strategies keep their selection.
+        since its slots now belong to other channels. Static strategies keep their selection. The
+        dynamic oracles (det_rgn, prob_raw) need `full_gradient`: a closure returning one batch's loss
+        (under DDP, computed with the unwrapped model), costing one dense forward+backward.
         """
         adapter_name = adapter_name or self.active_adapters[0]
         config: MeDyateConfig = self.peft_config[adapter_name]
         plan = self.plans[adapter_name]
+        strategy = get_strategy(config.strategy)
         if plan.pool is None:
-            raise RuntimeError("resample() before the first training step: nothing has been selected yet")
+            if plan.probe is None:
+                raise RuntimeError("resample() before the first training step: nothing has been selected yet")
+            self._finish_probe(adapter_name)  # the epoch was shorter than ranking_batches
+            return
+        if strategy.dynamic and strategy.needs_full_gradient and full_gradient is None:
+            raise ValueError(
+                f"strategy {config.strategy!r} re-draws from a full gradient every epoch: call "
+                "resample(optimizer, full_gradient=lambda: loss_of_one_batch)"
+            )
+        if config.detect_anomalies:  # before any state changes: nothing is half-resampled on error
+            for name, layer in self.medyate_layers().items():
+                live = layer.live_values(adapter_name)
+                if live is not None:
+                    guards.check_trained_values(name, live, plan.epoch)
+        check_ranks_agree(fingerprint(config, plan), f"resample() of adapter {adapter_name!r}, epoch {plan.epoch}")
         self._sync_norms(plan.tracker)
         plan.tracker.end_epoch(plan.selected)
         plan.epoch += 1
-        if not get_strategy(config.strategy).dynamic:
+        if not strategy.dynamic:
             return
+        if strategy.needs_full_gradient:
+            stats = self._full_gradient(full_gradient)
+            stats.all_reduce(list(plan.pool.costs))
+            plan.full_norms = stats.pool_vector(plan.pool.costs)
         values = self.medyate_values[adapter_name]
         for layer in self.medyate_layers().values():
             layer.fold_live(adapter_name)
@@ -332,12 +476,13 @@ class MeDyateModel(BaseTuner):
 
     @staticmethod
     def _sync_norms(tracker: NormTracker) -> None:
-        """Under DDP, average the measured channel norms over ranks so every rank draws the same."""
+        """Under DDP, sum the measured channel norms and counts over ranks so every rank draws the same."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
             for buf in (tracker.epoch_sum, tracker.epoch_count):
-                reduced = buf.to(torch.float64)
+                reduced = buf.to(device=device, dtype=torch.float64)
                 dist.all_reduce(reduced)
-                buf.copy_(reduced.to(buf.dtype))
+                buf.copy_(reduced)
 
     def selection(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """Current selected channels per layer."""
@@ -361,6 +506,7 @@ class MeDyateModel(BaseTuner):
         }
         state: dict[str, Any] = {
             "adapter": adapter_name,
+            "strategy": self.peft_config[adapter_name].strategy,
             "epoch": plan.epoch,
             "generator": plan.generator.get_state(),
             "values": self.medyate_values[adapter_name].detach().cpu().clone(),
@@ -387,6 +533,19 @@ class MeDyateModel(BaseTuner):
                 f"checkpoint's trainable vector has {state['values'].numel()} slots, this adapter {values.numel()}: "
                 "was it made with another budget_kb?"
             )
+        strategy = self.peft_config[adapter_name].strategy
+        if state.get("strategy", strategy) != strategy:
+            raise ValueError(
+                f"checkpoint was trained with strategy {state['strategy']!r}, this adapter uses {strategy!r}; "
+                "resume with the MeDyateConfig of the interrupted run"
+            )
+        from ..serialization import _check_entry
+
+        for name, entry in state["layers"].items():  # all checked before anything changes
+            _check_entry(name, layers[name], entry["index"], entry["delta"])
+        unknown = sorted({c["name"] for c in state["pool"] or ()} - set(layers))
+        if unknown:
+            raise ValueError(f"checkpoint's channel pool has layers this model lacks: {unknown[:5]}")
         for name, entry in state["layers"].items():
             layers[name].set_delta(adapter_name, entry["index"], entry["delta"])
         with torch.no_grad():
@@ -408,13 +567,43 @@ class MeDyateModel(BaseTuner):
             return
         for adapter_name in self.active_adapters:
             values = self.medyate_values[adapter_name] if adapter_name in self.medyate_values else None
-            if values is not None and values.requires_grad and not self.is_planned(adapter_name):
+            if values is None or not values.requires_grad or self.is_planned(adapter_name):
+                continue
+            if self.needs_dense_gradient(adapter_name):
+                self._probe_training_batch(adapter_name)
+            else:
                 logger.info("MeDyate: learning activation shapes from the first training batch")
                 self._observe_shapes(args, kwargs)
                 self.plan(adapter_name)
 
+    def _probe_training_batch(self, adapter_name: str) -> None:
+        """Measure dense gradients during the first `ranking_batches` batches, then plan (at the next one)."""
+        config: MeDyateConfig = self.peft_config[adapter_name]
+        plan = self.plans[adapter_name]
+        if plan.probe is None:
+            logger.warning(
+                "MeDyate: strategy %r needs %s; measuring dense gradients of the first %d training batch(es) "
+                "(memory of full fine-tuning meanwhile, channels train after them)",
+                config.strategy,
+                "a full gradient" if get_strategy(config.strategy).needs_full_gradient else
+                "a layer ranking and none was given (pass layer_ranking=... from rank_layers to skip this)",
+                config.ranking_batches,
+            )
+            plan.probe = DenseGradientProbe(self.medyate_layers())
+        if plan.probe.batches >= config.ranking_batches:
+            self._finish_probe(adapter_name)
+        else:
+            plan.probe.count_batch()
+
+    def _finish_probe(self, adapter_name: str) -> None:
+        plan = self.plans[adapter_name]
+        stats = plan.probe.close()
+        plan.probe = None
+        self._build_plan(adapter_name, stats)
+
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         model = super()._unload_and_optionally_merge(*args, **kwargs)
+        remove_lean_backward(model)
         self._plan_hook.remove()
         return model
 
@@ -429,6 +618,11 @@ class MeDyateModel(BaseTuner):
             if not isinstance(module, MeDyateLayer) or adapter_name not in module.medyate_delta:
                 continue
             index, delta = module.folded_delta(adapter_name)
+            if not bool(torch.isfinite(delta).all()):
+                raise guards.NonFiniteError(
+                    f"layer {name!r} of adapter {adapter_name!r} holds NaN/inf deltas; not saving an adapter that "
+                    "cannot be loaded (the previous save, if any, is kept). Resume from the last good checkpoint."
+                )
             changed = delta.flatten(1).abs().amax(dim=1) > 0 if len(index) else torch.zeros(0, dtype=torch.bool)
             if not changed.any():
                 continue
@@ -446,9 +640,15 @@ class MeDyateModel(BaseTuner):
         return install_deltas(model, adapter_name, state_dict)
 
     # -- reporting ------------------------------------------------------------------------------
-    def memory_report(self, *args: Any, adapter_name: str | None = None, **kwargs: Any):
-        """Analytical budget use per layer, and (given a sample batch, or with input_size) the measured bytes."""
+    def memory_report(
+        self, *args: Any, adapter_name: str | None = None, compare_lean: bool = True, **kwargs: Any
+    ):
+        """Analytical budget use per layer, and (given a sample batch, or with input_size) the measured bytes.
+
+        `compare_lean` measures the step with the lean backward off and on (the "off" step holds as much
+        as plain autograd; pass False to skip it).
+        """
         from ..measure import memory_report
 
-        return memory_report(self, adapter_name or self.active_adapters[0], args, kwargs)
+        return memory_report(self, adapter_name or self.active_adapters[0], args, kwargs, compare_lean=compare_lean)
 

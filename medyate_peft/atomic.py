@@ -1,0 +1,206 @@
+"""Crash-safe writes: a run killed during a save leaves the previous good file or the new complete one.
+
+Files are written to a temporary sibling, flushed to disk and renamed over the target (`os.replace`
+is atomic on POSIX and Windows). A directory written by a third-party function (PEFT's
+`save_pretrained`) is written into a temporary sibling directory, completed with the old entries it
+did not rewrite, and swapped in with one atomic exchange (Linux `renameat2(RENAME_EXCHANGE)`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import glob
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_STAGING = ".medyate-"  # marks our temporary siblings: .<name>.medyate-<pid>-<random>
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def _final_mode(path: Path, default: int) -> int:
+    """Keep the permissions of the file being replaced; a new one gets the usual umask mode."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return default & ~_UMASK
+
+
+def _staging_name(path: Path) -> str:
+    return f".{path.name}{_STAGING}{os.getpid()}-"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it is synced and renamed onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_staging_name(path), suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        _fsync_path(tmp)
+        os.chmod(tmp, _final_mode(path, 0o666))
+        os.replace(tmp, path)
+        _fsync_path(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
+    """`open(path, mode)` whose content only appears at `path` once the block completes."""
+    if not mode.startswith("w"):
+        raise ValueError(f"atomic_write only writes whole files (mode 'w' or 'wb'), got {mode!r}")
+    with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as handle:
+        yield handle
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save(obj, path)`, atomically (training checkpoints)."""
+    with atomic_write(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike, **dump_kwargs: Any) -> None:
+    """`json.dump(obj, path)`, atomically (rankings, results)."""
+    with atomic_write(path, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, **{"indent": 2, **dump_kwargs})
+        handle.write("\n")
+
+
+# -- directories --------------------------------------------------------------------------------
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically; False where the system or file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _merge_old_entries(old: Path, new: Path) -> None:
+    """Add to `new` every entry of `old` it lacks (what the writer left alone stays, as in place)."""
+    for entry in old.iterdir():
+        target = new / entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            if not target.exists():
+                target.mkdir()
+                shutil.copystat(entry, target)
+            if target.is_dir():
+                _merge_old_entries(entry, target)
+        elif not target.exists() and not target.is_symlink():
+            _link_or_copy(entry, target)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder))
+
+
+def _remove_stale_staging(path: Path) -> None:
+    """Clean up after a killed save (its process is gone): delete its temporary siblings, and put
+    back an old directory it had moved aside (the non-atomic fallback) if nothing replaced it."""
+    prefix = f".{path.name}{_STAGING}"
+    for entry in sorted(path.parent.glob(f"{glob.escape(prefix)}*")):
+        pid = entry.name[len(prefix) :].partition("-")[0]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        if entry.name.endswith(".old") and not path.exists():
+            os.rename(entry, path)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _swap_by_renames(new: Path, path: Path) -> None:
+    """Fallback without an atomic exchange: the old directory is moved aside for an instant."""
+    aside = Path(f"{new}.old")
+    os.rename(path, aside)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(aside, path)
+        raise
+    shutil.rmtree(aside)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, seed_files: Iterable[str] = ()) -> Iterator[Path]:
+    """Yield an empty temporary directory; on success it replaces `path` in one atomic step.
+
+    The result is what writing in place would give: entries of the old directory that were not
+    rewritten are carried over (hard links, no copy); `seed_files` are copied in beforehand, for
+    writers that update an existing file (PEFT's model card). A kill at any moment leaves the old
+    directory or the new complete one at `path`. Without an atomic exchange (non-Linux) the old
+    directory is renamed aside for an instant before the new one takes its place.
+    """
+    path = Path(os.path.realpath(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_staging_name(path)))
+    try:
+        os.chmod(tmp, _final_mode(path, 0o777))
+        for name in seed_files:
+            if (path / name).is_file():
+                shutil.copy2(path / name, tmp / name)
+        yield tmp
+        _fsync_tree(tmp)
+        if path.is_dir():
+            _merge_old_entries(path, tmp)
+            if not _exchange(tmp, path):
+                _swap_by_renames(tmp, path)
+        else:
+            os.rename(tmp, path)
+        _fsync_path(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

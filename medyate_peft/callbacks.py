@@ -1,0 +1,94 @@
+"""The epoch boundary: where the trained channels are folded in and the next ones drawn.
+
+MeDyate re-draws its channels once per epoch with `resample(optimizer)`. Pass the optimizer: the
+flat trainable vector's slots now belong to other channels, so their optimizer state (momentum,
+Adam moments) is dropped. The papers' recipe is plain SGD without momentum, which has none.
+
+transformers Trainer::
+
+    trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[MeDyateCallback()])
+
+Plain PyTorch loop (a PeftModel forwards `resample` to its MeDyate tuner)::
+
+    for epoch in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        model.resample(optimizer)
+
+Accelerate (also DDP: every rank calls it, and all ranks draw the same channels)::
+
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    for epoch in range(epochs):
+        for batch in loader:
+            ...
+        accelerator.unwrap_model(model).resample(optimizer)
+
+The dynamic oracles (det_rgn, prob_raw) also need a full gradient at each boundary:
+`model.resample(optimizer, full_gradient=lambda: F.cross_entropy(unwrapped(x), y))`.
+
+Without a `layer_ranking`, the first `ranking_batches` batches measure dense gradients and leave
+the channel vector unused, which plain DDP rejects: pass a ranking (`rank_layers`) or wrap with
+`find_unused_parameters=True` (Accelerate: `DistributedDataParallelKwargs(find_unused_parameters=True)`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from torch import nn
+from transformers import TrainerCallback
+
+from .medyate.model import MeDyateModel
+from .ranking import output_loss
+from .strategies import get_strategy
+
+ModelLoss = Callable[[nn.Module], torch.Tensor]
+
+
+def find_tuner(model: nn.Module) -> MeDyateModel:
+    """The MeDyate tuner inside a PeftModel, possibly wrapped by DDP, DataParallel or torch.compile."""
+    model = extract_model_from_parallel(model)
+    for candidate in (model, getattr(model, "base_model", None)):
+        if isinstance(candidate, MeDyateModel):
+            return candidate
+    raise TypeError(f"{type(model).__name__} is not a MeDyate PEFT model (get_peft_model(..., MeDyateConfig(...)))")
+
+
+def _batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    loss = output_loss(model(**batch)) if isinstance(batch, Mapping) else None
+    if loss is None:
+        raise ValueError(
+            "an oracle strategy needs a full-gradient loss at each epoch end: the train batch gave no .loss, "
+            "so pass MeDyateCallback(full_gradient=lambda model: loss)"
+        )
+    return loss
+
+
+class MeDyateCallback(TrainerCallback):
+    """Calls `resample(optimizer)` at the end of every Trainer epoch.
+
+    For the dynamic oracles, `full_gradient(model) -> loss` gives the extra dense step; by default
+    the loss of one batch of the Trainer's train dataloader (`model(**batch).loss`).
+    """
+
+    def __init__(self, full_gradient: ModelLoss | None = None) -> None:
+        self.full_gradient = full_gradient
+
+    def on_epoch_end(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        tuner = find_tuner(model)
+        adapter = tuner.active_adapters[0]
+        closure = None
+        strategy = get_strategy(tuner.peft_config[adapter].strategy)
+        if strategy.needs_full_gradient and strategy.dynamic and tuner.is_planned(adapter):
+            if self.full_gradient is not None:
+                closure = lambda: self.full_gradient(model)  # noqa: E731
+            else:
+                batch = next(iter(train_dataloader))
+                closure = lambda: _batch_loss(model, batch)  # noqa: E731
+        tuner.resample(optimizer, adapter_name=adapter, full_gradient=closure)
+        return control

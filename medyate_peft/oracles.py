@@ -1,0 +1,99 @@
+"""Full (dense) weight gradients of the wrapped layers, for what the sparse backward cannot measure.
+
+Two users: the layer ranking that MeDyate computes itself when none is given, and the oracle
+strategies (det_rgn, static_det_rgn, prob_raw) that need n(i, c) of *every* channel, not only of
+the selected ones. Either way the gradient is dense: activations of every wrapped layer are kept
+for one backward, i.e. the memory of full fine-tuning. That is why a precomputed ranking
+(`rank_layers`) is the recommended path on a device, and why the oracles are upper bounds only.
+
+- `measure_full_gradient(layers, closure)`: now, from a closure returning a loss (one extra
+  forward+backward; `.grad` of no parameter is touched).
+- `DenseGradientProbe`: during the user's own next training batches, via hooks on the base weights
+  (no extra pass; the flat trainable vector gets no gradient meanwhile).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .ranking import GradientStats
+
+FullGradient = Callable[[], torch.Tensor]
+
+
+def _base_weight(layer: nn.Module) -> nn.Parameter:
+    return layer.get_base_layer().weight
+
+
+def _groups(layer: nn.Module) -> int:
+    return getattr(layer.get_base_layer(), "groups", 1)
+
+
+def measure_full_gradient(layers: dict[str, nn.Module], closure: FullGradient) -> GradientStats:
+    """Dense gradients of the wrapped layers' weights for the loss `closure()` returns (one step).
+
+    The closure runs a forward of the model being trained and returns a scalar loss, e.g.
+    `lambda: F.cross_entropy(model(x), y)` or `lambda: model(**batch).loss`.
+    """
+    weights = {name: _base_weight(layer) for name, layer in layers.items()}
+    flags = {name: w.requires_grad for name, w in weights.items()}
+    try:
+        for w in weights.values():
+            w.requires_grad_(True)
+        loss = closure()
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError("the full-gradient closure must return a scalar loss tensor")
+        grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+    finally:
+        for name, w in weights.items():
+            w.requires_grad_(flags[name])
+    stats = GradientStats()
+    for (name, layer), grad in zip(layers.items(), grads, strict=True):
+        if grad is not None:
+            stats.add(name, grad, _groups(layer))
+    stats.steps = 1
+    return stats
+
+
+class DenseGradientProbe:
+    """Measures dense gradients of the wrapped layers during the user's next training batches.
+
+    While open, the base weights require grad, so the layers take their dense autograd path; a
+    post-accumulate-grad hook reads each weight gradient into `stats` and frees it at once, so
+    the optimizer never sees it and the base model is not changed.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        self.stats = GradientStats()
+        self.batches = 0
+        self._weights = {name: _base_weight(layer) for name, layer in layers.items()}
+        self._flags = {name: w.requires_grad for name, w in self._weights.items()}
+        self._hooks = []
+        for name, layer in layers.items():
+            weight = self._weights[name]
+            weight.requires_grad_(True)
+            self._hooks.append(weight.register_post_accumulate_grad_hook(self._reader(name, _groups(layer))))
+
+    def _reader(self, name: str, groups: int) -> Callable[[torch.Tensor], None]:
+        def read(weight: torch.Tensor) -> None:
+            self.stats.add(name, weight.grad, groups)
+            weight.grad = None
+
+        return read
+
+    def count_batch(self) -> None:
+        self.batches += 1
+        self.stats.steps = self.batches
+
+    def close(self) -> GradientStats:
+        """Remove the hooks and freeze the base weights again; returns what was measured."""
+        for hook in self._hooks:
+            hook.remove()
+        for name, weight in self._weights.items():
+            weight.requires_grad_(self._flags[name])
+            weight.grad = None
+        self._hooks.clear()
+        return self.stats

@@ -1,0 +1,195 @@
+"""Crash-safe saves and clean failed loads for MeDyate adapters, through PEFT's usual entry points.
+
+Users call `model.save_pretrained(dir)`, `PeftModel.from_pretrained(base, dir)` and
+`model.load_adapter(dir, name)`, which are PEFT's methods. For models and folders holding MeDyate
+adapters (and only for those) they are wrapped so that:
+- a save writes into a temporary folder that replaces `dir` atomically (`atomic.atomic_directory`);
+- a load first checks the folder's weights file (missing, truncated) before anything touches the
+  model, and a load that fails later (an adapter for another base model) puts the model back as it
+  was (`rollback.ModuleSnapshot`) instead of leaving it half-wrapped.
+A local path that does not exist (which cannot be a hub id either) is reported as such. Everything
+else (arguments, files written, errors for other PEFT methods) is PEFT's behaviour.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+from peft.utils import PeftType
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .atomic import atomic_directory
+from .rollback import ModuleSnapshot
+
+logger = logging.getLogger(__name__)
+CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+_RESAVE = "save it again with model.save_pretrained(...) or copy the complete file again"
+
+
+class AdapterFileError(ValueError):
+    """An adapter folder whose files are missing, truncated or corrupt."""
+
+
+def _is_medyate_config(config: Any) -> bool:
+    return getattr(config, "peft_type", None) == PeftType.MEDYATE
+
+
+def _is_medyate_model(model: PeftModel) -> bool:
+    return any(_is_medyate_config(c) for c in model.peft_config.values())
+
+
+def _has_medyate_layers(model: nn.Module) -> bool:
+    from .medyate.layer import MeDyateLayer
+
+    return any(isinstance(m, MeDyateLayer) for m in model.modules())
+
+
+def check_adapter_folder(model_id: str | os.PathLike, subfolder: str | None = None, config: Any = None) -> None:
+    """For a local MeDyate adapter folder: raise a clear error if its weights file is missing or damaged.
+
+    Only the safetensors header is read (cheap); folders of other PEFT methods and hub ids pass.
+    """
+    folder = Path(model_id) / (subfolder or "")
+    if not folder.is_dir():
+        if _cannot_be_hub_id(str(model_id)):  # PEFT would report an invalid hub repo id
+            raise FileNotFoundError(f"no adapter folder {folder} (and {model_id!r} is not a Hugging Face Hub id)")
+        return
+    if config is None:
+        config_path = folder / CONFIG_NAME
+        if not config_path.is_file():
+            return
+        text = config_path.read_text(encoding="utf-8", errors="replace")
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as err:
+            if "MEDYATE" in text or _holds_medyate_weights(folder / SAFETENSORS_NAME):
+                raise AdapterFileError(f"{config_path} is truncated or corrupt ({err}); {_RESAVE}") from err
+            return
+        if config.get("peft_type") != PeftType.MEDYATE:
+            return
+    elif not _is_medyate_config(config):
+        return
+    weights = folder / SAFETENSORS_NAME
+    if not weights.exists():
+        if (folder / BIN_NAME).exists():
+            return
+        raise FileNotFoundError(
+            f"{weights} is missing: {folder} holds a MeDyate adapter config but no weights file (an interrupted "
+            f"copy or a save from an older tool?); {_RESAVE}"
+        )
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as err:
+        raise AdapterFileError(f"{weights} is truncated or corrupt ({err}); {_RESAVE}") from err
+
+
+def _cannot_be_hub_id(model_id: str) -> bool:
+    """A local-looking path: hub ids are `name` or `owner/name`, never absolute or relative to '.'."""
+    return os.path.isabs(model_id) or model_id.startswith((".", "~")) or model_id.count("/") > 1
+
+
+def _holds_medyate_weights(weights: Path) -> bool:
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return any(".medyate_" in key for key in handle.keys())
+    except (SafetensorError, OSError):
+        return False
+
+
+def _bind(func: Callable, *args: Any, **kwargs: Any) -> inspect.BoundArguments:
+    bound = inspect.signature(func).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound
+
+
+def _cannot_swap(target: Path) -> str | None:
+    """Why a folder cannot be replaced by a sibling (None: it can)."""
+    cwd = Path.cwd()
+    if target == cwd or target in cwd.parents:
+        return "it holds the working directory, which a swap would delete"
+    if target.parent.is_dir() and not os.access(target.parent, os.W_OK | os.X_OK):
+        return "its parent folder is read-only"
+    return None
+
+
+def _wrap_save_pretrained(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def save_pretrained(self: PeftModel, *args: Any, **kwargs: Any) -> None:
+        bound = _bind(original, self, *args, **kwargs)
+        directory = bound.arguments["save_directory"]
+        if not (_is_medyate_model(self) and bound.arguments["is_main_process"]) or os.path.isfile(directory):
+            return original(*bound.args, **bound.kwargs)
+        reason = _cannot_swap(Path(os.path.realpath(directory)))
+        if reason:
+            logger.warning("MeDyate: %s is saved in place, not atomically: %s", directory, reason)
+            return original(*bound.args, **bound.kwargs)
+        # PEFT updates an existing model card, so the old README.md is the staging folder's start.
+        with atomic_directory(directory, seed_files=("README.md",)) as staging:
+            bound.arguments["save_directory"] = str(staging)
+            original(*bound.args, **bound.kwargs)
+
+    return save_pretrained
+
+
+def _wrap_from_pretrained(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def from_pretrained(cls: type, *args: Any, **kwargs: Any) -> PeftModel:
+        bound = _bind(original, cls, *args, **kwargs)
+        model = bound.arguments["model"]
+        check_adapter_folder(
+            bound.arguments["model_id"], bound.arguments["kwargs"].get("subfolder"), bound.arguments["config"]
+        )
+        already_wrapped = _has_medyate_layers(model)
+        snapshot = ModuleSnapshot(model)
+        try:
+            return original(*bound.args, **bound.kwargs)
+        except BaseException:
+            if not already_wrapped and _has_medyate_layers(model):
+                snapshot.restore()
+            raise
+
+    return from_pretrained
+
+
+def _wrap_load_adapter(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def load_adapter(self: PeftModel, *args: Any, **kwargs: Any) -> Any:
+        if not _is_medyate_model(self):
+            return original(self, *args, **kwargs)
+        bound = _bind(original, self, *args, **kwargs)
+        check_adapter_folder(bound.arguments["model_id"], bound.arguments["kwargs"].get("subfolder"))
+        snapshot = ModuleSnapshot(self)
+        try:
+            return original(*bound.args, **bound.kwargs)
+        except BaseException:
+            snapshot.restore()
+            raise
+
+    return load_adapter
+
+
+def install() -> None:
+    """Wrap PeftModel's save/load entry points once (idempotent)."""
+    if getattr(PeftModel.save_pretrained, "_medyate_wrapped", False):
+        return
+    from_pretrained = PeftModel.__dict__["from_pretrained"].__func__
+    wrappers = {
+        "save_pretrained": _wrap_save_pretrained(PeftModel.save_pretrained),
+        "load_adapter": _wrap_load_adapter(PeftModel.load_adapter),
+    }
+    for name, wrapper in wrappers.items():
+        wrapper._medyate_wrapped = True
+        setattr(PeftModel, name, wrapper)
+    wrapped_from = _wrap_from_pretrained(from_pretrained)
+    wrapped_from._medyate_wrapped = True
+    PeftModel.from_pretrained = classmethod(wrapped_from)
