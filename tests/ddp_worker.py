@@ -1,0 +1,81 @@
+"""Two CPU processes (gloo) train one MeDyate model under DDP on different data; rank 0 saves what each saw.
+
+Run by tests/test_ddp.py as `python tests/ddp_worker.py OUT_DIR`. Per strategy and epoch it records
+the selection, the trainable values, the norm vector, the ranking and the rank-local (pre-sync)
+norm sums, so the test can check that ranks agree although their local measurements differ.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+WORLD = 2
+EPOCHS = 4
+STEPS = 3
+STRATEGIES = ("medyate", "prob_raw")
+
+
+def data(rank: int, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from test_ranking import INPUT
+
+    g = torch.Generator().manual_seed(1000 * rank + 10 * epoch + step)
+    return torch.randn(6, *INPUT, generator=g), torch.randint(0, 4, (6,), generator=g)
+
+
+def train(rank: int, strategy: str) -> list[dict]:
+    from peft import get_peft_model
+    from test_ranking import INPUT, net
+
+    import medyate_peft  # noqa: F401
+    from medyate_peft import MeDyateConfig
+
+    config = MeDyateConfig(budget_kb=1.0, input_size=INPUT, strategy=strategy, ranking_batches=2, seed=3)
+    model = get_peft_model(net(), config)
+    tuner = model.base_model
+    # The ranking batches train only the head, so the channel vector is unused in them.
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2)
+    history = []
+    for epoch in range(EPOCHS):
+        ddp.train()
+        for step in range(STEPS):
+            x, y = data(rank, epoch, step)
+            optimizer.zero_grad()
+            F.cross_entropy(ddp(x), y).backward()
+            optimizer.step()
+        plan = tuner.plans["default"]
+        local_sums = plan.tracker.epoch_sum.clone() if plan.tracker is not None else None
+        x, y = data(rank, epoch, STEPS)
+        model.resample(optimizer, full_gradient=lambda x=x, y=y: F.cross_entropy(model(x), y))
+        history.append({
+            "selection": {k: v.tolist() for k, v in tuner.selection().items()},
+            "values": tuner.medyate_values["default"].detach().clone(),
+            "norms": plan.tracker.norms.clone(),
+            "full_norms": None if plan.full_norms is None else plan.full_norms.clone(),
+            "local_sums": local_sums,
+            "lara": dict(tuner.peft_config["default"].layer_ranking["lara"]),
+        })
+    return history
+
+
+def worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    results = {strategy: train(rank, strategy) for strategy in STRATEGIES}
+    gathered = [None] * WORLD
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        torch.save(gathered, Path(out_dir) / "ranks.pt")
+    dist.destroy_process_group()  # not on error: mp.spawn then ends the other rank
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    mp.spawn(worker, args=(str(out / "rendezvous"), str(out)), nprocs=WORLD, join=True)

@@ -1,0 +1,51 @@
+"""Under DDP every rank draws the same channels every epoch (2 CPU processes, gloo)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    # Own process group, so a hung rank is killed with its parent on timeout.
+    run = subprocess.Popen([sys.executable, str(WORKER), str(out)], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = run.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        output, _ = run.communicate()
+        pytest.fail(f"DDP workers hung:\n{output[-4000:]}")
+    assert run.returncode == 0, output[-4000:]
+    return torch.load(out / "ranks.pt", weights_only=False)
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("strategy", ["medyate", "prob_raw"])
+def test_ranks_agree_on_ranking_selection_norms_and_weights(ranks, strategy):
+    first, second = ranks[0][strategy], ranks[1][strategy]
+    assert len(first) == len(second) == 4
+    assert first[0]["lara"] == second[0]["lara"]  # the ranking made from the first batches is shared
+    local_differs = False
+    for epoch, (a, b) in enumerate(zip(first, second, strict=True)):
+        assert a["selection"] == b["selection"], f"epoch {epoch}: ranks selected different channels"
+        assert torch.equal(a["norms"], b["norms"])
+        assert torch.equal(a["values"], b["values"])
+        if a["full_norms"] is not None:
+            assert torch.equal(a["full_norms"], b["full_norms"])
+        if a["local_sums"] is not None:
+            local_differs |= not torch.equal(a["local_sums"], b["local_sums"])
+    assert local_differs, "ranks saw the same data: the test could not catch a missing synchronisation"
+    assert len({str(h["selection"]) for h in first}) > 1, "the selection never changed"
+    if strategy == "medyate":
+        assert first[-1]["norms"].max() > 0  # weighted draws from measured norms happened
