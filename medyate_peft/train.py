@@ -1,0 +1,509 @@
+"""Fine-tune a classifier with MeDyate under a memory budget, with Accelerate (1..N processes, CPU or GPU).
+
+`medyate train ...` and `python scripts/train.py ...` run `main`; `accelerate launch -m medyate_peft.cli
+train ...` runs it under DDP. Full fine-tuning and classifier-only training (`--method full|head`)
+share the loop, as baselines. Recipe defaults are the papers': SGD without momentum or weight
+decay, lr 0.125, cosine schedule with warm-up.
+
+Every epoch writes `checkpoint-epochNNN/` (the adapter + `training_state.pt`) atomically; `--resume`
+continues a run exactly: the MeDyate sampler state, optimizer and schedule are restored, and the
+data order and augmentation are seeded from (seed, epoch, rank), so they need no stored RNG state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .atomic import atomic_directory, atomic_write_json
+
+METHODS = ("medyate", "full", "head")
+STATE_FILE = "training_state.pt"
+CHECKPOINT_PREFIX = "checkpoint-epoch"
+STATE_FORMAT = 1
+# A resumed run must match these settings, or it would not continue the same training.
+RESUME_KEYS = (
+    "model", "weights", "random_init", "dataset", "train_split", "max_train_samples", "method", "budget_kb",
+    "strategy", "seed", "batch_size", "epochs", "lr", "warmup_epochs", "image_size", "max_length",
+)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The training options (shared by `medyate train` and scripts/train.py)."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True, help="mcu:<name>, tf_efficientnet_lite0, a timm name, hf:<name or path>")
+    model.add_argument("--weights", help="local checkpoint for a timm model instead of Hub weights")
+    model.add_argument("--random-init", action="store_true", help="no pretrained weights (timm / transformers)")
+    model.add_argument("--image-size", type=int, help="input resolution (default: the model's)")
+    model.add_argument("--max-length", type=int, default=128, help="tokens per text sample (fixed: padded)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", required=True, help="Hub dataset name, or a local parquet/jsonl/csv file or folder")
+    data.add_argument("--train-split", default="train")
+    data.add_argument("--eval-split", help="default: validation or test, else 10%% of the training split")
+    data.add_argument("--max-train-samples", type=int)
+    data.add_argument("--max-eval-samples", type=int)
+    data.add_argument("--image-column")
+    data.add_argument("--text-column")
+    data.add_argument("--label-column")
+    data.add_argument(
+        "--num-workers", type=int, default=1, help="data loader processes (image decoding off the training threads)"
+    )
+
+    method = parser.add_argument_group("method")
+    method.add_argument("--method", choices=METHODS, default="medyate", help="medyate, or a baseline: full, head")
+    method.add_argument("--budget-kb", type=float, default=64.0, help="training-memory budget per sample, kB")
+    method.add_argument("--strategy", default="medyate", help="channel-selection strategy (medyate_peft.STRATEGIES)")
+    method.add_argument("--layer-ranking", help="JSON file with the LaRa / RGN layer ranking")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=10)
+    optim.add_argument("--batch-size", type=int, default=64, help="per process")
+    optim.add_argument("--eval-batch-size", type=int, default=128)
+    optim.add_argument(
+        "--lr", type=float, default=0.125, help="the papers' 0.125; short runs of fp32 MCU nets want ~0.02"
+    )
+    optim.add_argument("--warmup-epochs", type=float, default=1.0)
+    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--output-dir", required=True)
+    out.add_argument("--resume", help="a checkpoint folder, or an output folder (its latest checkpoint)")
+    out.add_argument("--save-total-limit", type=int, default=1, help="checkpoints kept")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the adapter and its card to this Hub repo")
+    out.add_argument("--hub-private", action="store_true")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = add_train_arguments(argparse.ArgumentParser(prog="medyate train", description=__doc__.split("\n")[0]))
+    return parser.parse_args(argv)
+
+
+# -- files ----------------------------------------------------------------------------------------
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """`path` itself if it is a checkpoint, else its latest `checkpoint-epochNNN`."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    found = sorted(p.parent for p in path.glob(f"{CHECKPOINT_PREFIX}*/{STATE_FILE}"))
+    if not found:
+        raise FileNotFoundError(f"--resume {path}: no {STATE_FILE} there nor in a {CHECKPOINT_PREFIX}*/ folder")
+    return found[-1]
+
+
+# -- model ----------------------------------------------------------------------------------------
+def _head_names(model: nn.Module) -> list[str]:
+    from .medyate.model import _detect_head
+
+    head = _detect_head(model)
+    if head is None:
+        raise ValueError(f"no classifier head found on {type(model).__name__}; cannot train it")
+    return head
+
+
+def build_trainable(loaded: Any, args: argparse.Namespace) -> nn.Module:
+    """The model to train: a MeDyate PeftModel, or the base model with all / head parameters trainable."""
+    model = loaded.model
+    if args.method == "medyate":
+        from peft import get_peft_model
+
+        from . import MeDyateConfig
+
+        if args.layer_ranking and not Path(args.layer_ranking).is_file():
+            raise FileNotFoundError(f"--layer-ranking {args.layer_ranking}: no such file")
+        config = MeDyateConfig(
+            budget_kb=args.budget_kb,
+            input_size=loaded.input_size,
+            strategy=args.strategy,
+            seed=args.seed,
+            layer_ranking=args.layer_ranking,
+        )
+        peft_model = get_peft_model(model, config)
+        # After get_peft_model, which resets it from the model's `name_or_path` (timm/MCU models have none).
+        peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = loaded.spec
+        return peft_model
+    head = _head_names(model)
+    for name, param in model.named_parameters():
+        param.requires_grad = args.method == "full" or any(name.startswith(h + ".") for h in head)
+    return model
+
+
+def _logits(model: nn.Module, batch: dict[str, torch.Tensor], modality: str) -> torch.Tensor:
+    if modality == "image":
+        return model(batch["pixel_values"])
+    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+# -- memory ---------------------------------------------------------------------------------------
+def measure_memory(model: nn.Module, batch: dict[str, torch.Tensor], modality: str) -> dict[str, Any]:
+    """Bytes one training step keeps: saved activations (per sample) and gradients, all state restored.
+
+    MeDyate models also report the papers' counted budget and the part of the selected channels.
+    """
+    from .measure import record_saved_tensors
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    batch_size = len(batch["labels"])
+    if hasattr(model, "memory_report"):
+        args = (inputs["pixel_values"],) if modality == "image" else ()
+        report = model.memory_report(*args, compare_lean=False, **({} if modality == "image" else inputs))
+        saved = report.measured_selected_saved_bytes + report.measured_frozen_path_saved_bytes
+        return {
+            "batch_size": batch_size,
+            "budget_kb": report.budget_kb,
+            "counted_kb": report.used_kb,
+            "selected_activation_kb_per_sample": report.measured_selected_saved_bytes / batch_size / 1024,
+            "selected_grad_kb": report.measured_weight_grad_bytes_used / 1024,
+            "activation_kb_per_sample": saved / batch_size / 1024,
+            "grad_kb": (report.measured_weight_grad_bytes_allocated + report.measured_head_grad_bytes) / 1024,
+        }
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in trainable]
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # BatchNorm statistics
+    rng = torch.get_rng_state()
+    try:
+        for p in trainable:
+            p.grad = None
+        with record_saved_tensors(model) as by_module:
+            logits = _logits(model, batch, modality)
+        logits.float().sum().backward()  # the scalar memory_report back-propagates too
+        return {
+            "batch_size": batch_size,
+            "activation_kb_per_sample": sum(by_module.values()) / batch_size / 1024,
+            "grad_kb": sum(p.grad.nbytes for p in trainable if p.grad is not None) / 1024,
+        }
+    finally:
+        for p, grad in zip(trainable, grads, strict=True):
+            p.grad = grad
+        model.load_state_dict(buffers, strict=False)
+        torch.set_rng_state(rng)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def _resume_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, key) for key in RESUME_KEYS}
+
+
+def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trained parameters and the buffers (BatchNorm statistics); MeDyate's own state is saved apart."""
+    state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({n: b.detach().cpu().clone() for n, b in model.named_buffers() if "medyate_" not in n})
+    return {n: t for n, t in state.items() if "medyate_values" not in n}
+
+
+def _selection_stats(model: nn.Module) -> dict[str, int]:
+    tuner = model.base_model
+    selection = tuner.selection()
+    layers = tuner.medyate_layers()
+    return {
+        "channels_trained": sum(len(idx) for idx in selection.values()),
+        "channels_total": sum(layer.in_channels for layer in layers.values()),
+        "layers_trained": len(selection),
+        "layers_total": len(layers),
+    }
+
+
+# -- the run --------------------------------------------------------------------------------------
+def _format_record(record: dict[str, Any], epochs: int) -> str:
+    parts = [
+        f"epoch {record['epoch']}/{epochs}",
+        f"lr {record['lr']:.4g}",
+        f"loss {record['train_loss']:.4f}",
+        f"acc {record['train_accuracy']:.2%}",
+        f"eval loss {record['eval_loss']:.4f}",
+        f"eval acc {record['eval_accuracy']:.2%}",
+    ]
+    if "channels_trained" in record:
+        parts.append(
+            f"channels {record['channels_trained']}/{record['channels_total']} in "
+            f"{record['layers_trained']}/{record['layers_total']} layers"
+        )
+    mem = record["memory"]
+    if "counted_kb" in mem:
+        parts.append(
+            f"memory: counted {mem['counted_kb']:.1f}/{mem['budget_kb']:.1f} kB, measured "
+            f"{mem['selected_activation_kb_per_sample']:.1f} kB/sample act + {mem['selected_grad_kb']:.1f} kB grad "
+            f"(whole step: {mem['activation_kb_per_sample']:.0f} kB/sample act, {mem['grad_kb']:.0f} kB grad)"
+        )
+    else:
+        parts.append(
+            f"memory: {mem['activation_kb_per_sample']:.0f} kB/sample act, {mem['grad_kb']:.0f} kB grad"
+        )
+    parts.append(f"{record['seconds']:.1f} s")
+    return "  ".join(parts)
+
+
+def _loss_closure(model: nn.Module, batch: dict[str, torch.Tensor], modality: str) -> Callable[[], torch.Tensor]:
+    return lambda: F.cross_entropy(_logits(model, batch, modality), batch["labels"])
+
+
+def _plan(model: nn.Module, dataset: Any, batch_size: int, accelerator: Any, modality: str) -> None:
+    """Plan before training when the strategy needs a dense gradient (a layer ranking to compute, an oracle).
+
+    Uses one batch per process (the next `batch_size` rows after this rank's offset), so that the
+    channels train from the first step and DDP sees the same trainable parameters at every step.
+    """
+    from torch.utils.data import default_collate
+
+    tuner = model.base_model
+    if tuner.is_planned(model.active_adapter):
+        return
+    start = accelerator.process_index * batch_size
+    rows = [(start + i) % len(dataset) for i in range(batch_size)]
+    batch = {k: v.to(accelerator.device) for k, v in default_collate(dataset.__getitems__(rows)).items()}
+    tuner.plan(model.active_adapter, full_gradient=_loss_closure(model, batch, modality))
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 1009 + rank) % 2**31
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the training described by `args` (see `add_train_arguments`); returns the run's results."""
+    import datasets
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from .data import image_batches, load_classification_data, text_batches
+    from .hub import push_adapter_to_hub, write_model_card
+    from .models import load_model
+
+    if args.push_to_hub and args.method != "medyate":
+        raise ValueError("--push-to-hub uploads a MeDyate adapter; it needs --method medyate")
+    datasets.disable_progress_bars()
+    accelerator = Accelerator(
+        cpu=args.cpu or not torch.cuda.is_available(),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    is_main = accelerator.is_main_process
+    if not is_main:  # one copy of each library message, from the main process
+        logging.getLogger("medyate_peft").setLevel(logging.ERROR)
+    output_dir = Path(args.output_dir)
+    checkpoint = find_checkpoint(args.resume) if args.resume else None
+    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True) if checkpoint else None
+    if state is not None:
+        saved = state["settings"]
+        changed = {k: (saved.get(k), v) for k, v in _resume_settings(args).items() if saved.get(k) != v}
+        if changed:
+            details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(f"--resume {checkpoint}: the run's settings differ ({details})")
+
+    set_seed(args.seed)
+    with accelerator.main_process_first():  # the first load converts the files into the datasets cache
+        data = load_classification_data(
+            args.dataset,
+            train_split=args.train_split,
+            eval_split=args.eval_split,
+            max_train_samples=args.max_train_samples,
+            max_eval_samples=args.max_eval_samples,
+            image_column=args.image_column,
+            text_column=args.text_column,
+            label_column=args.label_column,
+            seed=args.seed,
+        )
+    loaded = load_model(
+        args.model,
+        data.num_classes,
+        weights=args.weights,
+        pretrained=not args.random_init,
+        image_size=args.image_size,
+        max_length=args.max_length,
+    )
+    if loaded.modality != data.modality:
+        raise ValueError(f"{args.model} is a {loaded.modality} model but {args.dataset} holds {data.modality} data")
+    model = build_trainable(loaded, args)
+    if data.modality == "image":
+        train_set = data.train.with_transform(image_batches(data.input_column, data.label_column, loaded.transform(True)))
+        eval_set = data.eval.with_transform(image_batches(data.input_column, data.label_column, loaded.transform(False)))
+    else:
+        batches = text_batches(data.input_column, data.label_column, loaded.tokenizer, args.max_length)
+        train_set, eval_set = data.train.with_transform(batches), data.eval.with_transform(batches)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers)
+    eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, num_workers=args.num_workers)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.0, weight_decay=0.0)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    steps = len(train_loader)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer.optimizer, round(args.warmup_epochs * steps), args.epochs * steps
+    )  # stepped here, once per optimizer step (Accelerate's wrapper would step it once per process)
+    unwrapped = accelerator.unwrap_model(model)
+    medyate = args.method == "medyate"
+
+    start_epoch, history = 0, []
+    if state is not None:
+        missing, unexpected = unwrapped.load_state_dict(state["model"], strict=False)
+        if unexpected:
+            raise ValueError(f"--resume {checkpoint}: weights for another model ({unexpected[:3]} ...)")
+        if medyate:
+            unwrapped.base_model.load_training_state_dict(state["medyate"])
+        optimizer.optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"], state["history"]
+        accelerator.print(f"resumed from {checkpoint} after epoch {start_epoch}")
+    if medyate and state is None:
+        _plan(unwrapped, train_set, args.batch_size, accelerator, data.modality)
+    elif medyate:
+        unwrapped.peft_config[unwrapped.active_adapter].layer_ranking = state["layer_ranking"]
+
+    card = {
+        "dataset": data.name,
+        "dataset_id": data.hub_id,
+        "base_model_id": loaded.hub_id,
+        "training": {
+            "epochs": args.epochs,
+            "batch size": f"{args.batch_size} per process x {accelerator.num_processes} processes",
+            "optimizer": f"SGD (no momentum, no weight decay), lr {args.lr}, cosine with {args.warmup_epochs} warm-up epochs",
+            "training samples": len(data.train),
+            "evaluation": f"{len(data.eval)} samples of split {data.eval_split}",
+            "input size": loaded.input_size,
+        },
+    }
+    record: dict[str, Any] = {}
+    for epoch in range(start_epoch, args.epochs):
+        started = time.time()
+        set_seed(_epoch_seed(args.seed, epoch, accelerator.process_index))
+        train_loader.set_epoch(epoch)
+        stats = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, count
+        record = {"epoch": epoch + 1}
+        if medyate:
+            record.update(_selection_stats(unwrapped))
+        model.train()
+        progress = tqdm(
+            train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+            disable=args.no_progress or not accelerator.is_local_main_process,
+        )
+        for step, batch in enumerate(progress):
+            if step == 0 and is_main:
+                record["memory"] = measure_memory(unwrapped, batch, data.modality)
+            logits = _logits(model, batch, data.modality)
+            loss = F.cross_entropy(logits, batch["labels"])
+            accelerator.backward(loss)
+            record["lr"] = scheduler.get_last_lr()[0]  # the rate of this step; the epoch logs its last one
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            n = len(batch["labels"])
+            stats += torch.tensor(
+                [loss.item() * n, (logits.argmax(-1) == batch["labels"]).sum().item(), n],
+                dtype=torch.float64, device=accelerator.device,
+            )
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+        if medyate:
+            # Folds the trained values, syncs norms over ranks, re-draws (oracles: from `batch`'s full gradient).
+            unwrapped.base_model.resample(
+                optimizer=optimizer.optimizer, full_gradient=_loss_closure(unwrapped, batch, data.modality)
+            )
+        stats = accelerator.reduce(stats, reduction="sum")
+        record["train_loss"] = float(stats[0] / stats[2])
+        record["train_accuracy"] = float(stats[1] / stats[2])
+        record["train_samples"] = int(stats[2])  # all processes together
+        record.update(evaluate(accelerator, model, eval_loader, data.modality))
+        record["seconds"] = time.time() - started
+        history.append(record)
+        if is_main:
+            print(_format_record(record, args.epochs), flush=True)
+        save_checkpoint(accelerator, unwrapped, optimizer, scheduler, args, history, card)
+    metrics = _metrics(history)
+    if is_main:
+        if medyate:
+            card.update(metrics=metrics, memory=history[-1]["memory"] if history else None)
+            with atomic_directory(output_dir / "adapter") as tmp:
+                unwrapped.save_pretrained(tmp, save_embedding_layers=False)
+                write_model_card(unwrapped, tmp, **card)  # after save_pretrained, so PEFT's card is replaced
+        else:
+            from safetensors.torch import save_file
+
+            with atomic_directory(output_dir / "model") as tmp:
+                save_file(_model_state(unwrapped), tmp / "model.safetensors")
+        results = {"metrics": metrics, "history": history, "settings": _resume_settings(args),
+                   "processes": accelerator.num_processes}
+        atomic_write_json(results, output_dir / "results.json")
+        if args.push_to_hub:
+            url = push_adapter_to_hub(unwrapped, args.push_to_hub, private=args.hub_private or None, **card)
+            accelerator.print(f"pushed to {url}")
+    accelerator.wait_for_everyone()
+    return {"metrics": metrics, "history": history, "output_dir": str(output_dir), "model": unwrapped}
+
+
+def _metrics(history: list[dict[str, Any]]) -> dict[str, float]:
+    if not history:
+        return {}
+    last = history[-1]
+    return {key: round(last[key], 4) for key in ("eval_accuracy", "eval_loss", "train_loss", "train_accuracy")}
+
+
+@torch.no_grad()
+def evaluate(accelerator: Any, model: nn.Module, loader: Any, modality: str) -> dict[str, float]:
+    """Accuracy and mean loss over the whole evaluation split (all processes' shards gathered)."""
+    model.eval()
+    losses, correct = [], []
+    for batch in loader:
+        logits = _logits(model, batch, modality)
+        loss = F.cross_entropy(logits, batch["labels"], reduction="none")
+        loss, hit = accelerator.gather_for_metrics((loss, logits.argmax(-1) == batch["labels"]))
+        losses.append(loss.cpu())
+        correct.append(hit.cpu())
+    loss, hit = torch.cat(losses), torch.cat(correct)
+    return {"eval_loss": float(loss.mean()), "eval_accuracy": float(hit.float().mean())}
+
+
+def save_checkpoint(
+    accelerator: Any,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    args: argparse.Namespace,
+    history: list[dict[str, Any]],
+    card: dict[str, Any],
+) -> None:
+    """`checkpoint-epochNNN/`: the adapter (MeDyate) and `training_state.pt`; older ones pruned."""
+    from .hub import write_model_card
+
+    if accelerator.is_main_process:
+        epoch = history[-1]["epoch"]
+        state = {
+            "format": STATE_FORMAT,
+            "epoch": epoch,
+            "settings": _resume_settings(args),
+            "history": history,
+            "model": _model_state(model),
+            "optimizer": optimizer.optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        }
+        output_dir = Path(args.output_dir)
+        with atomic_directory(output_dir / f"{CHECKPOINT_PREFIX}{epoch:03d}") as tmp:
+            if args.method == "medyate":
+                state["medyate"] = model.base_model.training_state_dict()
+                state["layer_ranking"] = model.peft_config[model.active_adapter].layer_ranking
+                model.save_pretrained(tmp, save_embedding_layers=False)  # no Hub config lookup
+                write_model_card(model, tmp, **card, metrics=_metrics(history), memory=history[-1]["memory"])
+            torch.save(state, tmp / STATE_FILE)  # inside the atomic folder
+        kept = sorted(output_dir.glob(f"{CHECKPOINT_PREFIX}*"))
+        for old in kept[: max(len(kept) - args.save_total_limit, 0)]:
+            shutil.rmtree(old)
+        atomic_write_json(history, output_dir / "log.json")
+    accelerator.wait_for_everyone()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    train(args)
+    return 0
