@@ -1,0 +1,414 @@
+"""Benchmark MeDyate/TraDy against full fine-tuning, classifier-only and LoRA on real data.
+
+    .venv/bin/python scripts/benchmark.py scripts/bench_configs/vision.yaml scripts/bench_configs/text.yaml \
+        --max-minutes 40
+
+Each config describes a suite's full grid (networks x datasets x methods x budgets x seeds) and the
+order in which to run it (`stages`). Every run trains in its own child process (peak RSS per run)
+and leaves a JSON record in results/runs/; a run whose record exists is skipped, so the command
+resumes where it stopped. `--max-minutes` stops launching runs after that long. At the end (and
+with --report-only) the records become results/benchmark_runs.json, results/BENCHMARK.md and the plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCRIPTS = Path(__file__).resolve().parent
+REPO = SCRIPTS.parent
+RESULTS = REPO / "results"
+RUNS = RESULTS / "runs"
+RANKINGS = RESULTS / "rankings"
+BUDGET_METHODS = ("static_random", "trady", "medyate", "det_rgn")
+METHOD_LABEL = {
+    "full": "full fine-tuning", "classifier": "classifier only", "lora": "LoRA (pointwise)",
+    "static_random": "static random", "trady": "TraDy", "medyate": "MeDyate", "det_rgn": "D-DetRGN oracle",
+}
+NOTES_START, NOTES_END = "<!-- notes: kept when the report is regenerated -->", "<!-- /notes -->"
+
+
+# -- the grid ----------------------------------------------------------------------------------------
+def load_config(path: Path) -> dict:
+    config = yaml.safe_load(path.read_text())
+    config["path"] = str(path.relative_to(REPO) if path.is_absolute() and path.is_relative_to(REPO) else path)
+    return config
+
+
+def grid(config: dict) -> list[dict]:
+    """Every run of a suite, as a spec for bench_common.run_one."""
+    specs = []
+    for cell in config["cells"]:
+        budgets = cell["budgets"]
+        for seed, method in itertools.product(cell["seeds"], config["methods"]):
+            per_budget = list(enumerate(budgets)) if method in BUDGET_METHODS else [(None, None)]
+            for index, budget in per_budget:
+                spec = {
+                    "suite": config["suite"], "network": cell["network"], "dataset": cell["dataset"],
+                    "method": method, "budget_slots": budget, "budget_index": index, "seed": seed,
+                    "recipe": config["recipe"], "config": config["path"],
+                }
+                if method == "lora":
+                    spec["lora_weight_slots"] = max(budgets)  # = the flat trainable vector at the largest budget
+                if method in ("trady", "medyate"):
+                    source = config["ranking_dataset"][cell["dataset"]]
+                    spec["ranking_dataset"] = source
+                    spec["ranking_path"] = str(RANKINGS / f"{cell['network']}__{source}.json")
+                spec["id"] = run_id(spec)
+                specs.append(spec)
+    return specs
+
+
+def run_id(spec: dict) -> str:
+    budget = "na" if spec["budget_slots"] is None else str(spec["budget_slots"])
+    return f"{spec['suite']}__{spec['network']}__{spec['dataset']}__{spec['method']}__b{budget}__s{spec['seed']}"
+
+
+def _matches(spec: dict, stage: dict) -> bool:
+    for key, wanted in stage.items():
+        allowed = wanted if isinstance(wanted, list) else [wanted]
+        if spec.get(key) not in allowed:
+            return False
+    return True
+
+
+def staged(config: dict) -> list[tuple[float, list[dict]]]:
+    """(priority, runs) per stage, the last one what no stage named; seeds first within a stage.
+
+    A stage's priority (default: its position) orders stages across suites; ties keep config order.
+    """
+    specs, out, seen = grid(config), [], set()
+    stages = config.get("stages", [])
+    for position, stage in enumerate([*stages, {}]):
+        match = {k: v for k, v in stage.items() if k != "priority"}
+        chosen = [s for s in specs if s["id"] not in seen and _matches(s, match)]
+        chosen.sort(key=lambda s: (s["seed"], list(METHOD_LABEL).index(s["method"]), s["budget_index"] or 0))
+        out.append((stage.get("priority", position) if stage else float("inf"), chosen))
+        seen.update(s["id"] for s in chosen)
+    return out
+
+
+def ordered(configs: list[dict]) -> list[dict]:
+    """All suites' stages by priority (stable: config order, then stage order); unnamed runs last."""
+    stages = [stage for config in configs for stage in staged(config)]
+    return [spec for _, specs in sorted(stages, key=lambda st: st[0]) for spec in specs]
+
+
+# -- running -------------------------------------------------------------------------------------------
+def _child(target: str, *args: Any) -> None:
+    sys.path.insert(0, str(SCRIPTS))
+    import bench_common
+
+    getattr(bench_common, target)(*args)
+
+
+def run_in_child(ctx: mp.context.BaseContext, target: str, args: tuple, timeout: float) -> int | None:
+    process = ctx.Process(target=_child, args=(target, *args))
+    process.start()
+    process.join(timeout)
+    if process.is_alive():
+        process.terminate()
+        process.join()
+        return None
+    return process.exitcode
+
+
+def execute(specs: list[dict], max_minutes: float | None, run_timeout: float) -> None:
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "peft", "transformers", "timm"])
+    start = time.monotonic()
+    todo = [s for s in specs if not (RUNS / f"{s['id']}.json").exists()]
+    print(f"{len(specs) - len(todo)} of {len(specs)} runs already recorded; {len(todo)} to go", flush=True)
+    for n, spec in enumerate(todo, 1):
+        elapsed = (time.monotonic() - start) / 60
+        if max_minutes is not None and elapsed >= max_minutes:
+            print(f"time limit reached after {elapsed:.1f} min: {len(todo) - n + 1} runs not started", flush=True)
+            return
+        path = spec.get("ranking_path")
+        if path and not Path(path).exists():
+            print(f"ranking {Path(path).name} ...", flush=True)
+            recipe = spec["recipe"]
+            code = run_in_child(ctx, "make_ranking", (spec["network"], spec["ranking_dataset"], recipe,
+                                                      recipe["ranking_steps"], Path(path)), run_timeout)
+            if code != 0:
+                print(f"  ranking failed (exit {code}); skipping {spec['id']}", flush=True)
+                continue
+        t = time.monotonic()
+        record = RUNS / f"{spec['id']}.json"
+        code = run_in_child(ctx, "run_one", (spec, str(record)), run_timeout)
+        status = "ok" if code == 0 and record.exists() else ("timeout" if code is None else f"failed ({code})")
+        top1 = json.loads(record.read_text())["top1"] if status == "ok" else None
+        print(f"[{n}/{len(todo)}] {spec['id']}: {status}" + (f", top-1 {top1:.4f}" if top1 is not None else "")
+              + f" in {time.monotonic() - t:.0f} s", flush=True)
+
+
+# -- report ----------------------------------------------------------------------------------------
+def load_records() -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
+
+
+def _group(records: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["suite"], r["network"], r["dataset"], r["method"], r["budget_slots"])].append(r)
+    return groups
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values)
+
+
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def _memory(r: dict) -> int:
+    """Training-step memory beside weights and optimizer: saved activations + weight gradients (batch 32)."""
+    return r["saved_activation_bytes"] + r["weight_grad_bytes"]
+
+
+def _kib(n: float) -> str:
+    return f"{n / 1024:,.0f}"
+
+
+def headline_tables(records: list[dict]) -> list[str]:
+    groups = _group(records)
+    cells = sorted({k[:3] for k in groups}, key=lambda k: (k[0] != "vision", k[1], k[2]))
+    lines = []
+    for suite, network, dataset in cells:
+        full = groups.get((suite, network, dataset, "full", None), [])
+        full_mem = _mean([_memory(r) for r in full]) if full else None
+        full_step = _mean([r["step_time_median_s"] for r in full]) if full else None
+        lines += [
+            f"### {network} on {dataset} ({suite})", "",
+            "| method | budget (slots) | top-1 % (mean ± sd, n) | analytical use (slots) | saved act. KiB | "
+            "weight-grad KiB | memory / full FT | step ms | step / full FT | peak RSS MiB | adapter KiB | "
+            "trainable |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        keys = sorted((k for k in groups if k[:3] == (suite, network, dataset)),
+                      key=lambda k: (list(METHOD_LABEL).index(k[3]), k[4] or 0))
+        for key in keys:
+            rs = groups[key]
+            top = [100 * r["top1"] for r in rs]
+            mem, step = _mean([_memory(r) for r in rs]), _mean([r["step_time_median_s"] for r in rs])
+            used = [r.get("analytical_used_slots") for r in rs]
+            used_txt = "-" if used[0] is None else f"{_mean(used):,.0f}"
+            extra = f" (r={rs[0]['lora_r']})" if key[3] == "lora" else ""
+            lines.append(
+                f"| {METHOD_LABEL[key[3]]}{extra} | {'-' if key[4] is None else f'{key[4]:,}'} | "
+                f"{_mean(top):.2f} ± {_sd(top):.2f} ({len(rs)}) | {used_txt} | "
+                f"{_kib(_mean([r['saved_activation_bytes'] for r in rs]))} | "
+                f"{_kib(_mean([r['weight_grad_bytes'] for r in rs]))} | "
+                f"{'-' if full_mem is None else f'{mem / full_mem:.3f}'} | {1000 * step:.0f} | "
+                f"{'-' if full_step is None else f'{step / full_step:.2f}'} | "
+                f"{_mean([r['peak_rss_bytes'] for r in rs]) / 2**20:,.0f} | "
+                f"{_kib(_mean([r['adapter_bytes'] for r in rs]))} | {rs[0]['trainable_params']:,} |"
+            )
+        lines.append("")
+    return lines
+
+
+def ordering_analysis(records: list[dict]) -> list[str]:
+    """MeDyate >= TraDy >= static random at equal budget: per cell and budget, with per-seed differences."""
+    groups = _group(records)
+    lines = [
+        "| network / dataset | budget | MeDyate | TraDy | static random | Δ MeDyate−TraDy (per seed) | "
+        "Δ TraDy−static (per seed) | eval SE | ordering holds |",
+        "|---|---:|---:|---:|---:|---|---|---:|---|",
+    ]
+    holds = total = 0
+    for key in sorted(k for k in groups if k[3] == "medyate"):
+        suite, network, dataset, _, budget = key
+        trio = [groups.get((suite, network, dataset, m, budget), []) for m in ("medyate", "trady", "static_random")]
+        by_seed = [{r["seed"]: 100 * r["top1"] for r in rs} for rs in trio]
+        if not trio[0] or not trio[1]:
+            continue
+        means = [_mean(list(s.values())) if s else float("nan") for s in by_seed]
+        seeds = sorted(set(by_seed[0]) & set(by_seed[1]))
+        d_mt = [by_seed[0][s] - by_seed[1][s] for s in seeds]
+        seeds_ts = sorted(set(by_seed[1]) & set(by_seed[2]))
+        d_ts = [by_seed[1][s] - by_seed[2][s] for s in seeds_ts]
+        p, n = means[0] / 100, trio[0][0]["eval_size"]
+        se = 100 * (p * (1 - p) / n) ** 0.5
+        ok = means[0] >= means[1] and (not by_seed[2] or means[1] >= means[2])
+        holds += ok
+        total += 1
+        fmt = lambda ds: ", ".join(f"{d:+.2f}" for d in ds) or "-"  # noqa: E731
+        lines.append(
+            f"| {network} / {dataset} | {budget:,} | {means[0]:.2f} | {means[1]:.2f} | "
+            f"{'-' if not by_seed[2] else f'{means[2]:.2f}'} | {fmt(d_mt)} | {fmt(d_ts)} | {se:.2f} | "
+            f"{'yes' if ok else 'no'} |"
+        )
+    lines += ["", f"The full ordering holds (on seed means) in {holds} of {total} network/dataset/budget cells.", ""]
+    return lines
+
+
+def not_run(configs: list[dict], records: list[dict]) -> list[str]:
+    done = {r["id"] for r in records}
+    lines = []
+    for config in configs:
+        specs = grid(config)
+        missing = [s for s in specs if s["id"] not in done]
+        lines.append(f"- `{config['path']}`: {len(specs) - len(missing)} of {len(specs)} runs recorded.")
+        by_cell: dict[tuple, list[str]] = defaultdict(list)
+        for s in missing:
+            budget = "" if s["budget_slots"] is None else f"@{s['budget_slots']}"
+            by_cell[(s["network"], s["dataset"])].append(f"{s['method']}{budget}/s{s['seed']}")
+        cell_sizes = defaultdict(int)
+        for s in specs:
+            cell_sizes[(s["network"], s["dataset"])] += 1
+        for (network, dataset), items in by_cell.items():
+            listed = "all of them" if len(items) == cell_sizes[(network, dataset)] else ", ".join(items)
+            lines.append(f"  - not run, {network} / {dataset} ({len(items)}): {listed}")
+    return lines
+
+
+def plots(records: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _group(records)
+    cells = sorted({k[:3] for k in groups})
+    colours = dict(zip(METHOD_LABEL, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    cols = min(3, len(cells))
+    rows = -(-len(cells) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+    for ax, cell in zip(axes.flat, cells, strict=False):
+        for method in METHOD_LABEL:
+            keys = sorted((k for k in groups if k[:3] == cell and k[3] == method), key=lambda k: k[4] or 0)
+            if not keys:
+                continue
+            vals = [[100 * r["top1"] for r in groups[k]] for k in keys]
+            if keys[0][4] is None:
+                ax.axhline(_mean(vals[0]), color=colours[method], ls="--", lw=1, label=METHOD_LABEL[method])
+                continue
+            x = [k[4] for k in keys]
+            means = [_mean(v) for v in vals]
+            err = [[m - min(v) for m, v in zip(means, vals, strict=True)],
+                   [max(v) - m for m, v in zip(means, vals, strict=True)]]
+            ax.errorbar(x, means, yerr=err, marker="o", capsize=3, color=colours[method], label=METHOD_LABEL[method])
+        ax.set_xscale("log")
+        ax.set_title(f"{cell[1]} / {cell[2]}", fontsize=10)
+        ax.set_xlabel("budget (slots, per sample)")
+        ax.set_ylabel("top-1 % (bars: seed min-max)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(cells):]:
+        ax.axis("off")
+    _legend(fig, axes)
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
+    fig.savefig(RESULTS / "accuracy_vs_budget.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+    for ax, cell in zip(axes.flat, cells, strict=False):
+        for method in METHOD_LABEL:
+            rs = [r for k in groups if k[:3] == cell and k[3] == method for r in groups[k]]
+            if rs:
+                ax.scatter([_memory(r) / 2**20 for r in rs], [100 * r["top1"] for r in rs], s=18,
+                           color=colours[method], label=METHOD_LABEL[method])
+        ax.set_xscale("log")
+        ax.set_title(f"{cell[1]} / {cell[2]}", fontsize=10)
+        ax.set_xlabel("saved act. + weight grads, MiB (batch 32)")
+        ax.set_ylabel("top-1 %")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(cells):]:
+        ax.axis("off")
+    _legend(fig, axes)
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
+    fig.savefig(RESULTS / "memory_vs_accuracy.png", dpi=110)
+    plt.close(fig)
+
+
+def _legend(fig: Any, axes: Any) -> None:
+    """One legend for the figure, with every method that appears in any facet."""
+    entries: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    fig.legend(entries.values(), entries.keys(), loc="center right", fontsize=8)
+
+
+def _notes(path: Path) -> str:
+    if path.exists():
+        text = path.read_text()
+        if NOTES_START in text and NOTES_END in text:
+            return text[text.index(NOTES_START) : text.index(NOTES_END) + len(NOTES_END)]
+    return f"{NOTES_START}\n(no notes yet)\n{NOTES_END}"
+
+
+def recipe_lines(configs: list[dict]) -> list[str]:
+    lines = []
+    for config in configs:
+        r = config["recipe"]
+        lines.append(f"- **{config['suite']}** (`{config['path']}`): " + ", ".join(f"{k}={v}" for k, v in r.items()))
+    return lines
+
+
+def report(configs: list[dict], command: str) -> None:
+    records = load_records()
+    from bench_common import write_json_atomic
+
+    write_json_atomic(records, RESULTS / "benchmark_runs.json")
+    if records:
+        plots(records)
+    compute = sum(r["wall_seconds"] for r in records) / 60
+    md = RESULTS / "BENCHMARK.md"
+    text = [
+        "# Benchmark: MeDyate / TraDy vs full fine-tuning, classifier-only and LoRA", "",
+        "Command (resumes: runs whose record exists in `results/runs/` are skipped):", "",
+        "```", command, "```", "",
+        f"{len(records)} runs recorded, {compute:.1f} min of run wall-clock in total (2-core CPU, shared with "
+        "other jobs: step times are noisy; each record has the load average at its start and end).", "",
+        "## Recipe (the same for every method of a suite)", "", *recipe_lines(configs), "",
+        _notes(md), "",
+        "## Results", "",
+        "Memory columns are measured on one training step of batch 32 (`saved act.`: bytes autograd saved, "
+        "parameters excluded; `weight-grad`: bytes of the `.grad` tensors, the head included; for MeDyate "
+        "strategies the flat gradient vector as allocated). `memory / full FT` = (saved act. + weight-grad) "
+        "over the same for full fine-tuning. `analytical use` = the papers' slot count per sample (full FT: "
+        "every candidate layer). Peak RSS is `ru_maxrss` of the run's own process (includes the cached "
+        "dataset tensors and the libraries, the same for every method).", "",
+        *headline_tables(records),
+        "## Ordering at equal budget: MeDyate ≥ TraDy ≥ static random?", "",
+        *ordering_analysis(records),
+        "Plots: `results/accuracy_vs_budget.png`, `results/memory_vs_accuracy.png`.", "",
+        "## What was run and what was not", "",
+        *not_run(configs, records), "",
+        "GPU run at the papers' full recipe (`scripts/bench_configs/vision_full_recipe.yaml`): not run: no GPU lent.",
+        "",
+    ]
+    md.write_text("\n".join(text))
+    print(f"wrote {md} ({len(records)} runs)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs", nargs="+", type=Path, help="suite configs (scripts/bench_configs/*.yaml)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop launching runs after this long")
+    parser.add_argument("--run-timeout", type=float, default=1800, help="seconds before one run is killed")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the report from the records")
+    args = parser.parse_args()
+    sys.path.insert(0, str(SCRIPTS))
+    configs = [load_config(p.resolve()) for p in args.configs]
+    command = " ".join(["python scripts/benchmark.py", *(c["path"] for c in configs),
+                        *([f"--max-minutes {args.max_minutes:g}"] if args.max_minutes else [])])
+    if not args.report_only:
+        execute(ordered(configs), args.max_minutes, args.run_timeout)
+    report(configs, command)
+
+
+if __name__ == "__main__":
+    main()
