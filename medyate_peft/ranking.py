@@ -13,7 +13,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write_json
 from .budget import LayerCost, activation_slots_of_input, layer_cost
 
 RANKING_FORMAT = "medyate-layer-ranking"
@@ -228,18 +228,11 @@ def rank_layers(
 
 # -- files -----------------------------------------------------------------------------------------
 def save_ranking(ranking: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write a validated ranking as JSON atomically (temp file in the same folder, then os.replace)."""
+    """Write a validated ranking as JSON atomically: a kill mid-write leaves the previous file."""
     ranking = load_ranking(ranking)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(ranking, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(ranking, path, indent=1, sort_keys=True)
     return path
 
 

@@ -26,7 +26,7 @@ def _layers_by_key_name(model: nn.Module) -> dict[str, MeDyateLayer]:
     return layers
 
 
-def _check_entry(name: str, layer: MeDyateLayer, index: torch.Tensor, delta: torch.Tensor) -> None:
+def check_entry(name: str, layer: MeDyateLayer, index: torch.Tensor, delta: torch.Tensor) -> None:
     hint = "the adapter was made for a different base model"
     if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name}: channel indices must be a 1-D integer tensor, got {index.dtype} {tuple(index.shape)}")
@@ -67,7 +67,7 @@ def install_deltas(model: nn.Module, adapter_name: str, state_dict: dict[str, to
         if set(entry) != {INDEX_KEY, DELTA_KEY}:
             missing = {INDEX_KEY, DELTA_KEY} - set(entry)
             raise ValueError(f"{name}: the adapter file lacks {sorted(missing)}; it is truncated or corrupt")
-        _check_entry(name.removeprefix(PEFT_PREFIX), layers[name], entry[INDEX_KEY], entry[DELTA_KEY])
+        check_entry(name.removeprefix(PEFT_PREFIX), layers[name], entry[INDEX_KEY], entry[DELTA_KEY])
     for name, entry in entries.items():
         layer = layers[name]
         if adapter_name not in layer.medyate_delta:

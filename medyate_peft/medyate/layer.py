@@ -211,17 +211,21 @@ def _tf_same_pad(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return F.pad(x, pads)
 
 
-class Conv2d(nn.Module, MeDyateLayer):
-    """MeDyate on nn.Conv2d: normal, pointwise, depthwise and grouped; any stride/padding/dilation/mode."""
+class _WrappedLayer(nn.Module, MeDyateLayer):
+    """nn.Module plumbing shared by the concrete layers (nn.Module first, as in PEFT's tuners)."""
 
-    def __init__(self, base_layer: nn.Conv2d, adapter_name: str, lean_backward: bool = True, **kwargs: Any):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, lean_backward: bool = True, **kwargs: Any):
         super().__init__()
         MeDyateLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, lean_backward)
 
-    forward = MeDyateLayer.forward
+    forward = MeDyateLayer.forward  # nn.Module's placeholder forward would shadow the mixin's
     __repr__ = MeDyateLayer.__repr__
+
+
+class Conv2d(_WrappedLayer):
+    """MeDyate on nn.Conv2d: normal, pointwise, depthwise and grouped; any stride/padding/dilation/mode."""
 
     def _padding(self) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, tuple[int, int]]:
         """(explicit pad function, conv padding): modes the conv kernels lack get an explicit pad."""
@@ -263,17 +267,8 @@ class Conv2d(nn.Module, MeDyateLayer):
         return ChannelSparseConv2d.apply(x, values, bias, self.effective_weight, self._spec(), sel)
 
 
-class Linear(nn.Module, MeDyateLayer):
+class Linear(_WrappedLayer):
     """MeDyate on nn.Linear; inputs (N, C) or (N, ..., C) with tokens on the middle dims."""
-
-    def __init__(self, base_layer: nn.Linear, adapter_name: str, lean_backward: bool = True, **kwargs: Any):
-        super().__init__()
-        MeDyateLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, lean_backward)
-
-    forward = MeDyateLayer.forward
-    __repr__ = MeDyateLayer.__repr__
 
     def _dense(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.get_base_layer().bias)

@@ -539,10 +539,10 @@ class MeDyateModel(BaseTuner):
                 f"checkpoint was trained with strategy {state['strategy']!r}, this adapter uses {strategy!r}; "
                 "resume with the MeDyateConfig of the interrupted run"
             )
-        from ..serialization import _check_entry
+        from ..serialization import check_entry
 
         for name, entry in state["layers"].items():  # all checked before anything changes
-            _check_entry(name, layers[name], entry["index"], entry["delta"])
+            check_entry(name, layers[name], entry["index"], entry["delta"])
         unknown = sorted({c["name"] for c in state["pool"] or ()} - set(layers))
         if unknown:
             raise ValueError(f"checkpoint's channel pool has layers this model lacks: {unknown[:5]}")
