@@ -55,6 +55,7 @@ class MemoryReport:
     measured_weight_grad_bytes_used: int | None = None  # slots of the flat vector that selected channels use
     measured_weight_grad_bytes_allocated: int | None = None  # the flat vector's .grad (fixed, <= budget)
     measured_head_grad_bytes: int | None = None  # modules_to_save (classifier), trained in full
+    optimizer_state_bytes: int | None = None  # momentum / Adam moments of the trainable tensors (SGD: 0)
     saved_bytes_by_module: dict[str, int] = field(default_factory=dict)
     lean_backward: bool | None = None  # the config's option, under which the fields above were measured
     # {"off"/"on": {"selected_saved_bytes": ..., "frozen_path_saved_bytes": ...}}, whole batch
@@ -104,6 +105,8 @@ class MemoryReport:
                 f"  beside the budget: frozen-path activations {self.measured_frozen_path_saved_bytes / per:.1f} "
                 f"kB/sample, head gradients {self.measured_head_grad_bytes / 1024:.1f} kB",
             ]
+            if self.optimizer_state_bytes is not None:
+                lines.append(f"  optimizer state (momentum, moments): {self.optimizer_state_bytes / 1024:.1f} kB")
             if self.lean_comparison is not None:
                 lines.append("  saved activations kB/sample    selected channels    frozen path")
                 for state, label in (("off", "without lean backward"), ("on", "with lean backward")):
@@ -209,10 +212,28 @@ def _split_saved(by_module: dict[str, int], selected: set[str]) -> dict[str, int
     return {"selected_saved_bytes": inside, "frozen_path_saved_bytes": sum(by_module.values()) - inside}
 
 
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> int:
+    """Bytes of the optimizer's per-parameter tensors (momentum buffers, Adam moments) for `params`."""
+    return sum(
+        value.nbytes
+        for p in params
+        for value in optimizer.state.get(p, {}).values()
+        if isinstance(value, torch.Tensor) and value.dim() > 0
+    )
+
+
 def memory_report(
-    tuner: MeDyateModel, adapter: str, args: tuple, kwargs: dict, compare_lean: bool = False
+    tuner: MeDyateModel,
+    adapter: str,
+    args: tuple,
+    kwargs: dict,
+    compare_lean: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> MemoryReport:
-    """The report; with `compare_lean`, one measured step with the lean backward off and one with it on."""
+    """The report; with `compare_lean`, one measured step with the lean backward off and one with it on.
+
+    With `optimizer`, the bytes its state holds for the trainable tensors are counted too.
+    """
     config = tuner.peft_config[adapter]
     plan = tuner.plans[adapter]
     if plan.pool is None:
@@ -229,6 +250,9 @@ def memory_report(
         rows.append(LayerRow(name, len(idx), cost.in_channels, len(idx) * cost.weight_slots,
                              len(idx) * cost.activation_slots))
     report = MemoryReport(adapter, config.strategy, plan.budget, config.bytes_per_slot, rows)
+    if optimizer is not None:
+        trainable = [p for p in tuner.parameters() if p.requires_grad]
+        report.optimizer_state_bytes = optimizer_state_bytes(optimizer, trainable)
     if not args and not kwargs:
         return report
     selected = {row.name for row in rows}

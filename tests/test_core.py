@@ -342,3 +342,19 @@ def test_shapes_learned_from_first_training_batch_without_input_size():
     train_steps(model, steps=1)
     assert model.base_model.is_planned("default")
     assert model.memory_report().used_slots <= model.memory_report().budget_slots
+
+
+def test_memory_report_counts_optimizer_state():
+    model, _ = make(budget_kb=4.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    x, _ = batch()
+    sgd = torch.optim.SGD(params, lr=0.1)
+    train_steps(model, steps=1)
+    assert model.memory_report(x, optimizer=sgd).optimizer_state_bytes == 0  # the papers' recipe: no state
+    adam = torch.optim.Adam(params, lr=1e-3)
+    model.train()
+    F.cross_entropy(model(x), torch.zeros(len(x), dtype=torch.long)).backward()
+    adam.step()
+    report = model.memory_report(x, optimizer=adam)
+    assert report.optimizer_state_bytes == 2 * 4 * sum(p.numel() for p in params)  # exp_avg + exp_avg_sq
+    assert "optimizer state" in str(report)

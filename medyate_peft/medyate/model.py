@@ -641,14 +641,21 @@ class MeDyateModel(BaseTuner):
 
     # -- reporting ------------------------------------------------------------------------------
     def memory_report(
-        self, *args: Any, adapter_name: str | None = None, compare_lean: bool = True, **kwargs: Any
+        self,
+        *args: Any,
+        adapter_name: str | None = None,
+        compare_lean: bool = True,
+        optimizer: torch.optim.Optimizer | None = None,
+        **kwargs: Any,
     ):
         """Analytical budget use per layer, and (given a sample batch, or with input_size) the measured bytes.
 
         `compare_lean` measures the step with the lean backward off and on (the "off" step holds as much
-        as plain autograd; pass False to skip it).
+        as plain autograd; pass False to skip it). `optimizer` adds the bytes of its state (momentum,
+        Adam moments), which the papers avoid with plain SGD.
         """
         from ..measure import memory_report
 
-        return memory_report(self, adapter_name or self.active_adapters[0], args, kwargs, compare_lean=compare_lean)
+        adapter_name = adapter_name or self.active_adapters[0]
+        return memory_report(self, adapter_name, args, kwargs, compare_lean=compare_lean, optimizer=optimizer)
 
