@@ -31,6 +31,7 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
 import medyate_peft  # noqa: E402, F401  (registers the MEDYATE peft type)
+from medyate_peft.atomic import atomic_write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("MEDYATE_DATA_DIR", REPO.parent / "shared" / "assets" / "data"))
@@ -38,19 +39,6 @@ CACHE_DIR = Path(os.environ.get("MEDYATE_BENCH_CACHE", Path.home() / ".cache" / 
 MEDYATE_METHODS = ("static_random", "trady", "medyate", "det_rgn", "full_random", "topk_random", "prob_raw")
 BASELINES = ("full", "classifier", "lora")
 TEXT_MAX_LENGTH = 64
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    """Temp file in the same folder, then os.replace: a reader never sees half a record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -482,7 +470,7 @@ def run_one(spec: dict, record_path: str) -> None:
         **setup.info,
         **measured,
     }
-    write_json_atomic(record, Path(record_path))
+    atomic_write_json(record, Path(record_path), sort_keys=True, indent=1)
 
 
 def make_ranking(network: str, dataset: str, recipe: dict, steps: int, path: Path) -> None:

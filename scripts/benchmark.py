@@ -359,9 +359,9 @@ def recipe_lines(configs: list[dict]) -> list[str]:
 
 def report(configs: list[dict], command: str) -> None:
     records = load_records()
-    from bench_common import write_json_atomic
+    from medyate_peft.atomic import atomic_write_json
 
-    write_json_atomic(records, RESULTS / "benchmark_runs.json")
+    atomic_write_json(records, RESULTS / "benchmark_runs.json", sort_keys=True, indent=1)
     if records:
         plots(records)
     compute = sum(r["wall_seconds"] for r in records) / 60
