@@ -12,7 +12,7 @@ the report shows what the option saves on the frozen path (and that the selected
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -174,36 +174,53 @@ def _batch_size(args: tuple, kwargs: dict) -> int:
     raise ValueError("memory_report needs a batch of tensors to measure a training step")
 
 
-def measure_step(tuner: MeDyateModel, adapter: str, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """Run one forward+backward in train mode and restore every state it touched (grads, norms, RNG)."""
-    plan = tuner.plans[adapter]
-    trainable = [p for p in tuner.parameters() if p.requires_grad]
-    old_grads = [p.grad for p in trainable]
-    tracker_state = plan.tracker.state_dict()
+def measure_training_step(
+    loss_fn: Callable[[], torch.Tensor], model: nn.Module, owner: nn.Module | None = None
+) -> tuple[dict[str, int], dict[str, int]]:
+    """One forward+backward of `loss_fn`: (saved bytes by module of `model`, .grad bytes by parameter of `owner`).
+
+    Works for any model (full fine-tuning, LoRA, MeDyate). Gradients, buffers (BatchNorm statistics)
+    and the RNG are restored afterwards, so measuring never changes training.
+    """
+    owner = model if owner is None else owner
+    trainable = [(name, p) for name, p in owner.named_parameters() if p.requires_grad]
+    old_grads = [p.grad for _, p in trainable]
+    buffers = [(b, b.clone()) for b in owner.buffers()]
     rng = torch.get_rng_state()
+    try:
+        for _, p in trainable:
+            p.grad = None
+        with record_saved_tensors(model, owner=owner) as by_module:
+            loss = loss_fn()
+        loss.backward()
+        return dict(by_module), {name: p.grad.nbytes for name, p in trainable if p.grad is not None}
+    finally:
+        for (_, p), grad in zip(trainable, old_grads, strict=True):
+            p.grad = grad
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        torch.set_rng_state(rng)
+
+
+def measure_step(tuner: MeDyateModel, adapter: str, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """One measured training step of the adapter, in train mode; its channel norms are restored too."""
+    plan = tuner.plans[adapter]
+    tracker_state = plan.tracker.state_dict()
     was_training = tuner.training
     try:
-        for p in trainable:
-            p.grad = None
         tuner.train()
-        with record_saved_tensors(tuner.model, owner=tuner) as by_module:
-            output = tuner(*args, **kwargs)
-        _scalar_loss(output).backward()
-        values = tuner.medyate_values[adapter]
-        head_bytes = sum(
-            p.grad.nbytes for n, p in tuner.named_parameters() if p.grad is not None and ".modules_to_save." in n
+        by_module, grads = measure_training_step(
+            lambda: _scalar_loss(tuner(*args, **kwargs)), tuner.model, owner=tuner
         )
-        return {
-            "by_module": dict(by_module),
-            "values_grad_bytes": 0 if values.grad is None else values.grad.nbytes,
-            "head_grad_bytes": head_bytes,
-        }
     finally:
-        for p, grad in zip(trainable, old_grads, strict=True):
-            p.grad = grad
         plan.tracker.load_state_dict(tracker_state)
-        torch.set_rng_state(rng)
         tuner.train(was_training)
+    return {
+        "by_module": by_module,
+        "values_grad_bytes": grads.get(f"medyate_values.{adapter}", 0),
+        "head_grad_bytes": sum(v for name, v in grads.items() if ".modules_to_save." in name),
+    }
 
 
 def _split_saved(by_module: dict[str, int], selected: set[str]) -> dict[str, int]:

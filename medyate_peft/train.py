@@ -153,7 +153,7 @@ def measure_memory(model: nn.Module, batch: dict[str, torch.Tensor], modality: s
 
     MeDyate models also report the papers' counted budget and the part of the selected channels.
     """
-    from .measure import record_saved_tensors
+    from .measure import measure_training_step
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     batch_size = len(batch["labels"])
@@ -170,26 +170,13 @@ def measure_memory(model: nn.Module, batch: dict[str, torch.Tensor], modality: s
             "activation_kb_per_sample": saved / batch_size / 1024,
             "grad_kb": (report.measured_weight_grad_bytes_allocated + report.measured_head_grad_bytes) / 1024,
         }
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad for p in trainable]
-    buffers = {name: b.clone() for name, b in model.named_buffers()}  # BatchNorm statistics
-    rng = torch.get_rng_state()
-    try:
-        for p in trainable:
-            p.grad = None
-        with record_saved_tensors(model) as by_module:
-            logits = _logits(model, batch, modality)
-        logits.float().sum().backward()  # the scalar memory_report back-propagates too
-        return {
-            "batch_size": batch_size,
-            "activation_kb_per_sample": sum(by_module.values()) / batch_size / 1024,
-            "grad_kb": sum(p.grad.nbytes for p in trainable if p.grad is not None) / 1024,
-        }
-    finally:
-        for p, grad in zip(trainable, grads, strict=True):
-            p.grad = grad
-        model.load_state_dict(buffers, strict=False)
-        torch.set_rng_state(rng)
+    # the scalar memory_report back-propagates too
+    by_module, grads = measure_training_step(lambda: _logits(model, batch, modality).float().sum(), model)
+    return {
+        "batch_size": batch_size,
+        "activation_kb_per_sample": sum(by_module.values()) / batch_size / 1024,
+        "grad_kb": sum(grads.values()) / 1024,
+    }
 
 
 # -- checkpoints ----------------------------------------------------------------------------------

@@ -335,19 +335,16 @@ def measure_step(setup: Setup, spec: dict, batch: Any) -> dict:
             "selected_layers": len(report.layers),
             "pool_layers": len(model.base_model.plans[model.active_adapter].pool.costs),
         }
-    from medyate_peft.measure import record_saved_tensors
+    from medyate_peft.measure import measure_training_step
 
     setup.train_mode()
-    for p in setup.params:
-        p.grad = None
-    with record_saved_tensors(model) as by_module:
-        loss = loss_of(model, batch)
-    loss.backward()
-    grads = sum(p.grad.nbytes for p in setup.params if p.grad is not None)
-    head = sum(p.grad.nbytes for n, p in model.named_parameters() if p.grad is not None and "classifier" in n)
-    for p in setup.params:
-        p.grad = None
-    out = {"saved_activation_bytes": sum(by_module.values()), "weight_grad_bytes": grads, "head_grad_bytes": head}
+    by_module, grads = measure_training_step(lambda: loss_of(model, batch), model)
+    head = sum(v for name, v in grads.items() if "classifier" in name)
+    out = {
+        "saved_activation_bytes": sum(by_module.values()),
+        "weight_grad_bytes": sum(grads.values()),
+        "head_grad_bytes": head,
+    }
     if spec["method"] == "full":
         out["analytical_used_slots"] = sum(c.layer_slots for c in candidate_costs(model, batch))
     elif spec["method"] == "classifier":
