@@ -300,17 +300,8 @@ def plots(records: list[dict]) -> None:
             err = [[m - min(v) for m, v in zip(means, vals, strict=True)],
                    [max(v) - m for m, v in zip(means, vals, strict=True)]]
             ax.errorbar(x, means, yerr=err, marker="o", capsize=3, color=colours[method], label=METHOD_LABEL[method])
-        ax.set_xscale("log")
-        ax.set_title(f"{cell[1]} / {cell[2]}", fontsize=10)
-        ax.set_xlabel("budget (slots, per sample)")
-        ax.set_ylabel("top-1 % (bars: seed min-max)")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(cells):]:
-        ax.axis("off")
-    _legend(fig, axes)
-    fig.tight_layout(rect=(0, 0, 0.85, 1))
-    fig.savefig(RESULTS / "accuracy_vs_budget.png", dpi=110)
-    plt.close(fig)
+        _style_axis(ax, cell, "budget (slots, per sample)", "top-1 % (bars: seed min-max)")
+    _save_figure(fig, axes, len(cells), "accuracy_vs_budget.png")
 
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
     for ax, cell in zip(axes.flat, cells, strict=False):
@@ -319,16 +310,27 @@ def plots(records: list[dict]) -> None:
             if rs:
                 ax.scatter([_memory(r) / 2**20 for r in rs], [100 * r["top1"] for r in rs], s=18,
                            color=colours[method], label=METHOD_LABEL[method])
-        ax.set_xscale("log")
-        ax.set_title(f"{cell[1]} / {cell[2]}", fontsize=10)
-        ax.set_xlabel("saved act. + weight grads, MiB (batch 32)")
-        ax.set_ylabel("top-1 %")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(cells):]:
+        _style_axis(ax, cell, "saved act. + weight grads, MiB (batch 32)", "top-1 %")
+    _save_figure(fig, axes, len(cells), "memory_vs_accuracy.png")
+
+
+def _style_axis(ax: Any, cell: tuple, xlabel: str, ylabel: str) -> None:
+    ax.set_xscale("log")
+    ax.set_title(f"{cell[1]} / {cell[2]}", fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def _save_figure(fig: Any, axes: Any, used: int, name: str) -> None:
+    """Hide the unused panels, add the shared legend, write results/<name>."""
+    import matplotlib.pyplot as plt
+
+    for ax in list(axes.flat)[used:]:
         ax.axis("off")
     _legend(fig, axes)
     fig.tight_layout(rect=(0, 0, 0.85, 1))
-    fig.savefig(RESULTS / "memory_vs_accuracy.png", dpi=110)
+    fig.savefig(RESULTS / name, dpi=110)
     plt.close(fig)
 
 
