@@ -8,6 +8,10 @@ transformers Trainer::
 
     trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[MeDyateCallback()])
 
+Every Trainer checkpoint then also holds `medyate_training_state.pt` (selection, measured channel
+norms, sampler RNG, live values), and `trainer.train(resume_from_checkpoint=...)` continues exactly
+where the interrupted run was.
+
 Plain PyTorch loop (a PeftModel forwards `resample` to its MeDyate tuner)::
 
     for epoch in range(epochs):
@@ -35,19 +39,25 @@ the channel vector unused, which plain DDP rejects: pass a ranking (`rank_layers
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .atomic import atomic_save
 from .medyate.model import MeDyateModel
 from .ranking import output_loss
 from .strategies import get_strategy
 
 ModelLoss = Callable[[nn.Module], torch.Tensor]
+TRAINING_STATE_NAME = "medyate_training_state.pt"
 
 
 def find_tuner(model: nn.Module) -> MeDyateModel:
@@ -70,14 +80,41 @@ def _batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 
 
 class MeDyateCallback(TrainerCallback):
-    """Calls `resample(optimizer)` at the end of every Trainer epoch.
+    """Calls `resample(optimizer)` at the end of every Trainer epoch, and checkpoints the sampler.
 
     For the dynamic oracles, `full_gradient(model) -> loss` gives the extra dense step; by default
     the loss of one batch of the Trainer's train dataloader (`model(**batch).loss`).
+    A resumed run reads the sampler state from `<output_dir>/checkpoint-<step>`, the folder that
+    `resume_from_checkpoint=True` picks; resuming from a folder elsewhere, name it in `resume_from`.
     """
 
-    def __init__(self, full_gradient: ModelLoss | None = None) -> None:
+    def __init__(self, full_gradient: ModelLoss | None = None, resume_from: str | os.PathLike | None = None) -> None:
         self.full_gradient = full_gradient
+        self.resume_from = resume_from
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        """Beside the Trainer's adapter files, which hold folded deltas only: what exact resumption needs."""
+        if state.is_world_process_zero:  # every rank holds the same sampler state
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            atomic_save(find_tuner(model).training_state_dict(), folder / TRAINING_STATE_NAME)
+        return control
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """When the Trainer resumes (global_step > 0), restore the sampler saved with that checkpoint."""
+        if state.global_step == 0:
+            return control
+        folder = Path(self.resume_from or Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        path = folder / TRAINING_STATE_NAME
+        if not path.is_file():
+            warnings.warn(
+                f"MeDyateCallback: resuming at step {state.global_step} but {path} does not exist, so the channel "
+                "sampler starts afresh (weights are restored by the Trainer, selection and measured norms are not). "
+                "If the checkpoint is elsewhere, pass MeDyateCallback(resume_from=<checkpoint folder>).",
+                stacklevel=2,
+            )
+            return control
+        find_tuner(model).load_training_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return control
 
     def on_epoch_end(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         tuner = find_tuner(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,6 +201,47 @@ def test_trainer_callback_resamples_at_every_epoch(strategy, ranking, tmp_path):
         assert snapshot(model) != first
     else:  # planned after the first (dense) batch, then a fresh full gradient at each epoch end
         assert not first and norms[0] is not None and not torch.equal(norms[0], norms[-1])
+
+
+def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path):
+    """An interrupted Trainer run resumed mid-epoch ends with the same weights, deltas and channels."""
+    from transformers import Trainer, TrainingArguments
+
+    from medyate_peft.callbacks import TRAINING_STATE_NAME
+
+    x, y = batches(1, size=24)[0]
+    dataset = [{"x": x[i], "labels": y[i]} for i in range(24)]
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        config = MeDyateConfig(budget_kb=BUDGET_KB, input_size=INPUT, strategy="medyate", ranking_batches=1,
+                               modules_to_save=["net.classifier"])
+        return get_peft_model(Wrapped(), config)
+
+    def trainer(model: nn.Module, out: Path, callback: MeDyateCallback | None = None) -> Trainer:
+        args = TrainingArguments(
+            output_dir=str(out), num_train_epochs=3, per_device_train_batch_size=4, learning_rate=0.5, optim="sgd",
+            lr_scheduler_type="constant", report_to=[], save_strategy="steps", save_steps=8, logging_strategy="no",
+            use_cpu=True, disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, seed=0,
+        )
+        return Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback or MeDyateCallback()])
+
+    whole = make()
+    trainer(whole, tmp_path / "whole").train()  # 6 steps an epoch: checkpoint-8 is mid-epoch 2, after a resample
+    expected = {k: v.detach().clone() for k, v in whole.state_dict().items()}
+    checkpoint = tmp_path / "whole" / "checkpoint-8"
+    assert (checkpoint / TRAINING_STATE_NAME).is_file()
+
+    for out, callback in [(tmp_path / "whole", None), (tmp_path / "moved", MeDyateCallback(resume_from=checkpoint))]:
+        resumed = make()
+        trainer(resumed, out, callback).train(resume_from_checkpoint=str(checkpoint))
+        got = resumed.state_dict()
+        assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+        assert snapshot(resumed) == snapshot(whole) and resumed.base_model.plans["default"].epoch == 3
+
+    (checkpoint / TRAINING_STATE_NAME).unlink()  # a checkpoint without it: said, not silent
+    with pytest.warns(UserWarning, match="sampler starts afresh"):
+        trainer(make(), tmp_path / "whole").train(resume_from_checkpoint=str(checkpoint))
 
 
 MCU_BUDGETS = [15_936, 64_832, 112_640]
