@@ -1,6 +1,7 @@
-"""The `medyate` command: plan a budget, inspect a saved adapter, train.
+"""The `medyate` command: plan a budget, rank layers, inspect a saved adapter, train.
 
     medyate plan --model mcunet-5fps --budget-kb 64          # per-layer costs and the channels drawn
+    medyate rank --model mcunet-5fps --dataset caltech101 --output ranking.json   # LaRa / RGN, once
     medyate inspect runs/cifar10/adapter                       # what a saved adapter holds
     medyate train --model mcunet-5fps --dataset cifar10 ...    # = scripts/train.py
     accelerate launch --num_processes 2 -m medyate_peft.cli train ...
@@ -15,7 +16,7 @@ import argparse
 import sys
 from typing import Any
 
-from .train import add_train_arguments
+from .train import add_model_and_data_arguments, add_train_arguments
 
 PLAN_STRATEGY = "full_random"  # the default strategy that needs no layer ranking
 
@@ -33,6 +34,21 @@ def _add_plan(sub: Any) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--measure", action="store_true", help="also measure one training step on a zero batch")
     parser.set_defaults(func=plan_command)
+
+
+def _add_rank(sub: Any) -> None:
+    parser = sub.add_parser(
+        "rank", help="LaRa / RGN layer ranking from a short dense fine-tuning, for --layer-ranking (medyate, trady)"
+    )
+    add_model_and_data_arguments(parser)
+    parser.add_argument("--output", required=True, help="JSON file to write (atomically)")
+    parser.add_argument("--steps", type=int, default=100, help="dense SGD steps of the preliminary run (default 100)")
+    parser.add_argument("--lr", type=float, default=0.01, help="its learning rate; 0 measures the pretrained weights")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="training subset and batch order")
+    parser.add_argument("--cpu", action="store_true", help="rank on CPU even when a GPU is present")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=rank_command)
 
 
 def _add_inspect(sub: Any) -> None:
@@ -131,6 +147,42 @@ def plan_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def rank_command(args: argparse.Namespace) -> int:
+    """The papers' preliminary run: dense SGD on a dataset (any, not necessarily the target), cumulated norms."""
+    from functools import partial
+
+    import torch
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+
+    from .ranking import rank_layers, save_ranking
+    from .train import batch_loss, load_data_and_model
+
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    set_seed(args.seed)  # torch, numpy and `random` (timm's augmentations draw from it)
+    data, loaded, train_set, _ = load_data_and_model(args)
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
+                        generator=torch.Generator().manual_seed(args.seed))
+    ranking = rank_layers(
+        loaded.model.to(device), loader, steps=args.steps, lr=args.lr, progress=not args.no_progress,
+        loss_fn=partial(batch_loss, modality=data.modality),
+    )
+    ranking["source"] = (f"medyate rank --model {loaded.spec} --dataset {data.name} --steps {args.steps} "
+                         f"--lr {args.lr:g} --batch-size {args.batch_size} --seed {args.seed}")
+    path = save_ranking(ranking, args.output)
+    top = sorted(ranking["lara"], key=ranking["lara"].get, reverse=True)
+    width = max(len("layer"), *(len(name) for name in top[:10]))
+    print(f"{loaded.spec} on {data.name} ({len(data.train):,} samples), {args.steps} dense steps: "
+          f"{len(top)} layers ranked, written to {path}")
+    print(f"{'layer':<{width}} {'LaRa':>10} {'RGN':>10}")
+    for name in top[:10]:
+        print(f"{name:<{width}} {ranking['lara'][name]:>10.3g} {ranking['rgn'][name]:>10.3g}")
+    print(f"use it: medyate train ... --layer-ranking {path}  or  MeDyateConfig(layer_ranking={str(path)!r})")
+    return 0
+
+
 def inspect_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -185,8 +237,9 @@ def train_command(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medyate", description="Memory-budgeted sparse fine-tuning (MeDyate).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{plan,inspect,train}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{plan,rank,inspect,train}")
     _add_plan(sub)
+    _add_rank(sub)
     _add_inspect(sub)
     _add_train(sub)
     return parser

@@ -38,8 +38,8 @@ RESUME_KEYS = (
 )
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The training options (shared by `medyate train` and scripts/train.py)."""
+def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which pretrained model and which dataset (shared by `medyate train` and `medyate rank`)."""
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, help="mcu:<name>, tf_efficientnet_lite0, a timm name, hf:<name or path>")
     model.add_argument("--weights", help="local checkpoint for a timm model instead of Hub weights")
@@ -60,6 +60,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--num-workers", type=int, default=1, help="data loader processes (image decoding off the training threads)"
     )
 
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The training options (shared by `medyate train` and scripts/train.py)."""
+    add_model_and_data_arguments(parser)
     method = parser.add_argument_group("method")
     method.add_argument("--method", choices=METHODS, default="medyate", help="medyate, or a baseline: full, head")
     method.add_argument("--budget-kb", type=float, default=64.0, help="training-memory budget per sample, kB")
@@ -233,8 +237,48 @@ def _format_record(record: dict[str, Any], epochs: int) -> str:
     return "  ".join(parts)
 
 
+def load_data_and_model(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """(data, loaded model, train set, eval set): the sets carry the model's own transforms or tokenizer."""
+    from .data import image_batches, load_classification_data, text_batches
+    from .models import load_model
+
+    data = load_classification_data(
+        args.dataset,
+        train_split=args.train_split,
+        eval_split=args.eval_split,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+        image_column=args.image_column,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        seed=args.seed,
+    )
+    loaded = load_model(
+        args.model,
+        data.num_classes,
+        weights=args.weights,
+        pretrained=not args.random_init,
+        image_size=args.image_size,
+        max_length=args.max_length,
+    )
+    if loaded.modality != data.modality:
+        raise ValueError(f"{args.model} is a {loaded.modality} model but {args.dataset} holds {data.modality} data")
+    if data.modality == "image":
+        train_set = data.train.with_transform(image_batches(data.input_column, data.label_column, loaded.transform(True)))
+        eval_set = data.eval.with_transform(image_batches(data.input_column, data.label_column, loaded.transform(False)))
+    else:
+        batches = text_batches(data.input_column, data.label_column, loaded.tokenizer, args.max_length)
+        train_set, eval_set = data.train.with_transform(batches), data.eval.with_transform(batches)
+    return data, loaded, train_set, eval_set
+
+
+def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], modality: str) -> torch.Tensor:
+    """Cross-entropy of one batch of `load_data_and_model`'s sets."""
+    return F.cross_entropy(_logits(model, batch, modality), batch["labels"])
+
+
 def _loss_closure(model: nn.Module, batch: dict[str, torch.Tensor], modality: str) -> Callable[[], torch.Tensor]:
-    return lambda: F.cross_entropy(_logits(model, batch, modality), batch["labels"])
+    return lambda: batch_loss(model, batch, modality)
 
 
 def _plan(model: nn.Module, dataset: Any, batch_size: int, accelerator: Any, modality: str) -> None:
@@ -267,9 +311,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from .data import image_batches, load_classification_data, text_batches
     from .hub import push_adapter_to_hub, write_model_card
-    from .models import load_model
 
     if args.push_to_hub and args.method != "medyate":
         raise ValueError("--push-to-hub uploads a MeDyate adapter; it needs --method medyate")
@@ -293,34 +335,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     set_seed(args.seed)
     with accelerator.main_process_first():  # the first load converts the files into the datasets cache
-        data = load_classification_data(
-            args.dataset,
-            train_split=args.train_split,
-            eval_split=args.eval_split,
-            max_train_samples=args.max_train_samples,
-            max_eval_samples=args.max_eval_samples,
-            image_column=args.image_column,
-            text_column=args.text_column,
-            label_column=args.label_column,
-            seed=args.seed,
-        )
-    loaded = load_model(
-        args.model,
-        data.num_classes,
-        weights=args.weights,
-        pretrained=not args.random_init,
-        image_size=args.image_size,
-        max_length=args.max_length,
-    )
-    if loaded.modality != data.modality:
-        raise ValueError(f"{args.model} is a {loaded.modality} model but {args.dataset} holds {data.modality} data")
+        data, loaded, train_set, eval_set = load_data_and_model(args)
     model = build_trainable(loaded, args)
-    if data.modality == "image":
-        train_set = data.train.with_transform(image_batches(data.input_column, data.label_column, loaded.transform(True)))
-        eval_set = data.eval.with_transform(image_batches(data.input_column, data.label_column, loaded.transform(False)))
-    else:
-        batches = text_batches(data.input_column, data.label_column, loaded.tokenizer, args.max_length)
-        train_set, eval_set = data.train.with_transform(batches), data.eval.with_transform(batches)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers)
     eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, num_workers=args.num_workers)
 

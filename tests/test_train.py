@@ -99,6 +99,31 @@ def test_head_and_full_baselines(image_folder: Path, tmp_path: Path) -> None:
     ]
 
 
+def test_rank_command_then_train_with_its_ranking(image_folder: Path, tmp_path: Path, capsys) -> None:
+    """`medyate rank` writes a seeded ranking of exactly the layers MeDyate wraps, which training then takes."""
+    from medyate_peft.cli import main
+    from medyate_peft.ranking import load_ranking
+
+    model = TINY[:TINY.index("--budget-kb")]
+    rank = ["rank", *model, "--dataset", str(image_folder), "--steps", "3", "--batch-size", "8", "--no-progress",
+            "--num-workers", "0"]
+    assert main([*rank, "--output", str(tmp_path / "a.json")]) == 0
+    assert "3 dense steps" in capsys.readouterr().out
+    assert main([*rank, "--output", str(tmp_path / "b.json")]) == 0  # seeded: the same ranking again
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    ranking = load_ranking(tmp_path / "a.json")
+    assert ranking["steps"] == 3 and ranking["source"].startswith("medyate rank --model timm:test_efficientnet")
+    assert all(np.isfinite(v) and v >= 0 for v in ranking["lara"].values()) and max(ranking["lara"].values()) > 0
+
+    result = _run(*TINY, "--dataset", str(image_folder), "--epochs", "1", "--strategy", "medyate",
+                  "--layer-ranking", str(tmp_path / "a.json"), "--output-dir", str(tmp_path / "out"))
+    tuner = result["model"].base_model
+    assert set(ranking["lara"]) == {name.removeprefix("model.") for name in tuner.medyate_layers()}
+
+    assert main([*rank, "--steps", "0", "--output", str(tmp_path / "c.json")]) == 2
+    assert "--steps must be at least 1" in capsys.readouterr().err and not (tmp_path / "c.json").exists()
+
+
 def _tiny_text_model(folder: Path) -> None:
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
