@@ -337,6 +337,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     with accelerator.main_process_first():  # the first load converts the files into the datasets cache
         data, loaded, train_set, eval_set = load_data_and_model(args)
     model = build_trainable(loaded, args)
+    if args.method == "medyate" and accelerator.scaler is not None:
+        # fp16 with a GradScaler: overflowing steps are expected and skipped by the scaler, not errors
+        model.peft_config[model.active_adapter].detect_anomalies = False
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers)
     eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, num_workers=args.num_workers)
 

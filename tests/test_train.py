@@ -124,6 +124,24 @@ def test_rank_command_then_train_with_its_ranking(image_folder: Path, tmp_path: 
     assert "--steps must be at least 1" in capsys.readouterr().err and not (tmp_path / "c.json").exists()
 
 
+def test_overflowing_grad_scaler_steps_are_skipped_not_errors(image_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    """Under fp16 a GradScaler's first steps overflow on purpose; training goes on (the scaler skips them)."""
+    import accelerate
+
+    class ScaledAccelerator(accelerate.Accelerator):  # what fp16 on a GPU gives: a scaler, here one that overflows
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1000)
+
+    monkeypatch.setattr(accelerate, "Accelerator", ScaledAccelerator)
+    result = _run(*TINY, "--dataset", str(image_folder), "--epochs", "2", "--strategy", "full_random",
+                  "--output-dir", str(tmp_path / "out"))
+    model = result["model"]
+    assert model.peft_config["default"].detect_anomalies is False
+    deltas = [layer.medyate_delta["default"] for layer in model.base_model.medyate_layers().values()]
+    assert all(torch.isfinite(d).all() for d in deltas) and any(d.abs().sum() > 0 for d in deltas)
+
+
 def _tiny_text_model(folder: Path) -> None:
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
