@@ -6,7 +6,8 @@
 Each config describes a suite's full grid (networks x datasets x methods x budgets x seeds) and the
 order in which to run it (`stages`). Every run trains in its own child process (peak RSS per run)
 and leaves a JSON record in results/runs/; a run whose record exists is skipped, so the command
-resumes where it stopped. `--max-minutes` stops launching runs after that long. At the end (and
+resumes where it stopped. `--max-minutes` stops launching runs after that long; `--jobs N` runs N at a
+time (step times then share the cores: each record keeps the load average at its start and end). At the end (and
 with --report-only) the records become results/benchmark_runs.json, results/BENCHMARK.md and the plots.
 """
 
@@ -112,44 +113,63 @@ def _child(target: str, *args: Any) -> None:
     getattr(bench_common, target)(*args)
 
 
-def run_in_child(ctx: mp.context.BaseContext, target: str, args: tuple, timeout: float) -> int | None:
-    process = ctx.Process(target=_child, args=(target, *args))
+def _ensure_ranking(ctx: mp.context.BaseContext, spec: dict, run_timeout: float) -> bool:
+    """Make the spec's layer ranking first if it needs one that is not there yet (before any run uses it)."""
+    path = spec.get("ranking_path")
+    if not path or Path(path).exists():
+        return True
+    print(f"ranking {Path(path).name} ...", flush=True)
+    recipe = spec["recipe"]
+    process = ctx.Process(target=_child, args=("make_ranking", spec["network"], spec["ranking_dataset"], recipe,
+                                               recipe["ranking_steps"], Path(path)))
     process.start()
-    process.join(timeout)
+    process.join(run_timeout)
     if process.is_alive():
         process.terminate()
         process.join()
-        return None
-    return process.exitcode
+    return process.exitcode == 0 and Path(path).exists()
 
 
-def execute(specs: list[dict], max_minutes: float | None, run_timeout: float) -> None:
+def execute(specs: list[dict], max_minutes: float | None, run_timeout: float, jobs: int) -> None:
+    """Run what has no record yet, `jobs` child processes at a time (each with 1 torch thread)."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "peft", "transformers", "timm"])
     start = time.monotonic()
     todo = [s for s in specs if not (RUNS / f"{s['id']}.json").exists()]
-    print(f"{len(specs) - len(todo)} of {len(specs)} runs already recorded; {len(todo)} to go", flush=True)
-    for n, spec in enumerate(todo, 1):
+    print(f"{len(specs) - len(todo)} of {len(specs)} runs already recorded; {len(todo)} to go, "
+          f"{jobs} at a time", flush=True)
+    running: list[tuple[Any, dict, float]] = []
+    pending, done = list(todo), 0
+    while pending or running:
         elapsed = (time.monotonic() - start) / 60
-        if max_minutes is not None and elapsed >= max_minutes:
-            print(f"time limit reached after {elapsed:.1f} min: {len(todo) - n + 1} runs not started", flush=True)
-            return
-        path = spec.get("ranking_path")
-        if path and not Path(path).exists():
-            print(f"ranking {Path(path).name} ...", flush=True)
-            recipe = spec["recipe"]
-            code = run_in_child(ctx, "make_ranking", (spec["network"], spec["ranking_dataset"], recipe,
-                                                      recipe["ranking_steps"], Path(path)), run_timeout)
-            if code != 0:
-                print(f"  ranking failed (exit {code}); skipping {spec['id']}", flush=True)
+        if pending and max_minutes is not None and elapsed >= max_minutes:
+            print(f"time limit reached after {elapsed:.1f} min: {len(pending)} runs not started", flush=True)
+            pending = []
+        while pending and len(running) < jobs:
+            spec = pending.pop(0)
+            if not _ensure_ranking(ctx, spec, run_timeout):
+                print(f"  ranking failed; skipping {spec['id']}", flush=True)
                 continue
-        t = time.monotonic()
-        record = RUNS / f"{spec['id']}.json"
-        code = run_in_child(ctx, "run_one", (spec, str(record)), run_timeout)
-        status = "ok" if code == 0 and record.exists() else ("timeout" if code is None else f"failed ({code})")
-        top1 = json.loads(record.read_text())["top1"] if status == "ok" else None
-        print(f"[{n}/{len(todo)}] {spec['id']}: {status}" + (f", top-1 {top1:.4f}" if top1 is not None else "")
-              + f" in {time.monotonic() - t:.0f} s", flush=True)
+            process = ctx.Process(target=_child, args=("run_one", spec, str(RUNS / f"{spec['id']}.json")))
+            process.start()
+            running.append((process, spec, time.monotonic()))
+        time.sleep(1)
+        for entry in list(running):
+            process, spec, t = entry
+            timed_out = time.monotonic() - t > run_timeout
+            if process.is_alive() and not timed_out:
+                continue
+            if process.is_alive():
+                process.terminate()
+            process.join()
+            running.remove(entry)
+            done += 1
+            record = RUNS / f"{spec['id']}.json"
+            ok = process.exitcode == 0 and record.exists()
+            status = "ok" if ok else ("timeout" if timed_out else f"failed ({process.exitcode})")
+            top1 = json.loads(record.read_text())["top1"] if ok else None
+            print(f"[{done}/{len(todo)}] {spec['id']}: {status}" + (f", top-1 {top1:.4f}" if top1 is not None else "")
+                  + f" in {time.monotonic() - t:.0f} s", flush=True)
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -183,7 +203,7 @@ def _kib(n: float) -> str:
 
 def headline_tables(records: list[dict]) -> list[str]:
     groups = _group(records)
-    cells = sorted({k[:3] for k in groups}, key=lambda k: (k[0] != "vision", k[1], k[2]))
+    cells = sorted({k[:3] for k in groups}, key=lambda k: (k[0] != "vision", k))
     lines = []
     for suite, network, dataset in cells:
         full = groups.get((suite, network, dataset, "full", None), [])
@@ -223,9 +243,9 @@ def ordering_analysis(records: list[dict]) -> list[str]:
     """MeDyate >= TraDy >= static random at equal budget: per cell and budget, with per-seed differences."""
     groups = _group(records)
     lines = [
-        "| network / dataset | budget | MeDyate | TraDy | static random | Δ MeDyate−TraDy (per seed) | "
+        "| suite | network / dataset | budget | MeDyate | TraDy | static random | Δ MeDyate−TraDy (per seed) | "
         "Δ TraDy−static (per seed) | eval SE | ordering holds |",
-        "|---|---:|---:|---:|---:|---|---|---:|---|",
+        "|---|---|---:|---:|---:|---:|---|---|---:|---|",
     ]
     holds = total = 0
     for key in sorted(k for k in groups if k[3] == "medyate"):
@@ -246,7 +266,7 @@ def ordering_analysis(records: list[dict]) -> list[str]:
         total += 1
         fmt = lambda ds: ", ".join(f"{d:+.2f}" for d in ds) or "-"  # noqa: E731
         lines.append(
-            f"| {network} / {dataset} | {budget:,} | {means[0]:.2f} | {means[1]:.2f} | "
+            f"| {suite} | {network} / {dataset} | {budget:,} | {means[0]:.2f} | {means[1]:.2f} | "
             f"{'-' if not by_seed[2] else f'{means[2]:.2f}'} | {fmt(d_mt)} | {fmt(d_ts)} | {se:.2f} | "
             f"{'yes' if ok else 'no'} |"
         )
@@ -316,7 +336,7 @@ def plots(records: list[dict]) -> None:
 
 def _style_axis(ax: Any, cell: tuple, xlabel: str, ylabel: str) -> None:
     ax.set_xscale("log")
-    ax.set_title(f"{cell[1]} / {cell[2]}", fontsize=10)
+    ax.set_title(f"{cell[1]} / {cell[2]} ({cell[0]})", fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -401,14 +421,16 @@ def main() -> None:
     parser.add_argument("configs", nargs="+", type=Path, help="suite configs (scripts/bench_configs/*.yaml)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop launching runs after this long")
     parser.add_argument("--run-timeout", type=float, default=1800, help="seconds before one run is killed")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own 1-thread process")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from the records")
     args = parser.parse_args()
     sys.path.insert(0, str(SCRIPTS))
     configs = [load_config(p.resolve()) for p in args.configs]
     command = " ".join(["python scripts/benchmark.py", *(c["path"] for c in configs),
-                        *([f"--max-minutes {args.max_minutes:g}"] if args.max_minutes else [])])
+                        *([f"--max-minutes {args.max_minutes:g}"] if args.max_minutes else []),
+                        *([f"--jobs {args.jobs}"] if args.jobs > 1 else [])])
     if not args.report_only:
-        execute(ordered(configs), args.max_minutes, args.run_timeout)
+        execute(ordered(configs), args.max_minutes, args.run_timeout, args.jobs)
     report(configs, command)
 
 
