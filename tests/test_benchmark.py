@@ -1,0 +1,61 @@
+"""The benchmark harness's bookkeeping: every grid run scheduled once, recorded runs skipped, the ordering table."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import benchmark  # noqa: E402
+
+CONFIGS = sorted((REPO / "scripts" / "bench_configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_stages_schedule_every_run_of_the_grid_once(path: Path) -> None:
+    config = benchmark.load_config(path)
+    specs = benchmark.grid(config)
+    ids = [s["id"] for s in specs]
+    assert len(set(ids)) == len(ids)
+    assert sorted(s["id"] for s in benchmark.ordered([config])) == sorted(ids)
+    for cell in config["cells"]:
+        for method in config["methods"]:
+            runs = [s for s in specs if (s["network"], s["dataset"], s["method"]) == (cell["network"], cell["dataset"],
+                                                                                  method)]
+            budgets = cell["budgets"] if method in benchmark.BUDGET_METHODS else [None]
+            assert sorted((s["seed"], s["budget_slots"] or 0) for s in runs) == sorted(
+                (seed, b or 0) for seed in cell["seeds"] for b in budgets)
+
+
+def test_recorded_runs_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    config = benchmark.load_config(REPO / "scripts" / "bench_configs" / "text.yaml")
+    specs = benchmark.ordered([config])
+    for spec in specs:
+        (tmp_path / f"{spec['id']}.json").write_text("{}")
+    monkeypatch.setattr(benchmark, "RUNS", tmp_path)
+    benchmark.execute(specs, max_minutes=None, run_timeout=1, jobs=2)
+    assert f"{len(specs)} of {len(specs)} runs already recorded; 0 to go" in capsys.readouterr().out
+
+
+def _record(method: str, seed: int, top1: float, budget: int | None = 1000) -> dict:
+    return {"suite": "vision", "network": "net", "dataset": "data", "method": method, "budget_slots": budget,
+            "seed": seed, "top1": top1, "eval_size": 2000}
+
+
+def test_ordering_table_per_seed_differences_and_verdict() -> None:
+    records = [
+        _record("medyate", 0, 0.62), _record("medyate", 1, 0.60),
+        _record("trady", 0, 0.61), _record("trady", 1, 0.58),
+        _record("static_random", 0, 0.55), _record("static_random", 1, 0.59),
+        _record("medyate", 0, 0.50, 2000), _record("trady", 0, 0.52, 2000),
+    ]
+    rows = [line for line in benchmark.ordering_analysis(records) if line.startswith("| vision |")]
+    assert len(rows) == 2
+    first = [c.strip() for c in rows[0].split("|")[1:-1]]
+    assert first[2:8] == ["1,000", "61.00", "59.50", "57.00", "+1.00, +2.00", "+6.00, -1.00"]
+    assert first[-1] == "yes"
+    assert [c.strip() for c in rows[1].split("|")[1:-1]][-1] == "no"
+    assert "holds (on seed means) in 1 of 2" in "\n".join(benchmark.ordering_analysis(records))
