@@ -5,6 +5,9 @@ compact weight gradient dW[:, S] from x[:, S] and grad_y, and the input gradient
 which are parameters and need no saved activation. With S empty the same functions are the lean
 path of a frozen layer: nothing is saved at all.
 
+Under autocast (mixed precision) the forward's conv/linear runs in the autocast dtype; backward runs
+outside autocast, so it computes in grad_y's dtype, as autocast's own backward of those ops would.
+
 Weight layout of one channel slice: a conv weight (C', C/g, kh, kw) is viewed as
 (g, C'/g, C/g, kh*kw); input channel c lives in group c // (C/g) at column c % (C/g), so its slice
 has shape (C'/g, kh*kw). A Linear weight (C', C) is the case g = 1, kh*kw = 1.
@@ -99,13 +102,12 @@ class ChannelSparseConv2d(torch.autograd.Function):
         spec, sel = ctx.spec, ctx.sel
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = conv2d_input(
-                ctx.padded_shape, ctx.weight_fn(), grad_y, spec.stride, spec.padding, spec.dilation, spec.groups
-            )
+            weight = ctx.weight_fn().to(grad_y.dtype)
+            grad_x = conv2d_input(ctx.padded_shape, weight, grad_y, spec.stride, spec.padding, spec.dilation, spec.groups)
             if spec.pad is not None:
                 grad_x = _input_grad_through_pad(spec.pad, ctx.x_shape, grad_x)
         if x_sel is not None:
-            x_sel = x_sel if spec.pad is None else spec.pad(x_sel)
+            x_sel = (x_sel if spec.pad is None else spec.pad(x_sel)).to(grad_y.dtype)
             grad_values = _scatter_segment(values, sel, _conv_channel_grad(x_sel, grad_y, spec, sel.idx))
         if ctx.needs_input_grad[2]:
             grad_bias = grad_y.sum(dim=(0, 2, 3))
@@ -150,10 +152,10 @@ class ChannelSparseLinear(torch.autograd.Function):
         x_sel, values = ctx.saved_tensors
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ ctx.weight_fn()
+            grad_x = grad_y @ ctx.weight_fn().to(grad_y.dtype)
         if x_sel is not None:
             flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
-            compact = x_sel.reshape(-1, x_sel.shape[-1]).t() @ flat_grad  # (|S|, C')
+            compact = x_sel.reshape(-1, x_sel.shape[-1]).to(grad_y.dtype).t() @ flat_grad  # (|S|, C')
             grad_values = _scatter_segment(values, ctx.sel, compact)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)

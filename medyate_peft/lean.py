@@ -214,7 +214,10 @@ def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
 
 
 class RecomputedActivation(torch.autograd.Function):
-    """Smooth activation of x = fn(src): keeps the smaller src and recomputes x in backward."""
+    """Smooth activation of x = fn(src): keeps the smaller src and recomputes x in backward.
+
+    The recompute runs under the forward's autocast state, so that x is what the forward computed.
+    """
 
     @staticmethod
     def forward(ctx, x, src, fn: Callable, act: Callable):
@@ -222,17 +225,20 @@ class RecomputedActivation(torch.autograd.Function):
         if y is x:
             ctx.mark_dirty(x)
         ctx.save_for_backward(src)
+        device = src.device.type
         ctx.fn, ctx.act = fn, act
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         (src,) = ctx.saved_tensors
-        with torch.no_grad():
+        device, enabled, dtype = ctx.autocast
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             x = ctx.fn(src)
         with torch.enable_grad():
             x.requires_grad_(True)
-            (grad_x,) = torch.autograd.grad(ctx.act(x.clone()), x, grad_y)
+            (grad_x,) = torch.autograd.grad(ctx.act(x.clone()), x, grad_y.to(x.dtype))
         return grad_x, None, None, None
 
 

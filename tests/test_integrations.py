@@ -108,6 +108,33 @@ def test_bert_seq_cls_gradients_tokens_accounting_and_round_trip(tmp_path):
     round_trip_and_merge(model, reference, {"input_ids": ids}, tmp_path)
 
 
+@pytest.mark.parametrize("kind", ["timm", "bert"])
+def test_bf16_autocast_gradients_match_autograd_under_the_same_autocast(kind):
+    """Mixed precision: the sparse kernels and the lean backward (recomputed SiLU, masks, eval BN) follow autocast."""
+    if kind == "timm":  # SiLU after BatchNorm: the recomputed-activation path of the lean backward
+        torch.manual_seed(0)
+        base, size = timm.create_model("test_efficientnet", num_classes=5), [3, 32, 32]
+        x, y = torch.randn(4, *size), torch.tensor([1, 3, 0, 4])
+
+        def forward_loss(m):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return F.cross_entropy(m(x), y)
+    else:
+        base, size = tiny_bert(), [12]
+        ids, labels = torch.randint(0, 100, (3, 12)), torch.tensor([0, 2, 1])
+
+        def forward_loss(m):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return m(input_ids=ids, labels=labels).loss
+    reference = copy.deepcopy(base)
+    config = MeDyateConfig(budget_kb=32, input_size=size, strategy="full_random",
+                           task_type="SEQ_CLS" if kind == "bert" else None)
+    model = get_peft_model(base, config)
+    assert assert_grads_match(model, reference, forward_loss, atol=2e-3, rtol=2e-2) > 3
+    grad = model.base_model.medyate_values["default"].grad
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
+
+
 def test_transformers_vit_shapes_learned_from_batch(tmp_path):
     torch.manual_seed(0)
     config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -142,6 +142,26 @@ def test_overflowing_grad_scaler_steps_are_skipped_not_errors(image_folder: Path
     assert all(torch.isfinite(d).all() for d in deltas) and any(d.abs().sum() > 0 for d in deltas)
 
 
+def test_bf16_autocast_through_the_sparse_kernels(image_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    """`accelerate launch --mixed_precision bf16` (its env var here): the sparse kernels run under autocast."""
+    common = [*TINY, "--dataset", str(image_folder), "--epochs", "1", "--strategy", "full_random"]
+    from accelerate.state import AcceleratorState
+
+    fp32 = _run(*common, "--output-dir", str(tmp_path / "fp32"))["model"]
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    AcceleratorState._reset_state(reset_partial_state=True)  # a fresh process reads the setting; this one cached it
+    try:
+        bf16 = _run(*common, "--output-dir", str(tmp_path / "bf16"))["model"]
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    pairs = [(a.medyate_delta["default"], b.medyate_delta["default"]) for a, b in zip(
+        fp32.base_model.medyate_layers().values(), bf16.base_model.medyate_layers().values(), strict=True)]
+    assert all(torch.isfinite(b).all() for _, b in pairs)
+    assert any(not torch.equal(a, b) for a, b in pairs)  # bf16 arithmetic really happened
+    for a, b in pairs:  # and it trained the same channels to about the same values
+        torch.testing.assert_close(b, a, rtol=0.1, atol=0.02)
+
+
 def _tiny_text_model(folder: Path) -> None:
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
