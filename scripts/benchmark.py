@@ -239,6 +239,33 @@ def headline_tables(records: list[dict]) -> list[str]:
     return lines
 
 
+def method_summary(records: list[dict]) -> list[str]:
+    """Per suite and method, over every network/dataset/budget row that has full fine-tuning beside it."""
+    groups = _group(records)
+    lines = [
+        "| suite | method | rows | memory / full FT (min-max) | step / full FT (median) | "
+        "top-1 − full FT, pp (min / mean / max) |",
+        "|---|---|---:|---|---:|---|",
+    ]
+    for suite in sorted({k[0] for k in groups}, key=lambda s: (s != "vision", s)):
+        for method in (m for m in METHOD_LABEL if m != "full"):
+            mem, step, acc = [], [], []
+            for key, rs in groups.items():
+                full = groups.get((*key[:3], "full", None))
+                if key[0] != suite or key[3] != method or not full:
+                    continue
+                mem.append(_mean([_memory(r) for r in rs]) / _mean([_memory(r) for r in full]))
+                step.append(_mean([r["step_time_median_s"] for r in rs]) /
+                            _mean([r["step_time_median_s"] for r in full]))
+                acc.append(100 * (_mean([r["top1"] for r in rs]) - _mean([r["top1"] for r in full])))
+            if mem:
+                lines.append(
+                    f"| {suite} | {METHOD_LABEL[method]} | {len(mem)} | {min(mem):.3f}-{max(mem):.3f} | "
+                    f"{statistics.median(step):.2f} | {min(acc):+.2f} / {_mean(acc):+.2f} / {max(acc):+.2f} |"
+                )
+    return [*lines, ""]
+
+
 def ordering_analysis(records: list[dict]) -> list[str]:
     """MeDyate >= TraDy >= static random at equal budget: per cell and budget, with per-seed differences."""
     groups = _group(records)
@@ -381,7 +408,7 @@ def recipe_lines(configs: list[dict]) -> list[str]:
 
 def report(configs: list[dict], command: str) -> None:
     records = load_records()
-    from medyate_peft.atomic import atomic_write_json
+    from medyate_peft.atomic import atomic_write, atomic_write_json
 
     atomic_write_json(records, RESULTS / "benchmark_runs.json", sort_keys=True, indent=1)
     if records:
@@ -403,6 +430,8 @@ def report(configs: list[dict], command: str) -> None:
         "over the same for full fine-tuning. `analytical use` = the papers' slot count per sample (full FT: "
         "every candidate layer). Peak RSS is `ru_maxrss` of the run's own process (includes the cached "
         "dataset tensors and the libraries, the same for every method).", "",
+        "### Against full fine-tuning, per method (rows: network/dataset/budget with a full FT run)", "",
+        *method_summary(records),
         *headline_tables(records),
         "## Ordering at equal budget: MeDyate ≥ TraDy ≥ static random?", "",
         *ordering_analysis(records),
@@ -412,7 +441,8 @@ def report(configs: list[dict], command: str) -> None:
         "GPU run at the papers' full recipe (`scripts/bench_configs/vision_full_recipe.yaml`): not run: no GPU lent.",
         "",
     ]
-    md.write_text("\n".join(text))
+    with atomic_write(md) as handle:
+        handle.write("\n".join(text))
     print(f"wrote {md} ({len(records)} runs)")
 
 
