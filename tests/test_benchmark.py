@@ -59,3 +59,14 @@ def test_ordering_table_per_seed_differences_and_verdict() -> None:
     assert first[-1] == "yes"
     assert [c.strip() for c in rows[1].split("|")[1:-1]][-1] == "no"
     assert "holds (on seed means) in 1 of 2" in "\n".join(benchmark.ordering_analysis(records))
+
+
+def test_method_summary_ratios_against_full_fine_tuning() -> None:
+    def run(method: str, budget: int | None, top1: float, memory: int, step: float) -> dict:
+        return {**_record(method, 0, top1, budget), "saved_activation_bytes": memory - 100, "weight_grad_bytes": 100,
+                "step_time_median_s": step}
+
+    records = [run("full", None, 0.50, 10_000, 1.0), run("medyate", 1000, 0.55, 500, 0.5),
+               run("medyate", 2000, 0.45, 1_000, 0.7)]
+    rows = [line for line in benchmark.method_summary(records) if line.startswith("| vision |")]
+    assert rows == ["| vision | MeDyate | 2 | 0.050-0.100 | 0.60 | -5.00 / +0.00 / +5.00 |"]
