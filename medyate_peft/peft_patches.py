@@ -122,6 +122,11 @@ def _cannot_swap(target: Path) -> str | None:
     return None
 
 
+def _is_model_spec(model_id: str | None) -> bool:
+    """A loader spec such as 'mcu:mcunet-5fps' or 'timm:...': neither a folder nor a Hub id."""
+    return bool(model_id) and ":" in model_id and not os.path.exists(model_id)
+
+
 def _wrap_save_pretrained(original: Callable) -> Callable:
     @functools.wraps(original)
     def save_pretrained(self: PeftModel, *args: Any, **kwargs: Any) -> None:
@@ -129,6 +134,11 @@ def _wrap_save_pretrained(original: Callable) -> Callable:
         directory = bound.arguments["save_directory"]
         if not (_is_medyate_model(self) and bound.arguments["is_main_process"]) or os.path.isfile(directory):
             return original(*bound.args, **bound.kwargs)
+        names = [c.base_model_name_or_path for c in self.peft_config.values()]
+        if bound.arguments["save_embedding_layers"] == "auto" and all(map(_is_model_spec, names)):
+            # PEFT would look the spec up on the Hub for a vocabulary check and warn that it cannot;
+            # MeDyate trains no embedding, and without a config PEFT saves none either.
+            bound.arguments["save_embedding_layers"] = False
         reason = _cannot_swap(Path(os.path.realpath(directory)))
         if reason:
             logger.warning("MeDyate: %s is saved in place, not atomically: %s", directory, reason)

@@ -325,6 +325,20 @@ def test_save_pretrained_is_atomic_and_otherwise_peft_behaviour(tmp_path) -> Non
     PeftModel.from_pretrained(net(), target)  # the previous save is intact
 
 
+def test_saving_with_a_loader_spec_as_base_name_asks_no_hub_question(tmp_path) -> None:
+    """`medyate train` records 'mcu:...'/'timm:...' as the base model; PEFT's vocabulary check must not warn."""
+    import warnings
+
+    model = trained()
+    model.peft_config["default"].base_model_name_or_path = "mcu:mcunet-5fps"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.save_pretrained(tmp_path / "out")
+    assert not [w for w in caught if "config file" in str(w.message)]
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "mcu:mcunet-5fps")
+
+
 def test_saving_into_the_working_directory_stays_in_place(tmp_path, monkeypatch, caplog) -> None:
     monkeypatch.chdir(tmp_path)
     with caplog.at_level(logging.WARNING, logger="medyate_peft"):
