@@ -6,7 +6,9 @@ adapters (and only for those) they are wrapped so that:
 - a save writes into a temporary folder that replaces `dir` atomically (`atomic.atomic_directory`);
 - a load first checks the folder's weights file (missing, truncated) before anything touches the
   model, and a load that fails later (an adapter for another base model) puts the model back as it
-  was (`rollback.ModuleSnapshot`) instead of leaving it half-wrapped.
+  was (`rollback.ModuleSnapshot`) instead of leaving it half-wrapped;
+- a save whose base model is named by a loader spec (`mcu:...`, `timm:...`), which is neither a
+  folder nor a Hub id, skips PEFT's Hub lookup for a vocabulary check (and its warning).
 A local path that does not exist (which cannot be a hub id either) is reported as such. Everything
 else (arguments, files written, errors for other PEFT methods) is PEFT's behaviour.
 """
