@@ -273,6 +273,14 @@ class Setup:
     info: dict
 
 
+def medyate_config(spec: dict, input_size: list[int]) -> Any:
+    """The MeDyateConfig of a run: its budget in fp32 slots, strategy, seed and layer ranking."""
+    from medyate_peft import MeDyateConfig
+
+    return MeDyateConfig(budget_kb=spec["budget_slots"] * 4 / 1024, input_size=input_size, strategy=spec["method"],
+                         seed=spec["seed"], layer_ranking=spec.get("ranking_path"), modules_to_save=["classifier"])
+
+
 def setup_method(spec: dict, model: nn.Module, task: Task) -> Setup:
     """Wrap `model` for the method of `spec` and say what is trainable."""
     method = spec["method"]
@@ -303,12 +311,7 @@ def setup_method(spec: dict, model: nn.Module, task: Task) -> Setup:
 
         params = [p for p in peft_model.parameters() if p.requires_grad]
         return Setup(peft_model, params, train_lora, {"lora_r": r, "lora_targets": len(config.target_modules)})
-    from medyate_peft import MeDyateConfig
-
-    kb = spec["budget_slots"] * 4 / 1024
-    config = MeDyateConfig(budget_kb=kb, input_size=task.input_size, strategy=method, seed=spec["seed"],
-                           layer_ranking=spec.get("ranking_path"), modules_to_save=["classifier"])
-    peft_model = get_peft_model(model, config)
+    peft_model = get_peft_model(model, medyate_config(spec, task.input_size))
     params = [p for p in peft_model.parameters() if p.requires_grad]
     return Setup(peft_model, params, peft_model.train, {})
 

@@ -25,7 +25,6 @@ sys.path.insert(0, str(SCRIPTS))
 import bench_common  # noqa: E402  (also registers the MEDYATE peft type)
 from benchmark import RANKINGS, RESULTS  # noqa: E402
 
-from medyate_peft import MeDyateConfig  # noqa: E402
 from medyate_peft.atomic import atomic_write, atomic_write_json  # noqa: E402
 
 STRATEGIES = ("trady", "medyate")
@@ -38,9 +37,8 @@ def _block(name: str) -> int | None:
 
 def plan_row(network: str, dataset: str, budget: int, strategy: str, ranking: Path, image_size: int) -> dict:
     model, _ = bench_common.load_network(network, bench_common.num_classes(dataset))
-    config = MeDyateConfig(budget_kb=budget * 4 / 1024, input_size=[3, image_size, image_size], strategy=strategy,
-                           layer_ranking=str(ranking), seed=0)
-    tuner = get_peft_model(model, config).base_model
+    spec = {"method": strategy, "budget_slots": budget, "seed": 0, "ranking_path": str(ranking)}
+    tuner = get_peft_model(model, bench_common.medyate_config(spec, [3, image_size, image_size])).base_model
     pool = tuner.plans["default"].pool.costs
     selection = tuner.selection()
     drawn = {c.name: len(selection.get(c.name, ())) for c in pool}

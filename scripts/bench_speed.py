@@ -74,7 +74,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     config = yaml.safe_load(args.config.read_text())
     recipe = config["recipe"]
-    rows, lines = [], []
+    rows = []
     cells = [c for c in config["cells"] if c["dataset"] == args.dataset
              and (args.networks is None or c["network"] in args.networks)]
     for cell in cells:
