@@ -7,6 +7,7 @@ norm sums, so the test can check that ranks agree although their local measureme
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -69,6 +70,9 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     results = {strategy: train(rank, strategy) for strategy in STRATEGIES}
+    # Each DDP reducer holds the group and lives on in reference cycles; a group freed at interpreter exit
+    # instead of here can abort the process (gloo threads outliving Python).
+    gc.collect()
     gathered = [None] * WORLD
     dist.all_gather_object(gathered, results)
     if rank == 0:
