@@ -15,7 +15,16 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import medyate_peft  # noqa: F401
 from medyate_peft import MeDyateConfig
-from medyate_peft.lean import EvalBatchNorm, WindowMaxPool2d, is_lean, lean_backward, pack_bits, unpack_bits
+from medyate_peft.lean import (
+    EvalBatchNorm,
+    WindowMaxPool2d,
+    _pack_words,
+    _unpack_words,
+    is_lean,
+    lean_backward,
+    pack_bits,
+    unpack_bits,
+)
 
 
 def _randomise_batch_norms(model: nn.Module) -> nn.Module:
@@ -150,6 +159,10 @@ def test_bit_pack_round_trip():
         packed = pack_bits(mask)
         assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
         assert torch.equal(unpack_bits(packed, mask.shape), mask)
+        # The word-shift path (used off the CPU) writes the same bytes as numpy's, from any offset.
+        assert torch.equal(_pack_words(mask.reshape(-1)), packed)
+        assert torch.equal(_pack_words(torch.cat([mask.new_zeros(3), mask.reshape(-1)])[3:]), packed)
+        assert torch.equal(_unpack_words(packed, mask.numel()).view(torch.bool), mask.reshape(-1))
 
 
 def test_eval_batch_norm_function_equals_batch_norm():
