@@ -100,7 +100,14 @@ class MeDyateCallback(TrainerCallback):
         return control
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        """When the Trainer resumes (global_step > 0), restore the sampler saved with that checkpoint."""
+        """When the Trainer resumes (global_step > 0), restore the sampler saved with that checkpoint.
+
+        Under fp16 the Trainer's GradScaler skips the steps whose gradients overflow; those are
+        expected, so the adapter's NaN/inf detection is turned off (as `medyate train` does).
+        """
+        tuner = find_tuner(model)
+        if args.fp16:
+            tuner.peft_config[tuner.active_adapters[0]].detect_anomalies = False
         if state.global_step == 0:
             return control
         folder = Path(self.resume_from or Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -113,7 +120,7 @@ class MeDyateCallback(TrainerCallback):
                 stacklevel=2,
             )
             return control
-        find_tuner(model).load_training_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        tuner.load_training_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return control
 
     def on_epoch_end(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):

@@ -14,12 +14,16 @@ for one backward, i.e. the memory of full fine-tuning. That is why a precomputed
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from .guards import HINT, NonFiniteError
 from .ranking import GradientStats
+
+logger = logging.getLogger(__name__)
 
 FullGradient = Callable[[], torch.Tensor]
 
@@ -62,13 +66,20 @@ class DenseGradientProbe:
     """Measures dense gradients of the wrapped layers during the user's next training batches.
 
     While open, the base weights require grad, so the layers take their dense autograd path; a
-    post-accumulate-grad hook reads each weight gradient into `stats` and frees it at once, so
-    the optimizer never sees it and the base model is not changed.
+    post-accumulate-grad hook reads each weight gradient into the current batch's statistics and
+    frees it at once, so the optimizer never sees it and the base model is not changed.
+
+    A batch whose gradients hold NaN/inf is what an fp16 GradScaler skips on overflow: with
+    `strict=False` it is left out of the statistics as well (counted in `skipped`); with `strict=True`
+    (`detect_anomalies`) it raises NonFiniteError in that backward, naming the layer.
     """
 
-    def __init__(self, layers: dict[str, nn.Module]) -> None:
+    def __init__(self, layers: dict[str, nn.Module], strict: bool = True) -> None:
         self.stats = GradientStats()
-        self.batches = 0
+        self.batches = 0  # batches started; all ranks count the same, whatever they skip
+        self.skipped = 0
+        self.strict = strict
+        self._batch = GradientStats()  # the current batch's reads, kept or dropped when the next one starts
         self._weights = {name: _base_weight(layer) for name, layer in layers.items()}
         self._flags = {name: w.requires_grad for name, w in self._weights.items()}
         self._hooks = []
@@ -79,17 +90,35 @@ class DenseGradientProbe:
 
     def _reader(self, name: str, groups: int) -> Callable[[torch.Tensor], None]:
         def read(weight: torch.Tensor) -> None:
-            self.stats.add(name, weight.grad, groups)
+            if self.strict and not bool(torch.isfinite(weight.grad).all()):
+                raise NonFiniteError(
+                    f"non-finite dense gradient in layer {name!r} during layer-ranking batch {self.batches}. {HINT}"
+                )
+            self._batch.add(name, weight.grad, groups)
             weight.grad = None
 
         return read
 
+    def _settle(self) -> None:
+        """Keep the finished batch's statistics, unless they are not finite (a skipped fp16 step)."""
+        batch, self._batch = self._batch, GradientStats()
+        if not batch.channel:
+            return
+        if batch.is_finite():
+            batch.steps = 1
+            self.stats.merge(batch)
+        else:
+            self.skipped += 1
+            logger.warning("MeDyate: layer-ranking batch %d had non-finite gradients (an fp16 overflow the "
+                           "GradScaler skips); it is left out of the ranking", self.batches)
+
     def count_batch(self) -> None:
+        self._settle()
         self.batches += 1
-        self.stats.steps = self.batches
 
     def close(self) -> GradientStats:
         """Remove the hooks and freeze the base weights again; returns what was measured."""
+        self._settle()
         for hook in self._hooks:
             hook.remove()
         for name, weight in self._weights.items():

@@ -83,6 +83,19 @@ class GradientStats:
         self.channel[name] = self.channel[name] + norms if name in self.channel else norms
         self.layer[name] = self.layer.get(name, 0.0) + float(norms.square().sum().sqrt())
 
+    def merge(self, other: GradientStats) -> None:
+        """Add another measurement's sums (another batch) into these."""
+        for name, norms in other.channel.items():
+            self.channel[name] = self.channel[name] + norms if name in self.channel else norms.clone()
+        for name, value in other.layer.items():
+            self.layer[name] = self.layer.get(name, 0.0) + value
+        self.steps += other.steps
+
+    def is_finite(self) -> bool:
+        return all(bool(torch.isfinite(n).all()) for n in self.channel.values()) and all(
+            math.isfinite(v) for v in self.layer.values()
+        )
+
     def all_reduce(self, costs: list[LayerCost]) -> None:
         """Under torch.distributed, sum over ranks (layers in `costs` order, missing ones as zeros)."""
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):

@@ -244,6 +244,71 @@ def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path):
         trainer(make(), tmp_path / "whole").train(resume_from_checkpoint=str(checkpoint))
 
 
+class OverflowsOnce(Wrapped):
+    """An fp16 overflow, as a GradScaler sees it: the first training batch's scaled loss is infinite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.overflowed = False
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        out = super().forward(x, labels)
+        if self.training and out["loss"] is not None and not self.overflowed:
+            self.overflowed = True
+            out["loss"] = out["loss"] * float("inf")
+        return out
+
+
+def test_trainer_fp16_skips_overflowing_ranking_batches(tmp_path):
+    """Under fp16 the callback leaves overflows to the scaler, and the ranking leaves the skipped batch out."""
+    from transformers import Trainer, TrainingArguments
+
+    x, y = batches(1, size=24)[0]
+    dataset = [{"x": x[i], "labels": y[i]} for i in range(24)]
+    config = MeDyateConfig(budget_kb=BUDGET_KB, input_size=INPUT, strategy="medyate", ranking_batches=3,
+                           modules_to_save=["net.classifier"])
+    model = get_peft_model(OverflowsOnce(), config)
+    assert model.peft_config["default"].detect_anomalies
+    args = TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=4, learning_rate=0.5, optim="sgd",
+        lr_scheduler_type="constant", report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+        disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, fp16=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[MeDyateCallback()])
+    # Accelerate makes no scaler on a CPU; this is the one fp16 on a GPU gets.
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    trainer.train()
+
+    assert trainer.accelerator.scaler.get_scale() == 2.0**15  # it skipped exactly one step
+    assert not model.peft_config["default"].detect_anomalies
+    ranking = model.peft_config["default"].layer_ranking
+    assert ranking["steps"] == 2  # 3 ranking batches, the overflowing one left out
+    assert all(0 < v < float("inf") for v in ranking["lara"].values())
+    assert model.base_model.plans["default"].epoch == 2
+    assert bool(torch.isfinite(model.base_model.medyate_values["default"]).all())
+
+
+def test_dense_gradient_probe_strict_names_the_layer_lenient_skips_the_batch(ranking):
+    from medyate_peft.guards import NonFiniteError
+
+    x, y = batches(1, size=8)[0]
+
+    def train(strict: bool, losses: list[float]) -> nn.Module:
+        config = MeDyateConfig(budget_kb=BUDGET_KB, input_size=INPUT, strategy="medyate", ranking_batches=len(losses),
+                               detect_anomalies=strict)
+        model = get_peft_model(net(), config)
+        for scale in [*losses, 1.0]:  # one more forward closes the probe
+            (F.cross_entropy(model(x), y) * scale).backward()
+        return model
+
+    with pytest.raises(NonFiniteError, match=r"non-finite dense gradient in layer '\w+' during layer-ranking batch 1"):
+        train(True, [float("inf"), 1.0])
+    model = train(False, [float("inf"), 1.0, 1.0])
+    assert model.peft_config["default"].layer_ranking["steps"] == 2
+    with pytest.raises(RuntimeError, match="no finite dense gradient"):
+        train(False, [float("inf"), float("nan")])
+
+
 MCU_BUDGETS = [15_936, 64_832, 112_640]
 
 

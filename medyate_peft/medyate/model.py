@@ -326,6 +326,12 @@ class MeDyateModel(BaseTuner):
         strategy = get_strategy(config.strategy)
         if stats is not None:
             stats.all_reduce(costs)
+            if stats.steps == 0:  # every measured batch was skipped as non-finite, or none reached backward
+                raise RuntimeError(
+                    "MeDyate measured no finite dense gradient in its first training batch(es) (each had NaN/inf, "
+                    "e.g. fp16 overflows, and was left out): pass layer_ranking=... from rank_layers (run in fp32), "
+                    "or raise MeDyateConfig(ranking_batches=...)"
+                )
             if strategy.layers != "all" and config.layer_ranking is None:
                 config.layer_ranking = stats.ranking(costs, source=f"first {stats.steps} training batch(es)")
                 logger.warning(
@@ -589,7 +595,7 @@ class MeDyateModel(BaseTuner):
                 "a layer ranking and none was given (pass layer_ranking=... from rank_layers to skip this)",
                 config.ranking_batches,
             )
-            plan.probe = DenseGradientProbe(self.medyate_layers())
+            plan.probe = DenseGradientProbe(self.medyate_layers(), strict=config.detect_anomalies)
         if plan.probe.batches >= config.ranking_batches:
             self._finish_probe(adapter_name)
         else:
