@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -115,6 +116,16 @@ class DenseGradientProbe:
     def count_batch(self) -> None:
         self._settle()
         self.batches += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """What was measured so far (the current batch's reads apart), so a checkpoint can resume the probe."""
+        return {"stats": self.stats.state_dict(), "batch": self._batch.state_dict(), "batches": self.batches,
+                "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stats = GradientStats.from_state_dict(state["stats"])
+        self._batch = GradientStats.from_state_dict(state["batch"])
+        self.batches, self.skipped = state["batches"], state["skipped"]
 
     def close(self) -> GradientStats:
         """Remove the hooks and freeze the base weights again; returns what was measured."""

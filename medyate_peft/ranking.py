@@ -91,6 +91,17 @@ class GradientStats:
             self.layer[name] = self.layer.get(name, 0.0) + value
         self.steps += other.steps
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"channel": {k: v.clone() for k, v in self.channel.items()}, "layer": dict(self.layer),
+                "steps": self.steps}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> GradientStats:
+        stats = cls()
+        stats.channel = {k: v.clone() for k, v in state["channel"].items()}
+        stats.layer, stats.steps = dict(state["layer"]), state["steps"]
+        return stats
+
     def is_finite(self) -> bool:
         return all(bool(torch.isfinite(n).all()) for n in self.channel.values()) and all(
             math.isfinite(v) for v in self.layer.values()

@@ -203,8 +203,12 @@ def test_trainer_callback_resamples_at_every_epoch(strategy, ranking, tmp_path):
         assert not first and norms[0] is not None and not torch.equal(norms[0], norms[-1])
 
 
-def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path):
-    """An interrupted Trainer run resumed mid-epoch ends with the same weights, deltas and channels."""
+@pytest.mark.parametrize(("ranking_batches", "step"), [(1, 8), (3, 2)], ids=["after-resample", "mid-ranking"])
+def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path, ranking_batches, step):
+    """An interrupted Trainer run resumed mid-epoch ends with the same weights, deltas and channels.
+
+    Also from a checkpoint taken while the first batches' dense gradients were still being measured.
+    """
     from transformers import Trainer, TrainingArguments
 
     from medyate_peft.callbacks import TRAINING_STATE_NAME
@@ -214,22 +218,23 @@ def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path):
 
     def make() -> nn.Module:
         torch.manual_seed(0)
-        config = MeDyateConfig(budget_kb=BUDGET_KB, input_size=INPUT, strategy="medyate", ranking_batches=1,
-                               modules_to_save=["net.classifier"])
+        config = MeDyateConfig(budget_kb=BUDGET_KB, input_size=INPUT, strategy="medyate",
+                               ranking_batches=ranking_batches, modules_to_save=["net.classifier"])
         return get_peft_model(Wrapped(), config)
 
     def trainer(model: nn.Module, out: Path, callback: MeDyateCallback | None = None) -> Trainer:
         args = TrainingArguments(
             output_dir=str(out), num_train_epochs=3, per_device_train_batch_size=4, learning_rate=0.5, optim="sgd",
-            lr_scheduler_type="constant", report_to=[], save_strategy="steps", save_steps=8, logging_strategy="no",
+            lr_scheduler_type="constant", report_to=[], save_strategy="steps", save_steps=step, logging_strategy="no",
             use_cpu=True, disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, seed=0,
         )
         return Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback or MeDyateCallback()])
 
     whole = make()
-    trainer(whole, tmp_path / "whole").train()  # 6 steps an epoch: checkpoint-8 is mid-epoch 2, after a resample
+    # 6 steps an epoch: checkpoint-8 is mid-epoch 2, after a resample; checkpoint-2 inside the 3 ranking batches
+    trainer(whole, tmp_path / "whole").train()
     expected = {k: v.detach().clone() for k, v in whole.state_dict().items()}
-    checkpoint = tmp_path / "whole" / "checkpoint-8"
+    checkpoint = tmp_path / "whole" / f"checkpoint-{step}"
     assert (checkpoint / TRAINING_STATE_NAME).is_file()
 
     for out, callback in [(tmp_path / "whole", None), (tmp_path / "moved", MeDyateCallback(resume_from=checkpoint))]:

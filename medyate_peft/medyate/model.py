@@ -518,6 +518,7 @@ class MeDyateModel(BaseTuner):
             "values": self.medyate_values[adapter_name].detach().cpu().clone(),
             "layers": layers,
             "pool": None,
+            "probe": None if plan.probe is None else plan.probe.state_dict(),
         }
         if plan.pool is not None:
             state["pool"] = [dataclasses.asdict(c) for c in plan.pool.costs]
@@ -558,6 +559,14 @@ class MeDyateModel(BaseTuner):
             values.copy_(state["values"])
         plan.epoch = state["epoch"]
         plan.generator.set_state(state["generator"])
+        if state.get("probe") is not None:  # saved while the first batches' dense gradients were measured
+            if plan.probe is None:
+                config: MeDyateConfig = self.peft_config[adapter_name]
+                plan.probe = DenseGradientProbe(self.medyate_layers(), strict=config.detect_anomalies)
+            plan.probe.load_state_dict(state["probe"])
+        elif plan.probe is not None:  # this run had started measuring; the checkpoint is past that
+            plan.probe.close()
+            plan.probe = None
         if state["pool"] is None:
             return
         plan.pool = ChannelPool.build([LayerCost(**c) for c in state["pool"]])
