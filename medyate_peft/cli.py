@@ -229,9 +229,10 @@ def inspect_command(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from .train import train
+    from .train import end_processes, train
 
     train(args)
+    end_processes()
     return 0
 
 

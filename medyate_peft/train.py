@@ -13,6 +13,7 @@ data order and augmentation are seeded from (seed, epoch, rank), so they need no
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import shutil
@@ -509,7 +510,20 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
+def end_processes() -> None:
+    """Destroy the process group before the interpreter exits.
+
+    DDP keeps the group alive in reference cycles; left to Python's shutdown, gloo's threads can
+    outlive it and the process aborts ("terminate called without an active exception").
+    """
+    from accelerate import PartialState
+
+    gc.collect()
+    PartialState().destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     train(args)
+    end_processes()
     return 0

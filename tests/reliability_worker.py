@@ -17,6 +17,7 @@ outcome of each resample ("ok" or the error) goes to OUT/rank<RANK>.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import os
@@ -165,6 +166,7 @@ def ddp_rank(rank: int, store: Path, out: Path, world: int = 2) -> None:
                 outcome.append(str(err))
     finally:
         (out / f"rank{rank}.json").write_text(json.dumps(outcome))
+        gc.collect()  # the DDP wrappers hold the group; freed at interpreter exit instead, gloo can abort
         dist.destroy_process_group()
 
 
