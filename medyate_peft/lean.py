@@ -26,9 +26,10 @@ back to the module's own forward whenever its preconditions fail (BatchNorm in t
 trainable affine parameters, no gradient needed, ...).
 
 Time cost (measured, results/lean_backward.md): +5% to +28% CPU per forward+backward on the MCU
-networks, from the unfused mask and BatchNorm passes and the autograd-function frozen convolutions. Caveat of the
-recompute: the kept smaller tensor must not be modified in place later in the forward (autograd
-then raises, as it does for any saved tensor); turn `lean_backward` off for such a model.
+networks, mostly from the mask passes (the derivative mask in forward, a multiply by it in backward,
+where plain autograd runs one fused kernel). Caveat of the recompute: the kept smaller tensor must
+not be modified in place later in the forward (autograd then raises, as it does for any saved
+tensor); turn `lean_backward` off for such a model.
 """
 
 from __future__ import annotations
