@@ -12,6 +12,7 @@ fine-tuning's median (and the spread of the per-round ratios).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import platform
 import random
@@ -30,6 +31,7 @@ import bench_common  # noqa: E402  (also registers the MEDYATE peft type)
 from benchmark import RANKINGS, RESULTS  # noqa: E402
 
 from medyate_peft.atomic import atomic_write, atomic_write_json  # noqa: E402
+from medyate_peft.lean import lean_backward  # noqa: E402
 
 METHODS = ("full", "classifier", "lora", "static_random", "trady", "medyate")
 
@@ -48,19 +50,23 @@ def setups_for(cell: dict, config: dict, task: bench_common.Task, base: torch.nn
                     "ranking_path": str(ranking) if method in ("trady", "medyate") else None}
             setup = bench_common.setup_method(spec, copy.deepcopy(base), task)
             optimizer = torch.optim.SGD(setup.params, lr=1e-3)
-            out[method if budget is None else f"{method}@{budget}"] = (setup, optimizer)
+            label = method if budget is None else f"{method}@{budget}"
+            out[label] = (setup, optimizer, True)
+            if method in bench_common.MEDYATE_METHODS:  # the same model, stepped with plain autograd's frozen path
+                out[f"{label} lean off"] = (setup, optimizer, False)
     return out
 
 
-def time_step(setup: bench_common.Setup, optimizer: torch.optim.Optimizer, batch, clip: float) -> float:
+def time_step(setup: bench_common.Setup, optimizer: torch.optim.Optimizer, lean: bool, batch, clip: float) -> float:
     setup.train_mode()
-    t = time.perf_counter()
-    loss = bench_common.loss_of(setup.model, batch)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(setup.params, clip)
-    optimizer.step()
-    return time.perf_counter() - t
+    with contextlib.nullcontext() if lean else lean_backward(setup.model, False):
+        t = time.perf_counter()
+        loss = bench_common.loss_of(setup.model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(setup.params, clip)
+        optimizer.step()
+        return time.perf_counter() - t
 
 
 def main() -> None:
@@ -101,7 +107,7 @@ def main() -> None:
                    statistics.median(full), "round_ratio_p25": ratios[len(ratios) // 4],
                    "round_ratio_p75": ratios[(3 * len(ratios)) // 4], "rounds": len(ts)}
             rows.append(row)
-            print(f"{cell['network']:<20} {label:<22} {row['median_ms']:8.1f} ms  x{row['ratio_to_full']:.2f}",
+            print(f"{cell['network']:<20} {label:<30} {row['median_ms']:8.1f} ms  x{row['ratio_to_full']:.2f}",
                   flush=True)
     lines = [
         "# Step time side by side (one process, interleaved rounds)", "",
@@ -109,7 +115,8 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, batch {recipe['batch_size']}, "
         f"{recipe['image_size']}x{recipe['image_size']}, one real {args.dataset} batch; each round times one "
         "training step (forward, backward, clip, SGD step) of every method in a shuffled order; 3 warm-up "
-        "rounds dropped.", "",
+        "rounds dropped. *lean off*: the same model's step with plain autograd through the frozen path "
+        "(`lean_backward` off: more saved activations, fewer passes).", "",
         "| network | method | median step ms | / full FT (of medians) | per-round ratio p25-p75 |",
         "|---|---|---:|---:|---|",
     ]
