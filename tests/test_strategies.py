@@ -293,7 +293,7 @@ def test_trainer_fp16_skips_overflowing_ranking_batches(tmp_path):
     assert bool(torch.isfinite(model.base_model.medyate_values["default"]).all())
 
 
-def test_dense_gradient_probe_strict_names_the_layer_lenient_skips_the_batch(ranking):
+def test_dense_gradient_probe_strict_names_the_layer_lenient_skips_the_batch():
     from medyate_peft.guards import NonFiniteError
 
     x, y = batches(1, size=8)[0]
