@@ -561,8 +561,7 @@ class MeDyateModel(BaseTuner):
         plan.generator.set_state(state["generator"])
         if state.get("probe") is not None:  # saved while the first batches' dense gradients were measured
             if plan.probe is None:
-                config: MeDyateConfig = self.peft_config[adapter_name]
-                plan.probe = DenseGradientProbe(self.medyate_layers(), strict=config.detect_anomalies)
+                plan.probe = self._open_probe(adapter_name)
             plan.probe.load_state_dict(state["probe"])
         elif plan.probe is not None:  # this run had started measuring; the checkpoint is past that
             plan.probe.close()
@@ -604,11 +603,15 @@ class MeDyateModel(BaseTuner):
                 "a layer ranking and none was given (pass layer_ranking=... from rank_layers to skip this)",
                 config.ranking_batches,
             )
-            plan.probe = DenseGradientProbe(self.medyate_layers(), strict=config.detect_anomalies)
+            plan.probe = self._open_probe(adapter_name)
         if plan.probe.batches >= config.ranking_batches:
             self._finish_probe(adapter_name)
         else:
             plan.probe.count_batch()
+
+    def _open_probe(self, adapter_name: str) -> DenseGradientProbe:
+        """Dense-gradient hooks on every wrapped layer; NaN/inf raises only if the adapter detects anomalies."""
+        return DenseGradientProbe(self.medyate_layers(), strict=self.peft_config[adapter_name].detect_anomalies)
 
     def _finish_probe(self, adapter_name: str) -> None:
         plan = self.plans[adapter_name]
