@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_write_json
 from .budget import LayerCost, activation_slots_of_input, layer_cost
+from .candidates import detect_head, is_candidate_type, unsupported_reason
 
 RANKING_FORMAT = "medyate-layer-ranking"
 RANKING_VERSION = 1
@@ -150,15 +151,13 @@ class GradientStats:
 # -- preliminary fine-tuning ----------------------------------------------------------------------
 def _candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers MeDyate would wrap with target_modules=None: supported Conv2d/Linear outside the head."""
-    from .medyate.model import _detect_head, _is_candidate_type, _unsupported_reason
-
-    heads = tuple(_detect_head(model) or ())
+    heads = tuple(detect_head(model) or ())
     return {
         name: module
         for name, module in model.named_modules()
-        if _is_candidate_type(module)
+        if is_candidate_type(module)
         and not any(name == h or name.startswith(h + ".") for h in heads)
-        and _unsupported_reason(name, module, model) is None
+        and unsupported_reason(name, module, model) is None
     }
 
 

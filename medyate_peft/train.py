@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import atomic_directory, atomic_write_json
+from .candidates import detect_head
 
 METHODS = ("medyate", "full", "head")
 STATE_FILE = "training_state.pt"
@@ -111,9 +112,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 # -- model ----------------------------------------------------------------------------------------
 def _head_names(model: nn.Module) -> list[str]:
-    from .medyate.model import _detect_head
-
-    head = _detect_head(model)
+    head = detect_head(model)
     if head is None:
         raise ValueError(f"no classifier head found on {type(model).__name__}; cannot train it")
     return head

@@ -18,6 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import guards
 from ..budget import LayerCost, budget_slots, layer_cost, slots_to_kb, weight_slots_per_channel
+from ..candidates import detect_head, is_candidate_type, unsupported_reason
 from ..ddp import check_ranks_agree, fingerprint
 from ..kernels import Selection
 from ..lean import apply_lean_backward, remove_lean_backward
@@ -38,21 +39,6 @@ from .layer import Conv2d, Linear, MeDyateLayer
 
 logger = logging.getLogger(__name__)
 
-HEAD_NAMES = ("classifier", "score", "head", "fc")
-
-
-def _unsupported_reason(name: str, module: nn.Module, model: nn.Module) -> str | None:
-    """Why a Conv2d/Linear cannot be wrapped (None: it can)."""
-    parent_name = name.rpartition(".")[0]
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, nn.MultiheadAttention):
-        return "nn.MultiheadAttention reads out_proj.weight directly, bypassing any wrapper"
-    custom_forward = type(module).forward not in (nn.Conv2d.forward, nn.Linear.forward)
-    if custom_forward and type(module).__name__ != "Conv2dSame":
-        return f"{type(module).__name__} overrides forward(); its semantics are unknown to MeDyate"
-    return None
-
-
 def _unmatched_targets(targets: list[str] | str | None, names: list[str]) -> list[str]:
     """Entries of target_modules that match no module name, by PEFT's rules (name suffix, or full regex)."""
     if targets is None:
@@ -65,23 +51,6 @@ def _unmatched_targets(targets: list[str] | str | None, names: list[str]) -> lis
 def _kb_up(slots: int, bytes_per_slot: int) -> float:
     """kB for `slots`, rounded up to 0.01 kB so that the value shown is enough."""
     return math.ceil(slots_to_kb(slots, bytes_per_slot) * 100) / 100
-
-
-def _is_candidate_type(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Conv2d, nn.Linear))
-
-
-def _detect_head(model: nn.Module) -> list[str] | None:
-    """The classifier a user would expect to be trained in full: timm's declared one, else a known name."""
-    declared = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    names = dict(model.named_modules())
-    head = declared.get("classifier") if isinstance(declared, dict) else None
-    if head in names and any(p.numel() for p in names[head].parameters()):
-        return [head]
-    for candidate in HEAD_NAMES:
-        if candidate in names and any(p.numel() for p in names[candidate].parameters()):
-            return [candidate]
-    return None
 
 
 @dataclass
@@ -129,13 +98,13 @@ class MeDyateModel(BaseTuner):
             )
         unmatched = _unmatched_targets(peft_config.target_modules, names)
         if unmatched:
-            layers = [n for n, m in model.named_modules() if _is_candidate_type(m)]
+            layers = [n for n, m in model.named_modules() if is_candidate_type(m)]
             raise ValueError(
                 f"target_modules {unmatched} match no module of the model (its Conv2d/Linear layers: {layers[:8]}"
                 f"{' ...' if len(layers) > 8 else ''}); leave target_modules=None to take every supported layer"
             )
         if peft_config.modules_to_save is None:
-            peft_config.modules_to_save = _detect_head(model)
+            peft_config.modules_to_save = detect_head(model)
             if peft_config.modules_to_save is None:
                 logger.warning("MeDyate: no classifier head found; pass modules_to_save=[...] to train one in full")
         if peft_config.target_modules is not None:
@@ -149,9 +118,9 @@ class MeDyateModel(BaseTuner):
             if isinstance(module, MeDyateLayer):
                 names.append(name)
                 continue
-            if not _is_candidate_type(module) or any(name == s or name.startswith(s + ".") for s in saved):
+            if not is_candidate_type(module) or any(name == s or name.startswith(s + ".") for s in saved):
                 continue
-            reason = _unsupported_reason(name, module, model)
+            reason = unsupported_reason(name, module, model)
             if reason:
                 logger.info("MeDyate: skipping %s: %s", name, reason)
                 continue
@@ -171,13 +140,13 @@ class MeDyateModel(BaseTuner):
         if isinstance(target, MeDyateLayer):
             target.update_layer(adapter_name, peft_config.lean_backward)
             return
-        if not _is_candidate_type(target):
+        if not is_candidate_type(target):
             raise TypeError(
                 f"target module {current_key!r} is a {type(target).__name__}; MeDyate trains input channels of "
                 "nn.Conv2d and nn.Linear layers only. Remove it from target_modules (or leave target_modules=None "
                 "to take every supported layer)."
             )
-        reason = _unsupported_reason(current_key, target, self.model)
+        reason = unsupported_reason(current_key, target, self.model)
         if reason:
             raise TypeError(f"target module {current_key!r} cannot be wrapped: {reason}. Remove it from target_modules.")
         layer_cls = Conv2d if isinstance(target, nn.Conv2d) else Linear
