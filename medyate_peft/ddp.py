@@ -1,9 +1,10 @@
 """DDP ranks must draw identical channels; ranks that disagree are caught instead of diverging.
 
-Every rank maps its own selection onto the same flat trainable vector, whose gradient DDP
-averages, so ranks built with different seeds or configs would silently mix gradients of different
-channels. At each `resample()` (already a collective step) the ranks exchange a fingerprint of
-what decides the selection and all raise the same error, naming what differs, if they disagree.
+Every rank maps its own selection onto the flat trainable vector, whose gradient the tuner
+averages over ranks, so ranks built with different seeds or configs would mix gradients of different
+channels (or all-reduce vectors of different sizes). At the first backward after each draw and at
+each `resample()` (both collective steps) the ranks exchange a fingerprint of what decides the
+selection and all raise the same error, naming what differs, if they disagree.
 """
 
 from __future__ import annotations

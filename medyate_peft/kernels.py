@@ -22,8 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-WeightFn = Callable[[], torch.Tensor]
-
 
 def _grouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
     out_channels, in_per_group = weight.shape[0], weight.shape[1]
@@ -44,6 +42,40 @@ def add_to_channels(weight: torch.Tensor, groups: int, idx: torch.Tensor, values
     grouped[rows, :, cols] = grouped[rows, :, cols] + values.view(len(idx), grouped.shape[1], -1)
 
 
+def copy_channels(weight: torch.Tensor, source: torch.Tensor, groups: int, idx: torch.Tensor) -> None:
+    """In place: weight[:, c] = source[:, c] for c in idx (both contiguous, same shape)."""
+    in_per_group = weight.shape[1]
+    rows, cols = idx // in_per_group, idx % in_per_group
+    _grouped(weight, groups)[rows, :, cols] = _grouped(source.contiguous(), groups)[rows, :, cols]
+
+
+class SegmentedVector:
+    """The flat trainable vector split into per-layer segments, once for every layer.
+
+    Each layer takes its segment from one shared `torch.split`, so backward concatenates the compact
+    gradients once (selection-sized) instead of every layer scattering into a vector of its own. The
+    split is kept until the vector changes in place (an optimizer step: autograd refuses views of
+    a modified base) or grad mode changes the answer, so micro-batches of one step share it. Under
+    `torch.compile` every call splits afresh (a graph input must not carry another graph's history).
+    """
+
+    def __init__(self, values: torch.Tensor, sizes: list[int]) -> None:
+        self.values, self.sizes = values, sizes
+        self._parts: tuple[torch.Tensor, ...] | None = None
+        self._key: tuple[int, bool] | None = None
+
+    def part(self, slot: int) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.split(self.values, self.sizes)[slot]
+        key = (self.values._version, self.values.requires_grad and torch.is_grad_enabled())
+        if self._parts is None or key != self._key:
+            self._parts, self._key = torch.split(self.values, self.sizes), key
+        return self._parts[slot]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_parts": None, "_key": None}  # non-leaf views cannot be copied; they are redone
+
+
 @dataclass
 class Selection:
     """Live selected channels of one layer and where their values sit in the flat trainable vector."""
@@ -51,7 +83,11 @@ class Selection:
     idx: torch.Tensor  # sorted input-channel indices, int64
     offset: int  # start of this layer's segment in the flat parameter
     numel: int  # len(idx) * C^W
-    record: Callable[[torch.Tensor], None]  # receives per-channel gradient norms of each backward
+    vector: SegmentedVector
+    slot: int  # this layer's position among the vector's segments
+
+    def segment(self) -> torch.Tensor:
+        return self.vector.part(self.slot)
 
 
 @dataclass(frozen=True)
@@ -73,45 +109,46 @@ def _input_grad_through_pad(pad: Callable, x_shape: torch.Size, grad_padded: tor
     return grad_x
 
 
-def _scatter_segment(values: torch.Tensor, sel: Selection, compact: torch.Tensor) -> torch.Tensor:
-    """Gradient of the flat parameter: the compact gradient in this layer's segment, zeros elsewhere."""
-    sel.record(compact.detach().flatten(1).norm(dim=1))
-    grad = torch.zeros_like(values)
-    grad[sel.offset : sel.offset + sel.numel] = compact.reshape(-1)
-    return grad
-
-
 class ChannelSparseConv2d(torch.autograd.Function):
-    """y = conv2d(x, W_eff) where only the channels of `sel` are trainable through `values`."""
+    """y = conv2d(x, weight); `segment` holds the trainable values of the input channels `idx`.
+
+    `weight` is the effective weight (base + deltas, no autograd history); it is kept for the input
+    gradient by reference, not copied: if it changes before backward (an optimizer step between
+    forward and backward), backward uses the new values, as re-reading the parameters would. The segment's values are already in it: the segment is an
+    input only so that autograd routes its compact gradient to the flat vector.
+    """
 
     @staticmethod
-    def forward(ctx, x, values, bias, weight_fn: WeightFn, spec: ConvSpec, sel: Selection | None):
+    def forward(ctx, x, weight, bias, segment, spec: ConvSpec, idx: torch.Tensor | None):
         # Padding acts per channel, so the unpadded slice is saved and padded again in backward.
-        x_sel = x.index_select(1, sel.idx) if sel is not None and ctx.needs_input_grad[1] else None
+        x_sel = x.index_select(1, idx) if ctx.needs_input_grad[3] else None
         ctx.x_shape = x.shape
         if spec.pad is not None:
             x = spec.pad(x)
-        y = F.conv2d(x, weight_fn(), bias, spec.stride, spec.padding, spec.dilation, spec.groups)
-        ctx.save_for_backward(x_sel, values)
-        ctx.padded_shape, ctx.weight_fn, ctx.spec, ctx.sel = x.shape, weight_fn, spec, sel
+        y = F.conv2d(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.groups)
+        ctx.save_for_backward(x_sel)
+        # Persistent tensors (the parameter or the layer's kept effective weight, the selection's
+        # channels) are held by reference: they cost no memory, unlike the saved activation slice.
+        ctx.weight, ctx.idx = weight if ctx.needs_input_grad[0] else None, idx
+        ctx.padded_shape, ctx.spec = x.shape, spec
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_sel, values = ctx.saved_tensors
-        spec, sel = ctx.spec, ctx.sel
-        grad_x = grad_values = grad_bias = None
+        (x_sel,) = ctx.saved_tensors
+        weight, idx, spec = ctx.weight, ctx.idx, ctx.spec
+        grad_x = grad_segment = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = ctx.weight_fn().to(grad_y.dtype)
+            weight = weight.to(grad_y.dtype)
             grad_x = conv2d_input(ctx.padded_shape, weight, grad_y, spec.stride, spec.padding, spec.dilation, spec.groups)
             if spec.pad is not None:
                 grad_x = _input_grad_through_pad(spec.pad, ctx.x_shape, grad_x)
         if x_sel is not None:
             x_sel = (x_sel if spec.pad is None else spec.pad(x_sel)).to(grad_y.dtype)
-            grad_values = _scatter_segment(values, sel, _conv_channel_grad(x_sel, grad_y, spec, sel.idx))
+            grad_segment = _conv_channel_grad(x_sel, grad_y, spec, idx).reshape(-1)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_y.sum(dim=(0, 2, 3))
-        return grad_x, grad_values, grad_bias, None, None, None
+        return grad_x, None, grad_bias, grad_segment, None, None
 
 
 def _conv_channel_grad(
@@ -137,26 +174,27 @@ def _conv_channel_grad(
 
 
 class ChannelSparseLinear(torch.autograd.Function):
-    """y = x W_eff^T + b where only the input features of `sel` are trainable through `values`."""
+    """y = x weight^T + b; `segment` holds the trainable values of the input features `idx`."""
 
     @staticmethod
-    def forward(ctx, x, values, bias, weight_fn: WeightFn, sel: Selection | None):
-        y = F.linear(x, weight_fn(), bias)
-        x_sel = x.index_select(-1, sel.idx) if sel is not None and ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(x_sel, values)
-        ctx.weight_fn, ctx.sel = weight_fn, sel
+    def forward(ctx, x, weight, bias, segment, idx: torch.Tensor | None):
+        y = F.linear(x, weight, bias)
+        x_sel = x.index_select(-1, idx) if ctx.needs_input_grad[3] else None
+        ctx.save_for_backward(x_sel)
+        ctx.weight = weight if ctx.needs_input_grad[0] else None  # by reference, as in ChannelSparseConv2d
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_sel, values = ctx.saved_tensors
-        grad_x = grad_values = grad_bias = None
+        (x_sel,) = ctx.saved_tensors
+        weight = ctx.weight
+        grad_x = grad_segment = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ ctx.weight_fn().to(grad_y.dtype)
+            grad_x = grad_y @ weight.to(grad_y.dtype)
         if x_sel is not None:
             flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
             compact = x_sel.reshape(-1, x_sel.shape[-1]).to(grad_y.dtype).t() @ flat_grad  # (|S|, C')
-            grad_values = _scatter_segment(values, ctx.sel, compact)
+            grad_segment = compact.reshape(-1)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
-        return grad_x, grad_values, grad_bias, None, None
+        return grad_x, None, grad_bias, grad_segment, None

@@ -109,14 +109,19 @@ class NormTracker:
         self.epoch_count = torch.zeros(size, dtype=torch.long)
         self.epochs_done = 0
 
-    def record(self, positions: torch.Tensor, norms: torch.Tensor) -> None:
-        """Add one backward's norms; the sums live on the gradients' device (no host sync per step)."""
+    def record(self, positions: torch.Tensor, norms: torch.Tensor, counted: torch.Tensor | None = None) -> None:
+        """Add one backward's norms; the sums live on the gradients' device (no host sync per step).
+
+        `counted` (bool per entry, default all) says which entries count as a measurement; the others
+        must carry a norm of 0.
+        """
         if self.epoch_sum.device != norms.device:
             self.epoch_sum = self.epoch_sum.to(norms.device)
             self.epoch_count = self.epoch_count.to(norms.device)
         positions = positions.to(norms.device)
         self.epoch_sum.index_add_(0, positions, norms.to(torch.float64))
-        self.epoch_count.index_add_(0, positions, torch.ones_like(positions))
+        ones = torch.ones_like(positions) if counted is None else counted.to(torch.long)
+        self.epoch_count.index_add_(0, positions, ones)
 
     def end_epoch(self, selected: torch.Tensor) -> None:
         self.epoch_sum, self.epoch_count = self.epoch_sum.cpu(), self.epoch_count.cpu()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -166,16 +167,33 @@ def test_only_selected_slices_and_head_change():
     assert sum(len(v) for v in chosen.values()) > 0
 
 
-def test_trainable_vector_keeps_its_shape_across_resamples():
+def test_trainable_vector_is_one_parameter_sized_by_each_selection():
     model, _ = make(budget_kb=4.0)
-    optimizer = train_steps(model, steps=1)
-    values = model.base_model.medyate_values["default"]
-    shape, selections = values.shape, []
+    x, y = batch()
+    tuner = model.base_model
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    kept = [step()]  # its graph stays alive across the resample, as a training loop's last loss does
+    values = tuner.medyate_values["default"]
+    selections, sizes = [], set()
     for _ in range(3):
-        model.base_model.resample(optimizer)
-        selections.append({k: v.tolist() for k, v in model.base_model.selection().items()})
-        assert model.base_model.medyate_values["default"] is values and values.shape == shape
-        train_steps(model, steps=1)
+        tuner.resample(optimizer)
+        selection = tuner.selection()
+        selections.append({k: v.tolist() for k, v in selection.items()})
+        layers = tuner.medyate_layers()
+        slots = sum(len(idx) * math.prod(layers[name].slice_shape) for name, idx in selection.items())
+        assert tuner.medyate_values["default"] is values and values.numel() == slots  # not the budget
+        sizes.add(slots)
+        kept.append(step())  # the optimizer built once keeps stepping it, its Adam moments sized anew
+        assert values.grad.shape == values.shape and values.grad.abs().sum() > 0
+        assert optimizer.state[values]["exp_avg"].shape == values.shape
     assert selections[0] != selections[1] or selections[1] != selections[2]
 
 

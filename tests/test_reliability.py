@@ -450,7 +450,7 @@ def test_resume_with_another_config_or_base_is_refused_before_anything_changes()
 
 # -- 5. DDP ----------------------------------------------------------------------------------------
 @pytest.mark.ddp
-def test_ddp_ranks_with_different_seeds_fail_at_resample_on_every_rank(tmp_path) -> None:
+def test_ddp_ranks_with_different_seeds_fail_at_their_first_backward_on_every_rank(tmp_path) -> None:
     logs = [(tmp_path / f"rank{rank}.log").open("w") for rank in range(2)]
     ranks = [
         subprocess.Popen(
@@ -471,5 +471,5 @@ def test_ddp_ranks_with_different_seeds_fail_at_resample_on_every_rank(tmp_path)
         assert process.returncode == 0, (tmp_path / f"rank{rank}.log").read_text()[-3000:]
         same, different = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert same == "ok"
-        assert "DDP ranks disagree at resample() of adapter 'default', epoch 0 on seed" in different
+        assert "DDP ranks disagree at the first backward of adapter 'default', epoch 0 on seed" in different
         assert "rank 0=0, rank 1=1" in different and "selected channels" in different

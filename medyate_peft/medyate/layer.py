@@ -4,6 +4,11 @@ Per adapter a layer stores the channels it has ever trained (`medyate_index`) an
 of those channels (`medyate_delta`, frozen). The channels trained in the current epoch take their
 values from a segment of the tuner's flat trainable vector (a `Selection`); `resample()` folds them
 into the stored deltas. The base weight is never touched until `merge`.
+
+The effective weight (base + deltas) is kept between calls, since rebuilding it is a weight-sized
+copy: when only the trained values changed (an optimizer step), just the live channels' slices are
+rewritten, from the same operands as a full rebuild, so the result stays bit-identical to what a
+reloaded adapter computes. The price is one weight-sized tensor per layer that holds deltas.
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..budget import activation_slots_of_input
-from ..kernels import ChannelSparseConv2d, ChannelSparseLinear, ConvSpec, Selection, add_to_channels
+from ..kernels import (
+    ChannelSparseConv2d,
+    ChannelSparseLinear,
+    ConvSpec,
+    Selection,
+    add_to_channels,
+    copy_channels,
+)
 
 
 class MeDyateLayer(BaseTunerLayer):
@@ -38,6 +50,7 @@ class MeDyateLayer(BaseTunerLayer):
         self.live: dict[str, tuple[nn.Parameter, Selection]] = {}
         self.lean_backward = True
         self.activation_slots: int | None = None
+        self._weight_cache: tuple[tuple, tuple, torch.Tensor] | None = None  # (deltas key, live versions, weight)
         self.kwargs = kwargs
 
     # -- layout -------------------------------------------------------------------------------
@@ -72,10 +85,12 @@ class MeDyateLayer(BaseTunerLayer):
         self.medyate_index[adapter_name] = index[order].to(device=weight.device, dtype=torch.long)
         values = delta[order].reshape(len(index), *self.slice_shape).to(device=weight.device, dtype=weight.dtype)
         self.medyate_delta[adapter_name] = nn.Parameter(values, requires_grad=False)
+        self._weight_cache = None
 
     # -- live selection -----------------------------------------------------------------------
     def set_live(self, adapter_name: str, values: nn.Parameter, selection: Selection | None) -> None:
         """Point the adapter's trainable channels at a segment of the flat vector (None: none)."""
+        self._weight_cache = None
         if selection is None:
             self.live.pop(adapter_name, None)
             return
@@ -101,6 +116,7 @@ class MeDyateLayer(BaseTunerLayer):
         _, sel = self.live[adapter_name]
         pos = torch.searchsorted(self.medyate_index[adapter_name], sel.idx.to(self.medyate_index[adapter_name].device))
         self.medyate_delta[adapter_name].data[pos] += live.to(self.medyate_delta[adapter_name].dtype)
+        self._weight_cache = None
 
     def folded_delta(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(channels, delta slices) including the live values, without mutating anything."""
@@ -130,15 +146,46 @@ class MeDyateLayer(BaseTunerLayer):
         Live values are folded into the stored delta before the single addition to the base weight,
         so a reloaded adapter (which stores the folded delta) gives bit-identical outputs.
         """
-        weight = self.get_base_layer().weight.detach()
-        adapters = [a for a in self._contributing_adapters() if len(self.medyate_index[a])]
+        base = self.get_base_layer().weight.detach()
+        adapters = tuple(a for a in self._contributing_adapters() if len(self.medyate_index[a]))
         if not adapters:
-            return weight
-        weight = weight.clone()
+            return base
+        if torch.compiler.is_compiling():  # in a graph: built functionally, the compiler fuses it
+            return self._build_weight(base, adapters)
+        key = (base.data_ptr(), base._version, base.dtype, adapters,
+               tuple((self.medyate_delta[a].data_ptr(), self.medyate_delta[a]._version) for a in adapters))
+        versions = tuple(self.live[a][0]._version if a in self.live else -1 for a in adapters)
+        cache = self._weight_cache
+        if cache is None or cache[0] != key:
+            weight = self._build_weight(base, adapters)
+        elif cache[1] != versions:
+            weight = cache[2]
+            self._refresh_live_channels(weight, base, adapters)
+        else:
+            return cache[2]
+        self._weight_cache = (key, versions, weight)
+        return weight
+
+    def _build_weight(self, base: torch.Tensor, adapters: tuple[str, ...]) -> torch.Tensor:
+        weight = base.clone()
         for adapter in adapters:
             index, delta = self.folded_delta(adapter)
             add_to_channels(weight, self.groups, index, delta)
         return weight
+
+    def _refresh_live_channels(self, weight: torch.Tensor, base: torch.Tensor, adapters: tuple[str, ...]) -> None:
+        """Rewrite only the live channels of `weight`, by the same additions as `_build_weight`."""
+        live = [self.live[a][1].idx for a in adapters if a in self.live]
+        channels = torch.unique(torch.cat(live)) if len(live) > 1 else live[0]
+        copy_channels(weight, base, self.groups, channels)
+        for adapter in adapters:
+            index = self.medyate_index[adapter]
+            pos = torch.nonzero(torch.isin(index, channels.to(index.device))).squeeze(1)
+            delta = self.medyate_delta[adapter].detach()[pos]
+            if adapter in self.live:
+                sel = self.live[adapter][1]
+                delta[torch.searchsorted(index[pos], sel.idx.to(index.device))] += self.live_values(adapter).to(delta.dtype)
+            add_to_channels(weight, self.groups, index[pos], delta)
 
     def _trainable_selection(self) -> tuple[nn.Parameter, Selection] | None:
         trainable = [
@@ -188,13 +235,12 @@ class MeDyateLayer(BaseTunerLayer):
         needs_graph = trainable is not None or (self.lean_backward and torch.is_grad_enabled() and x.requires_grad)
         if not needs_graph:
             return self._dense(x, self.effective_weight())
-        values, sel = trainable if trainable is not None else (None, None)
-        return self._sparse(x, values, sel)
+        return self._sparse(x, trainable[1] if trainable is not None else None)
 
     def _dense(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _sparse(self, x: torch.Tensor, values: nn.Parameter | None, sel: Selection | None) -> torch.Tensor:
+    def _sparse(self, x: torch.Tensor, sel: Selection | None) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -262,9 +308,10 @@ class Conv2d(_WrappedLayer):
         x = x if spec.pad is None else spec.pad(x)
         return F.conv2d(x, weight, self.get_base_layer().bias, spec.stride, spec.padding, spec.dilation, spec.groups)
 
-    def _sparse(self, x: torch.Tensor, values: nn.Parameter | None, sel: Selection | None) -> torch.Tensor:
+    def _sparse(self, x: torch.Tensor, sel: Selection | None) -> torch.Tensor:
         bias = self.get_base_layer().bias
-        return ChannelSparseConv2d.apply(x, values, bias, self.effective_weight, self._spec(), sel)
+        segment, idx = (sel.segment(), sel.idx) if sel is not None else (None, None)
+        return ChannelSparseConv2d.apply(x, self.effective_weight(), bias, segment, self._spec(), idx)
 
 
 class Linear(_WrappedLayer):
@@ -273,5 +320,6 @@ class Linear(_WrappedLayer):
     def _dense(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.get_base_layer().bias)
 
-    def _sparse(self, x: torch.Tensor, values: nn.Parameter | None, sel: Selection | None) -> torch.Tensor:
-        return ChannelSparseLinear.apply(x, values, self.get_base_layer().bias, self.effective_weight, sel)
+    def _sparse(self, x: torch.Tensor, sel: Selection | None) -> torch.Tensor:
+        segment, idx = (sel.segment(), sel.idx) if sel is not None else (None, None)
+        return ChannelSparseLinear.apply(x, self.effective_weight(), self.get_base_layer().bias, segment, idx)

@@ -17,10 +17,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import guards
-from ..budget import LayerCost, budget_slots, layer_cost, slots_to_kb, weight_slots_per_channel
+from ..budget import LayerCost, budget_slots, layer_cost, slots_to_kb
 from ..candidates import detect_head, is_candidate_type, unsupported_reason
 from ..ddp import check_ranks_agree, fingerprint
-from ..kernels import Selection
+from ..kernels import SegmentedVector, Selection
 from ..lean import apply_lean_backward, remove_lean_backward
 from ..oracles import DenseGradientProbe, FullGradient, measure_full_gradient
 from ..ranking import GradientStats, check_covers, load_ranking, select_by_alpha, select_by_rgn
@@ -48,6 +48,20 @@ def _unmatched_targets(targets: list[str] | str | None, names: list[str]) -> lis
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
+def _resize(values: nn.Parameter, numel: int) -> None:
+    """Give the Parameter new zero storage of `numel` slots; the object stays, so optimizers keep it.
+
+    Autograd keeps a leaf's gradient accumulator, with the shape it had, for as long as any old graph
+    refers to it (a `loss` still in scope), and replaces it only when the dtype changes: the detour
+    through another dtype makes the next graph accumulate into the new shape.
+    """
+    fresh = values.new_zeros(numel)
+    with torch.no_grad():
+        values.data = fresh.to(torch.float64 if fresh.dtype != torch.float64 else torch.float32)
+        values.data = fresh
+    values.grad = None
+
+
 def _kb_up(slots: int, bytes_per_slot: int) -> float:
     """kB for `slots`, rounded up to 0.01 kB so that the value shown is enough."""
     return math.ceil(slots_to_kb(slots, bytes_per_slot) * 100) / 100
@@ -65,14 +79,29 @@ class AdapterPlan:
     epoch: int = 0
     probe: DenseGradientProbe | None = None  # open while dense gradients of training batches are measured
     full_norms: torch.Tensor | None = None  # oracles: n(i, c) of every pool channel from a full gradient
+    layout: SegmentLayout | None = None  # how the flat vector's slots map to pool channels
+
+
+@dataclass(frozen=True)
+class SegmentLayout:
+    """The live selection in the flat vector: per layer its slot count and channels, in vector order."""
+
+    names: tuple[str, ...]
+    sizes: list[int]  # slots of each layer's segment
+    channels: tuple[torch.Tensor, ...]  # each layer's selected input channels (CPU)
+    positions: torch.Tensor  # pool position of every selected channel, in vector order (on the vector's device)
 
 
 class MeDyateModel(BaseTuner):
     """Wraps candidate Conv2d/Linear layers; trains a budgeted, re-sampled set of their input channels.
 
-    The trainable parameter is one flat vector per adapter (`medyate_values`), sized by the budget,
-    not by the layers: every epoch a layer's selected channels are mapped to a segment of it, so
-    optimizers and DDP wrappers built once keep working while the selection changes.
+    The trainable parameter is one flat vector per adapter (`medyate_values`): every epoch the
+    selected channels of each layer are mapped to a segment of it, and its storage is resized to the
+    selection's weight slots, so a step's weight gradient is what is trained, never the whole budget.
+    The Parameter object stays the same, so an optimizer built once keeps working (its state for the
+    vector is reset by `resample(optimizer)`). DistributedDataParallel buckets parameters by their size
+    at construction, so it is told to leave the vector out (`_ddp_params_and_buffers_to_ignore`) and
+    the tuner all-reduces the vector's gradient itself, with a payload of exactly the trained slots.
     """
 
     prefix: str = "medyate_"
@@ -166,6 +195,8 @@ class MeDyateModel(BaseTuner):
             self.medyate_values = nn.ParameterDict({})
             self.plans: dict[str, AdapterPlan] = {}
             self._observing = False
+            self._reduce_values = False  # set once a DistributedDataParallel wrapper leaves the vector to us
+            self._agreed: dict[str, SegmentLayout | None] = {}  # per adapter: the selection ranks agreed on
             # PeftModel calls the inner model directly, so lazy planning hooks into that model.
             self._plan_hook = model.register_forward_pre_hook(self._plan_before_forward, with_kwargs=True)
         super().inject_adapter(model, adapter_name, **kwargs)
@@ -173,11 +204,11 @@ class MeDyateModel(BaseTuner):
             apply_lean_backward(self.model)
         budget = budget_slots(config.budget_kb, config.bytes_per_slot)
         layers = self.medyate_layers()
-        capacity = min(budget, sum(m.in_channels * weight_slots_per_channel(m.get_base_layer()) for m in layers.values()))
         device = next(iter(layers.values())).get_base_layer().weight.device
-        values = nn.Parameter(torch.zeros(capacity, device=device))
+        values = nn.Parameter(torch.zeros(0, device=device))  # sized by the selection once one is drawn
         values.requires_grad = adapter_name in self.active_adapters and not config.inference_mode
         self.medyate_values[adapter_name] = values
+        self._hook_values(adapter_name)
         generator = torch.Generator().manual_seed(config.seed)
         self.plans[adapter_name] = AdapterPlan(budget=budget, generator=generator)
         self.train(self.training)
@@ -365,34 +396,88 @@ class MeDyateModel(BaseTuner):
         finally:
             self._observing = observing
 
+    def _selected_layers(self, pool: ChannelPool, selected: torch.Tensor) -> list[tuple[str, torch.Tensor, int]]:
+        """(layer name, its selected channels, its weight slots) in the flat vector's order."""
+        chosen = pool.to_selection(selected)
+        return [(name, chosen[name], len(chosen[name]) * math.prod(layer.slice_shape))
+                for name, layer in self.medyate_layers().items() if name in chosen]
+
     def _apply_selection(self, adapter_name: str) -> None:
-        """Map the selected channels to consecutive segments of the flat trainable vector."""
+        """Map the selected channels to consecutive segments of the flat vector, sized to fit them exactly."""
         plan = self.plans[adapter_name]
         values = self.medyate_values[adapter_name]
-        chosen = plan.pool.to_selection(plan.selected)
+        entries = self._selected_layers(plan.pool, plan.selected)
+        sizes = [slots for _, _, slots in entries]
+        if values.numel() != sum(sizes):
+            _resize(values, sum(sizes))
+        vector = SegmentedVector(values, sizes)
         starts = plan.pool.offsets()
+        live = {name: (slot, idx) for slot, (name, idx, _) in enumerate(entries)}
         offset = 0
         for name, layer in self.medyate_layers().items():
-            if name not in chosen:
+            if name not in live:
                 layer.set_live(adapter_name, values, None)
                 continue
-            idx = chosen[name].to(values.device)
-            numel = len(idx) * math.prod(layer.slice_shape)
-            record = partial(self._record_norms, adapter_name, name, starts[name], idx.cpu())
-            layer.set_live(adapter_name, values, Selection(idx=idx, offset=offset, numel=numel, record=record))
-            offset += numel
-        if offset > values.numel():
-            raise AssertionError(f"selection needs {offset} weight slots, flat vector holds {values.numel()}")
+            slot, idx = live[name]
+            sel = Selection(idx=idx.to(values.device), offset=offset, numel=sizes[slot], vector=vector, slot=slot)
+            layer.set_live(adapter_name, values, sel)
+            offset += sizes[slot]
+        positions = torch.cat([starts[name] + idx for name, idx, _ in entries]) if entries else torch.zeros(0)
+        plan.layout = SegmentLayout(
+            names=tuple(name for name, _, _ in entries),
+            sizes=sizes,
+            channels=tuple(idx for _, idx, _ in entries),
+            positions=positions.to(device=values.device, dtype=torch.long),
+        )
 
-    def _record_norms(self, adapter_name: str, layer: str, start: int, idx: torch.Tensor, norms: torch.Tensor) -> None:
+    def _hook_values(self, adapter_name: str) -> None:
+        """Register `_on_values_grad` on the adapter's vector (again on a copy: deepcopy drops tensor hooks)."""
+        values = self.medyate_values[adapter_name]
+        if values.requires_grad and getattr(values, "_medyate_owner", None) is not self:
+            values.register_hook(partial(self._on_values_grad, adapter_name))
+            values._medyate_owner = self
+
+    def _on_values_grad(self, adapter_name: str, grad: torch.Tensor) -> torch.Tensor:
+        """One backward's gradient of the flat vector: record channel norms on its device, then all-reduce.
+
+        The norms of all selected channels come out of the one gradient tensor, so nothing moves to the
+        host per layer; the sums move once, at `resample()`. With `detect_anomalies` one host check per
+        backward looks for NaN/inf. Under DDP the local gradient is averaged over ranks as DDP would
+        (also inside `no_sync()`, where the result is the same and only the traffic differs).
+        """
         plan = self.plans[adapter_name]
-        norms = norms.detach().to(torch.float64).cpu()
-        finite = torch.isfinite(norms)
-        if not bool(finite.all()):
-            if self.peft_config[adapter_name].detect_anomalies:
-                guards.check_channel_gradients(layer, idx, norms, plan.epoch)
-            idx, norms = idx[finite], norms[finite]  # a skipped (GradScaler) step says nothing about channels
-        plan.tracker.record(start + idx, norms)
+        layout = plan.layout
+        if layout is not None and plan.tracker is not None and grad.numel():
+            rows = grad.detach().split(layout.sizes)
+            norms = torch.cat([g.view(len(c), -1).norm(dim=1) for g, c in zip(rows, layout.channels, strict=True)])
+            finite = torch.isfinite(norms)
+            if self.peft_config[adapter_name].detect_anomalies and not bool(finite.all()):
+                per_layer = zip(layout.names, layout.channels, norms.split([len(c) for c in layout.channels]),
+                                strict=True)
+                for name, channels, layer_norms in reversed(list(per_layer)):  # in backward's order
+                    guards.check_channel_gradients(name, channels, layer_norms.to(torch.float64).cpu(), plan.epoch)
+            # A skipped (GradScaler) step says nothing about its channels: non-finite norms are not counted.
+            plan.tracker.record(layout.positions, torch.where(finite, norms, 0.0), counted=finite)
+        if self._reduce_values and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if self._agreed.get(adapter_name) is not layout:  # ranks with other selections would mismatch sizes
+                when = f"the first backward of adapter {adapter_name!r}, epoch {plan.epoch}"
+                check_ranks_agree(fingerprint(self.peft_config[adapter_name], plan), when)
+                self._agreed[adapter_name] = layout
+            grad = grad / dist.get_world_size()
+            dist.all_reduce(grad)
+        return grad
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """Read by DistributedDataParallel at construction (through PeftModel's attribute forwarding).
+
+        Its buckets are sized once, and the flat vector's size follows the selection, so DDP leaves the
+        vector out and `_on_values_grad` all-reduces it from then on. Names are given as seen from a
+        PeftModel and from this tuner, whichever DDP wraps.
+        """
+        self._reduce_values = True
+        names = [f"medyate_values.{adapter}" for adapter in self.medyate_values]
+        return names + [f"base_model.{name}" for name in names]
 
     def check_finite(self, loss: torch.Tensor | float, what: str = "loss") -> None:
         """Raise NonFiniteError if `loss` (or any tensor) holds NaN/inf; call it before `backward()`."""
@@ -504,11 +589,6 @@ class MeDyateModel(BaseTuner):
         if unknown:
             raise ValueError(f"checkpoint has MeDyate layers this model lacks: {unknown[:5]}; different base model?")
         values = self.medyate_values[adapter_name]
-        if state["values"].shape != values.shape:
-            raise ValueError(
-                f"checkpoint's trainable vector has {state['values'].numel()} slots, this adapter {values.numel()}: "
-                "was it made with another budget_kb?"
-            )
         strategy = self.peft_config[adapter_name].strategy
         if state.get("strategy", strategy) != strategy:
             raise ValueError(
@@ -522,10 +602,15 @@ class MeDyateModel(BaseTuner):
         unknown = sorted({c["name"] for c in state["pool"] or ()} - set(layers))
         if unknown:
             raise ValueError(f"checkpoint's channel pool has layers this model lacks: {unknown[:5]}")
+        pool = None if state["pool"] is None else ChannelPool.build([LayerCost(**c) for c in state["pool"]])
+        slots = 0 if pool is None else sum(n for _, _, n in self._selected_layers(pool, state["selected"]))
+        if state["values"].numel() != slots:
+            raise ValueError(
+                f"checkpoint's trainable vector has {state['values'].numel()} slots, its selection {slots}: the "
+                "checkpoint is damaged or was made for layers of another shape"
+            )
         for name, entry in state["layers"].items():
             layers[name].set_delta(adapter_name, entry["index"], entry["delta"])
-        with torch.no_grad():
-            values.copy_(state["values"])
         plan.epoch = state["epoch"]
         plan.generator.set_state(state["generator"])
         if state.get("probe") is not None:  # saved while the first batches' dense gradients were measured
@@ -535,13 +620,14 @@ class MeDyateModel(BaseTuner):
         elif plan.probe is not None:  # this run had started measuring; the checkpoint is past that
             plan.probe.close()
             plan.probe = None
-        if state["pool"] is None:
-            return
-        plan.pool = ChannelPool.build([LayerCost(**c) for c in state["pool"]])
-        plan.tracker = NormTracker(len(plan.pool))
-        plan.tracker.load_state_dict(state["tracker"])
-        plan.selected = state["selected"].clone()
-        self._apply_selection(adapter_name)
+        if pool is not None:
+            plan.pool = pool
+            plan.tracker = NormTracker(len(plan.pool))
+            plan.tracker.load_state_dict(state["tracker"])
+            plan.selected = state["selected"].clone()
+            self._apply_selection(adapter_name)
+        with torch.no_grad():
+            values.copy_(state["values"])
 
     # -- lazy planning ------------------------------------------------------------------------
     def _plan_before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -550,7 +636,10 @@ class MeDyateModel(BaseTuner):
             return
         for adapter_name in self.active_adapters:
             values = self.medyate_values[adapter_name] if adapter_name in self.medyate_values else None
-            if values is None or not values.requires_grad or self.is_planned(adapter_name):
+            if values is None or not values.requires_grad:
+                continue
+            self._hook_values(adapter_name)
+            if self.is_planned(adapter_name):
                 continue
             if self.needs_dense_gradient(adapter_name):
                 self._probe_training_batch(adapter_name)
