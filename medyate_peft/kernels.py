@@ -98,15 +98,30 @@ class ConvSpec:
     padding: tuple[int, int]
     dilation: tuple[int, int]
     groups: int
-    pad: Callable[[torch.Tensor], torch.Tensor] | None = None  # explicit per-channel padding (reflect, 'same')
+    # Explicit per-channel padding (reflect/replicate/circular, 'same', TF 'SAME'): F.pad's list for an input shape.
+    pads: Callable[[torch.Size], list[int]] | None = None
+    pad_mode: str = "constant"
 
 
-def _input_grad_through_pad(pad: Callable, x_shape: torch.Size, grad_padded: torch.Tensor) -> torch.Tensor:
-    """Back-propagate through an explicit padding; its gradient does not depend on the input values."""
-    with torch.enable_grad():
-        probe = grad_padded.new_zeros(x_shape, requires_grad=True)
-        (grad_x,) = torch.autograd.grad(pad(probe), probe, grad_padded)
-    return grad_x
+def _pad_backward(grad: torch.Tensor, x_shape: torch.Size, pads: list[int], mode: str) -> torch.Tensor:
+    """Gradient through F.pad(x, pads, mode) of a 4-d input, in closed form (no nested autograd call)."""
+    if mode == "constant":
+        left, _, top, _ = pads
+        return grad.narrow(-1, left, x_shape[-1]).narrow(-2, top, x_shape[-2])
+    probe = grad.new_zeros(()).expand(x_shape)  # the backward ops read only its shape
+    if mode == "reflect":
+        return torch.ops.aten.reflection_pad2d_backward(grad, probe, pads)
+    if mode == "replicate":
+        return torch.ops.aten.replication_pad2d_backward(grad, probe, pads)
+    for dim, (before, after) in ((-1, pads[0:2]), (-2, pads[2:4])):  # circular: fold the wrapped edges back
+        size = x_shape[dim]
+        inner = grad.narrow(dim, before, size).clone()
+        if before:
+            inner.narrow(dim, size - before, before).add_(grad.narrow(dim, 0, before))
+        if after:
+            inner.narrow(dim, 0, after).add_(grad.narrow(dim, before + size, after))
+        grad = inner
+    return grad
 
 
 class ChannelSparseConv2d(torch.autograd.Function):
@@ -123,8 +138,9 @@ class ChannelSparseConv2d(torch.autograd.Function):
         # Padding acts per channel, so the unpadded slice is saved and padded again in backward.
         x_sel = x.index_select(1, idx) if ctx.needs_input_grad[3] else None
         ctx.x_shape = x.shape
-        if spec.pad is not None:
-            x = spec.pad(x)
+        ctx.pads = spec.pads(x.shape) if spec.pads is not None else None
+        if ctx.pads is not None:
+            x = F.pad(x, ctx.pads, mode=spec.pad_mode)
         y = F.conv2d(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.groups)
         ctx.save_for_backward(x_sel)
         # Persistent tensors (the parameter or the layer's kept effective weight, the selection's
@@ -141,10 +157,10 @@ class ChannelSparseConv2d(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             weight = weight.to(grad_y.dtype)
             grad_x = conv2d_input(ctx.padded_shape, weight, grad_y, spec.stride, spec.padding, spec.dilation, spec.groups)
-            if spec.pad is not None:
-                grad_x = _input_grad_through_pad(spec.pad, ctx.x_shape, grad_x)
+            if ctx.pads is not None:
+                grad_x = _pad_backward(grad_x, ctx.x_shape, ctx.pads, spec.pad_mode)
         if x_sel is not None:
-            x_sel = (x_sel if spec.pad is None else spec.pad(x_sel)).to(grad_y.dtype)
+            x_sel = (x_sel if ctx.pads is None else F.pad(x_sel, ctx.pads, mode=spec.pad_mode)).to(grad_y.dtype)
             grad_segment = _conv_channel_grad(x_sel, grad_y, spec, idx).reshape(-1)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_y.sum(dim=(0, 2, 3))

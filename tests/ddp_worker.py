@@ -8,6 +8,7 @@ norm sums, so the test can check that ranks agree although their local measureme
 from __future__ import annotations
 
 import gc
+import math
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 WORLD = 2
@@ -42,15 +44,32 @@ def train(rank: int, strategy: str) -> list[dict]:
     tuner = model.base_model
     # The ranking batches train only the head, so the channel vector is unused in them.
     ddp = DistributedDataParallel(model, find_unused_parameters=True)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2)
+    payload: list[int] = []  # elements DDP's buckets all-reduce in one step
+
+    def counting_allreduce(state, bucket):  # unannotated: DDP checks real annotations, these would be strings
+        payload.append(bucket.buffer().numel())
+        return default_hooks.allreduce_hook(None, bucket)
+
+    ddp.register_comm_hook(None, counting_allreduce)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2, momentum=0.9)
     history = []
     for epoch in range(EPOCHS):
         ddp.train()
         for step in range(STEPS):
             x, y = data(rank, epoch, step)
             optimizer.zero_grad()
+            payload.clear()
             F.cross_entropy(ddp(x), y).backward()
             optimizer.step()
+        values = tuner.medyate_values["default"]
+        layers = tuner.medyate_layers()
+        trained = {
+            "ddp_payload": sum(payload),
+            "other_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad and p is not values),
+            "vector": values.numel(),
+            "vector_grad": values.grad.numel(),
+            "selection_slots": sum(len(idx) * math.prod(layers[n].slice_shape) for n, idx in tuner.selection().items()),
+        }
         plan = tuner.plans["default"]
         local_sums = plan.tracker.epoch_sum.clone() if plan.tracker is not None else None
         x, y = data(rank, epoch, STEPS)
@@ -62,6 +81,7 @@ def train(rank: int, strategy: str) -> list[dict]:
             "full_norms": None if plan.full_norms is None else plan.full_norms.clone(),
             "local_sums": local_sums,
             "lara": dict(tuner.peft_config["default"].layer_ranking["lara"]),
+            **trained,
         })
     return history
 

@@ -49,3 +49,12 @@ def test_ranks_agree_on_ranking_selection_norms_and_weights(ranks, strategy):
     assert len({str(h["selection"]) for h in first}) > 1, "the selection never changed"
     if strategy == "medyate":
         assert first[-1]["norms"].max() > 0  # weighted draws from measured norms happened
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("strategy", ["medyate", "prob_raw"])
+def test_all_reduce_payload_is_what_is_trained(ranks, strategy):
+    """DDP's buckets carry the head only; the flat vector and its gradient are the selection's slots, every epoch."""
+    for epoch in ranks[0][strategy]:
+        assert epoch["ddp_payload"] == epoch["other_trainable"] > 0
+        assert epoch["vector"] == epoch["vector_grad"] == epoch["selection_slots"] > 0

@@ -1,6 +1,6 @@
 """Property tests over random layer shapes, budgets and strategies (hypothesis).
 
-For any Conv2d (kernel, groups incl. depthwise, stride, padding incl. 'same'/reflect/circular,
+For any Conv2d (kernel, groups incl. depthwise, stride, padding incl. 'same'/reflect/replicate/circular,
 dilation) or Linear (2-D or token-shaped 3-D input) pair of layers, and any budget:
 - a budget below the cheapest channel is refused, naming the cost, and the model is left as it was;
 - the selection never costs more than the budget (costs recomputed here from the shapes), and a
@@ -39,12 +39,12 @@ def conv_pairs(draw: st.DrawFn) -> tuple[nn.Module, list[int]]:
     kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     stride = draw(st.integers(1, 2))
     dilation = draw(st.integers(1, 2))
-    padding_kind = draw(st.sampled_from(["int", "same", "reflect", "circular"]))
+    padding_kind = draw(st.sampled_from(["int", "same", "reflect", "replicate", "circular"]))
     padding: int | str = draw(st.integers(0, 2))
     mode = "zeros"
     if padding_kind == "same":
         padding, stride = "same", 1
-    elif padding_kind in ("reflect", "circular"):
+    elif padding_kind in ("reflect", "replicate", "circular"):
         mode, padding = padding_kind, max(int(padding), 1)
     size = (draw(st.integers(3, 7)), draw(st.integers(3, 7)))
     for k, s in zip(kernel, size, strict=True):

@@ -247,14 +247,18 @@ class MeDyateLayer(BaseTunerLayer):
         return "medyate." + super().__repr__()
 
 
-def _tf_same_pad(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """TensorFlow 'SAME' padding for this input size (extra pixel on the right/bottom)."""
+def _tf_same_pads(shape: torch.Size, conv: nn.Conv2d) -> list[int]:
+    """TensorFlow 'SAME' padding for this input size (extra pixel on the right/bottom), in F.pad order."""
     pads = []
     for dim in (1, 0):  # F.pad order: last dim first
-        size, k, s, d = x.shape[2 + dim], conv.kernel_size[dim], conv.stride[dim], conv.dilation[dim]
+        size, k, s, d = shape[2 + dim], conv.kernel_size[dim], conv.stride[dim], conv.dilation[dim]
         total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
         pads += [total // 2, total - total // 2]
-    return F.pad(x, pads)
+    return pads
+
+
+def _fixed_pads(shape: torch.Size, pads: list[int]) -> list[int]:
+    return pads
 
 
 class _WrappedLayer(nn.Module, MeDyateLayer):
@@ -273,26 +277,27 @@ class _WrappedLayer(nn.Module, MeDyateLayer):
 class Conv2d(_WrappedLayer):
     """MeDyate on nn.Conv2d: normal, pointwise, depthwise and grouped; any stride/padding/dilation/mode."""
 
-    def _padding(self) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, tuple[int, int]]:
-        """(explicit pad function, conv padding): modes the conv kernels lack get an explicit pad."""
+    def _padding(self) -> tuple[Callable[[torch.Size], list[int]] | None, str, tuple[int, int]]:
+        """(explicit pads for an input shape, their mode, conv padding): modes the conv kernels lack are explicit."""
         conv = self.get_base_layer()
         if type(conv).__name__ == "Conv2dSame":  # timm's TF-style dynamic 'same' padding
-            return partial(_tf_same_pad, conv=conv), (0, 0)
+            return partial(_tf_same_pads, conv=conv), "constant", (0, 0)
         if conv.padding_mode != "zeros":
-            return partial(F.pad, pad=conv._reversed_padding_repeated_twice, mode=conv.padding_mode), (0, 0)
+            pads = list(conv._reversed_padding_repeated_twice)
+            return partial(_fixed_pads, pads=pads), conv.padding_mode, (0, 0)
         if conv.padding == "valid":
-            return None, (0, 0)
+            return None, "constant", (0, 0)
         if conv.padding == "same":
             pads = []
             for dim in (1, 0):  # F.pad order: last dim first
                 total = conv.dilation[dim] * (conv.kernel_size[dim] - 1)
                 pads += [total // 2, total - total // 2]
-            return partial(F.pad, pad=pads), (0, 0)
-        return None, tuple(conv.padding)
+            return partial(_fixed_pads, pads=pads), "constant", (0, 0)
+        return None, "constant", tuple(conv.padding)
 
     def _spec(self) -> ConvSpec:
         conv = self.get_base_layer()
-        pad, padding = self._padding()
+        pads, mode, padding = self._padding()
         return ConvSpec(
             in_channels=conv.in_channels,
             kernel_size=tuple(conv.kernel_size),
@@ -300,12 +305,13 @@ class Conv2d(_WrappedLayer):
             padding=padding,
             dilation=tuple(conv.dilation),
             groups=conv.groups,
-            pad=pad,
+            pads=pads,
+            pad_mode=mode,
         )
 
     def _dense(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         spec = self._spec()
-        x = x if spec.pad is None else spec.pad(x)
+        x = x if spec.pads is None else F.pad(x, spec.pads(x.shape), mode=spec.pad_mode)
         return F.conv2d(x, weight, self.get_base_layer().bias, spec.stride, spec.padding, spec.dilation, spec.groups)
 
     def _sparse(self, x: torch.Tensor, sel: Selection | None) -> torch.Tensor:
