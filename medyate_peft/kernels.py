@@ -161,13 +161,13 @@ class ChannelSparseConv2d(torch.autograd.Function):
                 grad_x = _pad_backward(grad_x, ctx.x_shape, ctx.pads, spec.pad_mode)
         if x_sel is not None:
             x_sel = (x_sel if ctx.pads is None else F.pad(x_sel, ctx.pads, mode=spec.pad_mode)).to(grad_y.dtype)
-            grad_segment = _conv_channel_grad(x_sel, grad_y, spec, idx).reshape(-1)
+            grad_segment = conv_channel_grad(x_sel, grad_y, spec, idx).reshape(-1)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_y.sum(dim=(0, 2, 3))
         return grad_x, None, grad_bias, grad_segment, None, None
 
 
-def _conv_channel_grad(
+def conv_channel_grad(
     x_sel: torch.Tensor, grad_y: torch.Tensor, spec: ConvSpec, idx: torch.Tensor
 ) -> torch.Tensor:
     """dW[:, S] in compact layout (|S|, C'/g, kh, kw), from x[:, S] and grad_y only."""

@@ -1,12 +1,17 @@
-"""Training-step time of every method, measured side by side in one process (interleaved rounds).
+"""Training-step time of every method against its floor, side by side in one process (interleaved rounds).
 
-    .venv/bin/python scripts/bench_speed.py scripts/bench_configs/vision.yaml --rounds 20
+    .venv/bin/python scripts/bench_speed.py --rounds 5
 
-The benchmark's per-run step times come from separate processes at different moments of a shared
-machine; this script times the methods of each network on the same real batch, in one process, in
-rounds that visit every method once in a shuffled order, so that a load change hits all of them.
-Writes results/speed.md and results/speed.json: median step time per method and its ratio to full
-fine-tuning's median (and the spread of the per-round ratios).
+The floor of a channel-sparse step is what any implementation must do: the forward, the input
+gradients from the lowest trained layer up (nothing below it needs a backward) and the compact
+weight gradients of the selected channels. It is timed on the method's own wrapped model with its
+MeDyate layers switched to their plain base layers, every weight frozen, the lowest selected layer's
+input made to require grad, and hooks computing each selected layer's dW[:, S] with the kernels'
+formula; plain autograd through the frozen path (no lean backward). Each network's methods are
+timed on one batch in rounds that visit every method once in a shuffled order, so that a load
+change hits all of them; ratios are of per-round medians. Where a sparse step is above 1.10x its
+floor, one profiled step of each (torch.profiler, self CPU time per op) says which ops hold the
+difference. Writes results/speed.md and results/speed.json.
 """
 
 from __future__ import annotations
@@ -14,15 +19,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import platform
 import random
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import yaml
+from torch import nn
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
@@ -31,101 +41,296 @@ import bench_common  # noqa: E402  (also registers the MEDYATE peft type)
 from benchmark import RANKINGS, RESULTS  # noqa: E402
 
 from medyate_peft.atomic import atomic_write, atomic_write_json  # noqa: E402
+from medyate_peft.kernels import conv_channel_grad  # noqa: E402
 from medyate_peft.lean import lean_backward  # noqa: E402
+from medyate_peft.medyate.layer import Conv2d as MeDyateConv2d  # noqa: E402
 
-METHODS = ("full", "classifier", "lora", "static_random", "trady", "medyate")
+SPARSE = ("trady", "medyate")
+# Budgets (fp32 slots): the papers' smallest per MCU network, EfficientNet-Lite0 the same fraction of its
+# full-fine-tuning slots as MbV2-w0.35's (scripts/bench_configs/vision.yaml), 1 MiB for the transformers.
+VISION_BUDGETS = {"mbv2-w0.35": 27946, "mcunet-5fps": 15936, "proxyless-w0.3": 25984, "efficientnet-lite0": 129388}
+TEXT_BUDGET = 262144
+TEXT_NETWORKS = ("minilm", "bert-base", "llama-100m")
+TARGET = 1.10
 
 
-def setups_for(cell: dict, config: dict, task: bench_common.Task, base: torch.nn.Module) -> dict[str, tuple]:
-    """(label -> (setup, optimizer)) for every method of the cell, each on its own copy of the base model."""
-    source = config["ranking_dataset"][cell["dataset"]]
-    ranking = RANKINGS / f"{cell['network']}__{source}.json"
+@dataclass
+class Entry:
+    setup: bench_common.Setup
+    optimizer: torch.optim.Optimizer
+    mode: str  # "step" (lean backward as configured), "lean off", "floor"
+
+
+# -- networks --------------------------------------------------------------------------------------
+def text_network(name: str) -> nn.Module:
+    """MiniLM with its weights; the BERT-base-sized encoder and the ~110M Llama-style decoder from config."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
+
+    torch.manual_seed(0)
+    if name == "minilm":
+        return bench_common.load_network("minilm", 2)[0]
+    if name == "bert-base":
+        return BertForSequenceClassification(BertConfig(num_labels=2))
+    config = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                         num_key_value_heads=12, vocab_size=32000, num_labels=2, pad_token_id=0)
+    return LlamaForSequenceClassification(config)
+
+
+def head_name(model: nn.Module) -> str:
+    return "score" if hasattr(model, "score") else "classifier"
+
+
+def text_batch(batch: int, length: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(1, 1000, (batch, length), generator=g),
+            "attention_mask": torch.ones(batch, length, dtype=torch.long),
+            "labels": torch.randint(0, 2, (batch,), generator=g)}
+
+
+# -- methods ---------------------------------------------------------------------------------------
+def sparse_setup(method: str, model: nn.Module, kind: str, budget: int, input_size: list[int],
+                 ranking: Path | None) -> bench_common.Setup:
+    from peft import get_peft_model
+
+    config = bench_common.medyate_config({"method": method, "budget_slots": budget, "seed": 0,
+                                          "ranking_path": str(ranking) if ranking else None}, input_size)
+    config.modules_to_save = [head_name(model)]
+    peft_model = get_peft_model(model, config)
+    return bench_common.Setup(peft_model, [p for p in peft_model.parameters() if p.requires_grad],
+                              peft_model.train, {})
+
+
+def lora_setup(model: nn.Module, kind: str, budget: int) -> bench_common.Setup:
+    from peft import LoraConfig, get_peft_model
+
+    head = head_name(model)
+    targets = [n for n in bench_common.lora_targets(model, kind) if not n.startswith(head)]
+    per_rank = sum(m.in_features + m.out_features if isinstance(m, nn.Linear) else m.in_channels + m.out_channels
+                   for m in (model.get_submodule(n) for n in targets))
+    r = max(1, round(budget / per_rank))
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets,
+                                                  modules_to_save=[head]))
+
+    def train() -> None:
+        peft_model.train()
+        bench_common.freeze_bn_stats(peft_model)
+
+    return bench_common.Setup(peft_model, [p for p in peft_model.parameters() if p.requires_grad], train,
+                              {"lora_r": r})
+
+
+def entries_for(base: nn.Module, kind: str, budget: int, input_size: list[int], ranking: Callable[[str], Path | None],
+                batch) -> dict[str, Entry]:
     out = {}
-    for method in METHODS:
-        budgets = cell["budgets"] if method in bench_common.MEDYATE_METHODS else [None]
-        for budget in budgets:
-            if method in ("trady", "medyate") and not ranking.exists():
-                continue
-            spec = {"method": method, "budget_slots": budget, "seed": 0, "lora_weight_slots": max(cell["budgets"]),
-                    "ranking_path": str(ranking) if method in ("trady", "medyate") else None}
-            setup = bench_common.setup_method(spec, copy.deepcopy(base), task)
-            optimizer = torch.optim.SGD(setup.params, lr=1e-3)
-            label = method if budget is None else f"{method}@{budget}"
-            out[label] = (setup, optimizer, True)
-            if method in bench_common.MEDYATE_METHODS:  # the same model, stepped with plain autograd's frozen path
-                out[f"{label} lean off"] = (setup, optimizer, False)
-    return out
+    full = copy.deepcopy(base)
+    for p in full.parameters():
+        p.requires_grad_(True)
+    out["full"] = bench_common.Setup(full, list(full.parameters()), full.train, {})
+    out["lora"] = lora_setup(copy.deepcopy(base), kind, budget)
+    entries = {label: Entry(s, torch.optim.SGD(s.params, lr=1e-4), "step") for label, s in out.items()}
+    for method in SPARSE:
+        setup = sparse_setup(method, copy.deepcopy(base), kind, budget, input_size, ranking(method))
+        optimizer = torch.optim.SGD(setup.params, lr=1e-4)
+        tuner = setup.model.base_model
+        while not tuner.is_planned("default"):  # the automatic layer ranking's dense batches, if no ranking
+            time_step(Entry(setup, optimizer, "step"), batch)
+        for mode in ("step", "lean off", "floor"):
+            entries[method if mode == "step" else f"{method} {mode}"] = Entry(setup, optimizer, mode)
+    return entries
 
 
-def time_step(setup: bench_common.Setup, optimizer: torch.optim.Optimizer, lean: bool, batch, clip: float) -> float:
+# -- the floor -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def floor_of(peft_model: nn.Module) -> Iterator[None]:
+    """The floor step on the wrapped model: base layers only, gradients from the lowest selected layer up."""
+    tuner = peft_model.base_model
+    layers, selection = tuner.medyate_layers(), tuner.selection()
+    handles = []
+    for name, layer in layers.items():
+        layer._disable_adapters = True
+        if name in selection:
+            handles.append(layer.register_forward_pre_hook(_start_gradient))
+            handles.append(layer.register_forward_hook(_compact_grad_hook(layer, selection[name])))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer in layers.values():
+            layer._disable_adapters = False
+
+
+def _start_gradient(layer: nn.Module, args: tuple) -> tuple | None:
+    x = args[0]
+    if not torch.is_grad_enabled() or x.requires_grad:
+        return None
+    return (x.detach().requires_grad_(), *args[1:])
+
+
+def _compact_grad_hook(layer: nn.Module, idx: torch.Tensor) -> Callable:
+    """After the layer's forward: keep x[:, S]; in backward compute dW[:, S] from it (and drop it)."""
+    conv = isinstance(layer, MeDyateConv2d)
+    spec = layer._spec() if conv else None
+
+    def hook(module: nn.Module, args: tuple, y: torch.Tensor) -> None:
+        x = args[0]
+        x_sel = x.detach().index_select(1 if conv else -1, idx)
+
+        def weight_grad(grad_y: torch.Tensor) -> None:
+            if conv:
+                padded = x_sel if spec.pads is None else F.pad(x_sel, spec.pads(x.shape), mode=spec.pad_mode)
+                conv_channel_grad(padded, grad_y, spec, idx)
+            else:
+                x_sel.reshape(-1, x_sel.shape[-1]).t() @ grad_y.reshape(-1, grad_y.shape[-1])
+
+        if y.requires_grad:
+            y.register_hook(weight_grad)
+
+    return hook
+
+
+# -- timing ----------------------------------------------------------------------------------------
+def time_step(entry: Entry, batch, clip: float = 1.0) -> float:
+    setup, optimizer = entry.setup, entry.optimizer
     setup.train_mode()
-    with contextlib.nullcontext() if lean else lean_backward(setup.model, False):
-        t = time.perf_counter()
+    lean_off = entry.mode != "step" and hasattr(setup.model, "base_model")
+    with (lean_backward(setup.model, False) if lean_off else contextlib.nullcontext()), \
+            (floor_of(setup.model) if entry.mode == "floor" else contextlib.nullcontext()):
+        start = time.perf_counter()
         loss = bench_common.loss_of(setup.model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(setup.params, clip)
         optimizer.step()
-        return time.perf_counter() - t
+        return time.perf_counter() - start
+
+
+def op_times(entry: Entry, batch) -> dict[str, float]:
+    """Self CPU milliseconds per op name over one profiled step."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        time_step(entry, batch)
+    return {e.key: e.self_cpu_time_total / 1000 for e in prof.key_averages()}
+
+
+def excess_ops(entry: Entry, floor: Entry, batch, top: int = 4) -> str:
+    mine, base = op_times(entry, batch), op_times(floor, batch)
+    diff = sorted(((mine.get(k, 0.0) - base.get(k, 0.0), k) for k in set(mine) | set(base)), reverse=True)
+    return ", ".join(f"`{k}` +{d:.1f} ms" for d, k in diff[:top] if d > 0)
+
+
+def run_network(network: str, entries: dict[str, Entry], batch, rounds: int, warmup: int) -> list[dict]:
+    times: dict[str, list[float]] = {label: [] for label in entries}
+    order = list(entries)
+    rng = random.Random(0)
+    for round_ in range(rounds + warmup):
+        rng.shuffle(order)
+        for label in order:
+            elapsed = time_step(entries[label], batch)
+            if round_ >= warmup:
+                times[label].append(elapsed)
+    rows = []
+    for label, ts in times.items():
+        row = {"network": network, "method": label, "command": command(), "rounds": len(ts),
+               "median_ms": 1000 * statistics.median(ts),
+               "ratio_to_full": statistics.median(ts) / statistics.median(times["full"]),
+               "ratio_to_lora": statistics.median(ts) / statistics.median(times["lora"])}
+        method = label.split()[0]
+        if method in SPARSE:
+            floor = times[f"{method} floor"]
+            per_round = sorted(t / f for t, f in zip(ts, floor, strict=True))
+            row |= {"ratio_to_floor": statistics.median(ts) / statistics.median(floor),
+                    "floor_round_p25": per_round[len(per_round) // 4],
+                    "floor_round_p75": per_round[(3 * len(per_round)) // 4]}
+            if label == method and row["ratio_to_floor"] > TARGET:
+                row["excess_ops"] = excess_ops(entries[label], entries[f"{method} floor"], batch)
+        rows.append(row)
+        print(f"{network:<20} {label:<18} {row['median_ms']:8.1f} ms  /full {row['ratio_to_full']:.2f}"
+              f"  /floor {row.get('ratio_to_floor', float('nan')):.2f}", flush=True)
+    return rows
+
+
+def command() -> str:
+    return f"python scripts/bench_speed.py {' '.join(sys.argv[1:])}"
+
+
+def write(rows: list[dict], args: argparse.Namespace, recipe: dict) -> None:
+    """results/speed.{md,json}; with --keep-others, rows of networks not run now are kept from the last file."""
+    if args.keep_others and (RESULTS / "speed.json").exists():
+        ran = {r["network"] for r in rows}
+        kept = [r for r in json.loads((RESULTS / "speed.json").read_text()) if r["network"] not in ran]
+        rows = kept + rows
+    commands = list(dict.fromkeys(r["command"] for r in rows))
+    lines = [
+        "# Step time against the floor (one process, interleaved rounds)", "",
+        "Commands (one process per network group, each network's methods interleaved within it):", "",
+        *[f"    {c}" for c in commands], "",
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} torch thread(s), "
+        f"CPU only (no GPU run yet), measured on a shared 2-core machine under load (load average ~10): ratios "
+        f"of medians in one process are the numbers to read, absolute times are not. Vision: batch "
+        f"{recipe['batch_size']}, {recipe['image_size']}x{recipe['image_size']}, one real cifar10 batch; "
+        f"transformers: batch {args.text_batch}, {args.text_length} random tokens. Timed rounds (column *rounds*) "
+        f"after warm-up round(s); each round times one training step (forward, backward, clip, "
+        "SGD step) of every method in a shuffled order. *lean off*: the same model stepped with plain autograd "
+        "through the frozen path. *floor*: the same model's base layers with every weight frozen, gradients from "
+        "the lowest selected layer up plus the compact weight gradients (module docstring). LoRA: r matched to "
+        "the budget's weight slots over the pointwise convs / every Linear.", "",
+        "| network | method | rounds | median step ms | / full FT | / LoRA | / its floor | per-round / floor p25-p75 |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        floor = f"{r['ratio_to_floor']:.2f}" if "ratio_to_floor" in r else "—"
+        spread = f"{r['floor_round_p25']:.2f}-{r['floor_round_p75']:.2f}" if "ratio_to_floor" in r else "—"
+        lines.append(f"| {r['network']} | {r['method']} | {r['rounds']} | {r['median_ms']:.1f} | {r['ratio_to_full']:.2f} | "
+                     f"{r['ratio_to_lora']:.2f} | {floor} | {spread} |")
+    held = [r for r in rows if r.get("excess_ops")]
+    if held:
+        lines += ["", f"## Above {TARGET:.2f}x the floor: where the extra time goes", "",
+                  "Self CPU time per op, one profiled step of the method minus one of its floor (largest first):", ""]
+        lines += [f"- {r['network']}, {r['method']} ({r['ratio_to_floor']:.2f}x): {r['excess_ops']}" for r in held]
+    with atomic_write(RESULTS / "speed.md") as handle:
+        handle.write("\n".join(lines) + "\n")
+    atomic_write_json(rows, RESULTS / "speed.json", indent=1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", type=Path, help="a vision suite config (its cells' networks and budgets)")
-    parser.add_argument("--rounds", type=int, default=20, help="timed rounds (after 3 warm-up rounds)")
+    parser.add_argument("--config", type=Path, default=SCRIPTS / "bench_configs" / "vision.yaml",
+                        help="vision recipe (batch size, image size)")
+    parser.add_argument("--networks", nargs="+", default=[*VISION_BUDGETS, *TEXT_NETWORKS])
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per network")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the benchmark runs use 1)")
-    parser.add_argument("--dataset", default="cifar10", help="cells of this dataset only")
-    parser.add_argument("--networks", nargs="+", help="only these networks (default: every cell's)")
+    parser.add_argument("--text-batch", type=int, default=4)
+    parser.add_argument("--text-length", type=int, default=128)
+    parser.add_argument("--keep-others", action="store_true",
+                        help="keep the recorded rows of networks not run now (to run networks one process at a time)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = yaml.safe_load(args.config.read_text())
-    recipe = config["recipe"]
+    recipe = yaml.safe_load(args.config.read_text())["recipe"]
     rows = []
-    cells = [c for c in config["cells"] if c["dataset"] == args.dataset
-             and (args.networks is None or c["network"] in args.networks)]
-    for cell in cells:
-        torch.manual_seed(0)
-        base, _ = bench_common.load_network(cell["network"], bench_common.num_classes(cell["dataset"]))
-        task = bench_common.load_task(cell["dataset"], {**recipe, "eval_size": recipe["batch_size"]},
-                                      train_size=recipe["batch_size"])
-        batch = task.measure_batch(recipe["batch_size"])
-        setups = setups_for(cell, config, task, base)
-        times: dict[str, list[float]] = {label: [] for label in setups}
-        order = list(setups)
-        rng = random.Random(0)
-        for round_ in range(args.rounds + 3):
-            rng.shuffle(order)
-            for label in order:
-                elapsed = time_step(*setups[label], batch, recipe["clip_grad_norm"])
-                if round_ >= 3:
-                    times[label].append(elapsed)
-        full = times["full"]
-        for label, ts in times.items():
-            ratios = sorted(t / f for t, f in zip(ts, full, strict=True))
-            row = {"network": cell["network"], "dataset": cell["dataset"], "method": label,
-                   "median_ms": 1000 * statistics.median(ts), "ratio_to_full": statistics.median(ts) /
-                   statistics.median(full), "round_ratio_p25": ratios[len(ratios) // 4],
-                   "round_ratio_p75": ratios[(3 * len(ratios)) // 4], "rounds": len(ts)}
-            rows.append(row)
-            print(f"{cell['network']:<20} {label:<30} {row['median_ms']:8.1f} ms  x{row['ratio_to_full']:.2f}",
-                  flush=True)
-    lines = [
-        "# Step time side by side (one process, interleaved rounds)", "",
-        f"Command: `python scripts/bench_speed.py {' '.join(sys.argv[1:])}` ({args.threads} torch thread(s)); "
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, batch {recipe['batch_size']}, "
-        f"{recipe['image_size']}x{recipe['image_size']}, one real {args.dataset} batch; each round times one "
-        "training step (forward, backward, clip, SGD step) of every method in a shuffled order; 3 warm-up "
-        "rounds dropped. *lean off*: the same model's step with plain autograd through the frozen path "
-        "(`lean_backward` off: more saved activations, fewer passes).", "",
-        "| network | method | median step ms | / full FT (of medians) | per-round ratio p25-p75 |",
-        "|---|---|---:|---:|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['network']} | {r['method']} | {r['median_ms']:.1f} | {r['ratio_to_full']:.2f} | "
-                     f"{r['round_ratio_p25']:.2f}-{r['round_ratio_p75']:.2f} |")
-    with atomic_write(RESULTS / "speed.md") as handle:
-        handle.write("\n".join(lines) + "\n")
-    atomic_write_json(rows, RESULTS / "speed.json", indent=1)
+    for network in args.networks:
+        if network in TEXT_NETWORKS:
+            base, kind, budget = text_network(network), "text", TEXT_BUDGET
+            batch, input_size = text_batch(args.text_batch, args.text_length), [args.text_length]
+            rankings = {"minilm": RANKINGS / "minilm__agnews.json"}
+        else:
+            base, _ = bench_common.load_network(network, bench_common.num_classes("cifar10"))
+            kind, budget = "image", VISION_BUDGETS[network]
+            task = bench_common.load_task("cifar10", {**recipe, "eval_size": recipe["batch_size"]},
+                                          train_size=recipe["batch_size"])
+            batch, input_size = task.measure_batch(recipe["batch_size"]), task.input_size
+            rankings = {network: RANKINGS / f"{network}__caltech101.json"}
+        path = rankings.get(network)
+        entries = entries_for(base, kind, budget, input_size,
+                              lambda method, p=path: p if p is not None and p.exists() else None, batch)
+        rows += run_network(network, entries, batch, args.rounds, args.warmup)
+        del entries, base
+        write(rows, args, recipe)
 
 
 if __name__ == "__main__":
