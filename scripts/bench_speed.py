@@ -195,12 +195,14 @@ def _compact_grad_hook(layer: nn.Module, idx: torch.Tensor) -> Callable:
 
 
 # -- timing ----------------------------------------------------------------------------------------
-def time_step(entry: Entry, batch, clip: float = 1.0) -> float:
+def time_step(entry: Entry, batch, clip: float = 1.0, profiler: contextlib.AbstractContextManager | None = None) -> float:
+    """Seconds of one training step; switching the lean backward or the floor on happens outside the timing."""
     setup, optimizer = entry.setup, entry.optimizer
     setup.train_mode()
     lean_off = entry.mode != "step" and hasattr(setup.model, "base_model")
     with (lean_backward(setup.model, False) if lean_off else contextlib.nullcontext()), \
-            (floor_of(setup.model) if entry.mode == "floor" else contextlib.nullcontext()):
+            (floor_of(setup.model) if entry.mode == "floor" else contextlib.nullcontext()), \
+            (profiler or contextlib.nullcontext()):
         start = time.perf_counter()
         loss = bench_common.loss_of(setup.model, batch)
         optimizer.zero_grad(set_to_none=True)
@@ -212,8 +214,8 @@ def time_step(entry: Entry, batch, clip: float = 1.0) -> float:
 
 def op_times(entry: Entry, batch) -> dict[str, float]:
     """Self CPU milliseconds per op name over one profiled step."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        time_step(entry, batch)
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    time_step(entry, batch, profiler=prof)
     return {e.key: e.self_cpu_time_total / 1000 for e in prof.key_averages()}
 
 
@@ -221,6 +223,12 @@ def excess_ops(entry: Entry, floor: Entry, batch, top: int = 4) -> str:
     mine, base = op_times(entry, batch), op_times(floor, batch)
     diff = sorted(((mine.get(k, 0.0) - base.get(k, 0.0), k) for k in set(mine) | set(base)), reverse=True)
     return ", ".join(f"`{k}` +{d:.1f} ms" for d, k in diff[:top] if d > 0)
+
+
+def batch_size(batch) -> str:
+    if isinstance(batch, dict):
+        return f"{batch['input_ids'].shape[0]}x{batch['input_ids'].shape[1]} tokens"
+    return f"{batch[0].shape[0]}x{batch[0].shape[-1]}x{batch[0].shape[-1]}"
 
 
 def run_network(network: str, entries: dict[str, Entry], batch, rounds: int, warmup: int) -> list[dict]:
@@ -235,7 +243,7 @@ def run_network(network: str, entries: dict[str, Entry], batch, rounds: int, war
                 times[label].append(elapsed)
     rows = []
     for label, ts in times.items():
-        row = {"network": network, "method": label, "command": command(), "rounds": len(ts),
+        row = {"network": network, "method": label, "command": command(), "batch": batch_size(batch), "rounds": len(ts),
                "median_ms": 1000 * statistics.median(ts),
                "ratio_to_full": statistics.median(ts) / statistics.median(times["full"]),
                "ratio_to_lora": statistics.median(ts) / statistics.median(times["lora"])}
@@ -271,21 +279,20 @@ def write(rows: list[dict], args: argparse.Namespace, recipe: dict) -> None:
         *[f"    {c}" for c in commands], "",
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} torch thread(s), "
         f"CPU only (no GPU run yet), measured on a shared 2-core machine under load (load average ~10): ratios "
-        f"of medians in one process are the numbers to read, absolute times are not. Vision: batch "
-        f"{recipe['batch_size']}, {recipe['image_size']}x{recipe['image_size']}, one real cifar10 batch; "
-        f"transformers: batch {args.text_batch}, {args.text_length} random tokens. Timed rounds (column *rounds*) "
+        "of medians in one process are the numbers to read, absolute times are not. Vision: one real cifar10 "
+        "batch; transformers: random tokens (column *batch*). Timed rounds (column *rounds*) "
         f"after warm-up round(s); each round times one training step (forward, backward, clip, "
         "SGD step) of every method in a shuffled order. *lean off*: the same model stepped with plain autograd "
         "through the frozen path. *floor*: the same model's base layers with every weight frozen, gradients from "
         "the lowest selected layer up plus the compact weight gradients (module docstring). LoRA: r matched to "
         "the budget's weight slots over the pointwise convs / every Linear.", "",
-        "| network | method | rounds | median step ms | / full FT | / LoRA | / its floor | per-round / floor p25-p75 |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| network | batch | method | rounds | median step ms | / full FT | / LoRA | / its floor | per-round / floor p25-p75 |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         floor = f"{r['ratio_to_floor']:.2f}" if "ratio_to_floor" in r else "—"
         spread = f"{r['floor_round_p25']:.2f}-{r['floor_round_p75']:.2f}" if "ratio_to_floor" in r else "—"
-        lines.append(f"| {r['network']} | {r['method']} | {r['rounds']} | {r['median_ms']:.1f} | {r['ratio_to_full']:.2f} | "
+        lines.append(f"| {r['network']} | {r['batch']} | {r['method']} | {r['rounds']} | {r['median_ms']:.1f} | {r['ratio_to_full']:.2f} | "
                      f"{r['ratio_to_lora']:.2f} | {floor} | {spread} |")
     held = [r for r in rows if r.get("excess_ops")]
     if held:
