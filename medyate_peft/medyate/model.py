@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import guards
 from ..budget import LayerCost, budget_slots, layer_cost, slots_to_kb, weight_slots_per_channel
-from ..candidates import detect_head, is_candidate_type, unsupported_reason
+from ..candidates import detect_head, is_candidate_type, is_fan_in_fan_out, unsupported_reason
 from ..ddp import check_ranks_agree, fingerprint
 from ..kernels import Selection
 from ..lean import apply_lean_backward, remove_lean_backward
@@ -35,7 +35,7 @@ from ..sampling import (
 )
 from ..strategies import get_strategy
 from .config import MeDyateConfig
-from .layer import Conv2d, Linear, MeDyateLayer
+from .layer import Conv1D, Conv2d, Linear, MeDyateLayer
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class MeDyateModel(BaseTuner):
         if unmatched:
             layers = [n for n, m in model.named_modules() if is_candidate_type(m)]
             raise ValueError(
-                f"target_modules {unmatched} match no module of the model (its Conv2d/Linear layers: {layers[:8]}"
+                f"target_modules {unmatched} match no module of the model (its Conv2d/Linear/Conv1D layers: {layers[:8]}"
                 f"{' ...' if len(layers) > 8 else ''}); leave target_modules=None to take every supported layer"
             )
         if peft_config.modules_to_save is None:
@@ -143,13 +143,13 @@ class MeDyateModel(BaseTuner):
         if not is_candidate_type(target):
             raise TypeError(
                 f"target module {current_key!r} is a {type(target).__name__}; MeDyate trains input channels of "
-                "nn.Conv2d and nn.Linear layers only. Remove it from target_modules (or leave target_modules=None "
-                "to take every supported layer)."
+                "nn.Conv2d, nn.Linear and transformers' Conv1D layers only. Remove it from target_modules (or leave "
+                "target_modules=None to take every supported layer)."
             )
         reason = unsupported_reason(current_key, target, self.model)
         if reason:
             raise TypeError(f"target module {current_key!r} cannot be wrapped: {reason}. Remove it from target_modules.")
-        layer_cls = Conv2d if isinstance(target, nn.Conv2d) else Linear
+        layer_cls = Conv2d if isinstance(target, nn.Conv2d) else Conv1D if is_fan_in_fan_out(target) else Linear
         new_module = layer_cls(target, adapter_name, lean_backward=peft_config.lean_backward)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
