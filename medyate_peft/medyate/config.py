@@ -72,6 +72,13 @@ class MeDyateConfig(PeftConfig):
             "which skips such steps itself: their norms are then left out of the channel statistics."
         },
     )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the adapter starts as the identity (no channel changed). False: random non-zero deltas on "
+            "about half of each layer's input channels, for tests (as PEFT's init_lora_weights=False)."
+        },
+    )
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Adapter file format version."})
 
     def __post_init__(self) -> None:
