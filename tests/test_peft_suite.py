@@ -6,10 +6,16 @@ list objects), and its test classes are re-exported here holding only the tests 
 cases; the others exercise other PEFT methods. Not run: `TestMixedAdapterBatches` (per-sample
 `adapter_names`, a LoRA-family feature MeDyate does not offer) and the per-method classes.
 
-The cases cover PEFT's test models that hold a Linear, Conv2d or transformers' Conv1D layer. Models
-whose other layers MeDyate does not train (nn.Conv1d, nn.Conv3d, nn.MultiheadAttention) are tuned on
-their Linear layers. Strategies that need no dense gradient are the default here, so the suite's
-few training steps train channels from the first step; "auto-ranked" measures dense gradients first.
+The cases cover PEFT's test models that hold a Linear, Conv2d or transformers' Conv1D layer (MLP2,
+Conv3d, Conv1dBigger and Conv1dGroups add nothing to MLP and Conv1d; Conv1dKernel1's forward does not
+take the suite's `X=` input). Models whose other layers MeDyate does not train (nn.Conv1d,
+nn.MultiheadAttention) are tuned on their Linear layers. Every case trains channels from the first step
+(the strategies that rank layers get a `layer_ranking`): the suite checks gradients after one
+backward, while a ranking measured from the first batches trains only the head meanwhile (tested in
+test_strategies).
+
+Skipped by peft's own conditions: the `bias` tests (MeDyate has no `bias` option) and multiple
+active adapters with modules_to_save.
 """
 
 from __future__ import annotations
@@ -36,22 +42,17 @@ MLP_RANKING = {
 
 CASES = [
     ("Vanilla MLP 1 MeDyate", "MLP", MeDyateConfig, RANDOM),
-    ("Vanilla MLP 2 MeDyate", "MLP", MeDyateConfig, {**RANDOM, "target_modules": ["lin0"]}),
-    ("Vanilla MLP 3 MeDyate", "MLP", MeDyateConfig, {**RANDOM, "target_modules": ["lin1"]}),
-    ("Vanilla MLP 4 MeDyate", "MLP", MeDyateConfig, {**RANDOM, "target_modules": ["lin0"], "modules_to_save": ["lin1"]}),
-    ("Vanilla MLP 5 MeDyate", "MLP", MeDyateConfig, {**RANDOM, "target_modules": "lin.*", "budget_kb": 0.3}),
-    ("Vanilla MLP 6 MeDyate", "MLP", MeDyateConfig, {**RANDOM, "exclude_modules": ["lin1"]}),
-    ("Vanilla MLP 7 MeDyate", "MLP", MeDyateConfig, {"strategy": "static_random", "budget_kb": 0.5}),
-    ("Vanilla MLP 8 MeDyate", "MLP", MeDyateConfig, {"strategy": "medyate", "layer_ranking": MLP_RANKING}),
-    ("Vanilla MLP 9 MeDyate auto-ranked", "MLP", MeDyateConfig, {"strategy": "trady", "ranking_batches": 1}),
+    ("Vanilla MLP 2 MeDyate", "MLP", MeDyateConfig, {**RANDOM, "target_modules": ["lin0"], "modules_to_save": ["lin1"]}),
+    ("Vanilla MLP 3 MeDyate", "MLP", MeDyateConfig, {**RANDOM, "target_modules": "lin.*", "budget_kb": 0.3}),
+    ("Vanilla MLP 4 MeDyate", "MLP", MeDyateConfig,
+     {"strategy": "static_random", "budget_kb": 0.5, "exclude_modules": ["lin1"]}),
+    ("Vanilla MLP 5 MeDyate", "MLP", MeDyateConfig, {"strategy": "medyate", "layer_ranking": MLP_RANKING}),
+    ("Vanilla MLP 6 MeDyate", "MLP", MeDyateConfig, {"strategy": "trady", "layer_ranking": MLP_RANKING}),
     ("MLP LayerNorm MeDyate", "MLP_LayerNorm", MeDyateConfig, RANDOM),
-    ("MLP2 MeDyate", "MLP2", MeDyateConfig, {**RANDOM, "budget_kb": 0.2}),
     ("Embedding + transformers Conv1D MeDyate", "EmbConv1D", MeDyateConfig, RANDOM),
     ("Conv1d MeDyate", "Conv1d", MeDyateConfig, RANDOM),
-    ("Conv3d MeDyate", "Conv3d", MeDyateConfig, RANDOM),
     ("MHA MeDyate", "MHA", MeDyateConfig, RANDOM),
-    ("Conv2d 1 MeDyate", "Conv2d", MeDyateConfig, RANDOM),
-    ("Conv2d 2 MeDyate", "Conv2d", MeDyateConfig, {**RANDOM, "target_modules": ["conv2d"], "budget_kb": 0.4}),
+    ("Conv2d MeDyate", "Conv2d", MeDyateConfig, RANDOM),
     ("Conv2d 1x1 MeDyate", "Conv2d1x1", MeDyateConfig, RANDOM),
     ("Conv2d2 MeDyate", "Conv2d2", MeDyateConfig, {**RANDOM, "budget_kb": 2.0}),
     ("Conv2d Groups MeDyate", "Conv2dGroups", MeDyateConfig, RANDOM),

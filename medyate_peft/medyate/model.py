@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -20,6 +21,7 @@ from .. import guards
 from ..budget import LayerCost, budget_slots, layer_cost, slots_to_kb, weight_slots_per_channel
 from ..candidates import detect_head, is_candidate_type, is_fan_in_fan_out, unsupported_reason
 from ..ddp import check_ranks_agree, fingerprint
+from ..epochs import EpochWatch
 from ..kernels import Selection
 from ..lean import apply_lean_backward, remove_lean_backward
 from ..oracles import DenseGradientProbe, FullGradient, measure_full_gradient
@@ -180,6 +182,7 @@ class MeDyateModel(BaseTuner):
             # PeftModel calls the inner model directly, so lazy planning hooks into that model.
             self._plan_hook = model.register_forward_pre_hook(self._plan_before_forward, with_kwargs=True)
             self.register_state_dict_post_hook(_values_as_saved)
+            self._epoch_watch, self._epoch_warned = EpochWatch(), False
         # PEFT keeps the trainability of existing adapters when one is added, for parameters of the model;
         # the flat vectors live on the tuner, so they are kept here.
         trainable = {name: values.requires_grad for name, values in self.medyate_values.items()}
@@ -459,6 +462,7 @@ class MeDyateModel(BaseTuner):
         config: MeDyateConfig = self.peft_config[adapter_name]
         plan = self.plans[adapter_name]
         strategy = get_strategy(config.strategy)
+        self._epoch_watch.reset()
         if plan.pool is None:
             if plan.probe is None:
                 raise RuntimeError("resample() before the first training step: nothing has been selected yet")
@@ -602,6 +606,30 @@ class MeDyateModel(BaseTuner):
                 logger.info("MeDyate: learning activation shapes from the first training batch")
                 self._observe_shapes(args, kwargs)
                 self.plan(adapter_name)
+        self._watch_epoch(args, kwargs)
+
+    def _watch_epoch(self, args: tuple, kwargs: dict) -> None:
+        """Warn once when the training data came round again without `resample()` (rule: `epochs`)."""
+        dynamic = [
+            a for a in self.active_adapters
+            if a in self.medyate_values and self.medyate_values[a].requires_grad
+            and get_strategy(self.peft_config[a].strategy).dynamic
+        ]
+        if self._epoch_warned or not dynamic:
+            return
+        main = kwargs.get(getattr(self.model, "main_input_name", None) or "")
+        if main is None:
+            main = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+        if isinstance(main, torch.Tensor) and self._epoch_watch.came_round(main):
+            self._epoch_warned = True
+            warnings.warn(
+                f"MeDyate: the training data came round again after {self._epoch_watch.batches - 1} batches without "
+                "resample() (most samples of this batch were already seen): call model.base_model.resample(optimizer) "
+                "at the end of every epoch (MeDyateCallback does it under the Trainer), or the same channels keep "
+                "training",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _probe_training_batch(self, adapter_name: str) -> None:
         """Measure dense gradients during the first `ranking_batches` batches, then plan (at the next one)."""
@@ -675,6 +703,28 @@ class MeDyateModel(BaseTuner):
         return complete_for_load(model, adapter_name, state_dict)
 
     # -- reporting ------------------------------------------------------------------------------
+    def trainable_parameter_counts(self) -> tuple[int, int]:
+        """(trained values, base model parameters), what `print_trainable_parameters` shows.
+
+        Trained: of each trainable flat vector the weight slots the current selection uses (all of it
+        before planning), and every other trainable parameter (the head). The total counts the base
+        model as loaded: neither the flat vectors nor the modules_to_save copies.
+        """
+        trainable = total = 0
+        for name, param in self.named_parameters():
+            if name.startswith("medyate_values."):
+                adapter = name.removeprefix("medyate_values.")
+                if param.requires_grad:
+                    trainable += self._used_slots(adapter) if self.is_planned(adapter) else param.numel()
+                continue
+            trainable += param.numel() if param.requires_grad else 0
+            total += 0 if ".modules_to_save." in f".{name}" else param.numel()
+        return trainable, total
+
+    def _used_slots(self, adapter_name: str) -> int:
+        return sum(layer.live[adapter_name][1].numel for layer in self.medyate_layers().values()
+                   if adapter_name in layer.live)
+
     def memory_report(
         self,
         *args: Any,
