@@ -96,6 +96,7 @@ def _build_plan_model(args: argparse.Namespace) -> tuple[Any, str]:
 
 def plan_command(args: argparse.Namespace) -> int:
     from .budget import slots_to_kb
+    from .pools import summarize_pool
 
     peft_model, described = _build_plan_model(args)
     tuner = peft_model.base_model
@@ -135,6 +136,7 @@ def plan_command(args: argparse.Namespace) -> int:
         f"{used:,} of {plan.budget:,} slots ({slots_to_kb(used, per_slot):.1f} kB); re-drawn every epoch "
         "when the strategy is dynamic"
     )
+    print(summarize_pool(plan.pool.costs, costs).describe())
     if args.measure:
         report = peft_model.memory_report(compare_lean=False)
         print(

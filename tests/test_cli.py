@@ -46,6 +46,12 @@ def test_plan_mcunet_matches_the_papers_accounting(
     assert 15_936 - min(slots for _, _, slots, _ in rows) < used <= 15_936  # filled up to the cheapest channel
     assert f"selected: {channels:,} of {sum(r[1] for r in rows):,} input channels" in out
     assert f"{used:,} of 15,936 slots" in out
+    # full_random pools every layer: its activation share is that of full fine-tuning, from the table's columns
+    table = [ROW.match(line) for line in out.splitlines() if ROW.match(line)]
+    stored = sum(int(m[3]) * int(m[5]) for m in table)
+    share = f"{stored / 1_309_808:.1%}"
+    assert f"pool: 42 of 42 layers, 1,309,808 slots, {share} of them stored activation; earliest layer " in out
+    assert "(candidate 1 of 42 in network order)" in out
 
 
 def test_plan_timm_model_with_input_size_and_measure(capsys: pytest.CaptureFixture) -> None:
