@@ -98,3 +98,14 @@ def channel_order(
     if strategy.order == "weighted" and measured is not None:
         return weighted_order(measured / slots if draw_weights == "norm_per_cost" else measured, generator)
     return uniform_order(len(slots), generator)
+
+
+def resample_due(every: int | None, step: int | None = None) -> bool:
+    """Whether to re-draw now: at an epoch end (`step` None) by default, every `every` optimizer steps if set.
+
+    `step` counts optimizer steps from the start of training (1 after the first), so a resumed run
+    re-draws at the same steps as an uninterrupted one.
+    """
+    if every is None:
+        return step is None
+    return step is not None and step % every == 0

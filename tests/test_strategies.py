@@ -265,11 +265,48 @@ def test_trainer_callback_resamples_at_every_epoch(strategy, ranking, tmp_path):
         assert not first and norms[0] is not None and not torch.equal(norms[0], norms[-1])
 
 
-@pytest.mark.parametrize(("ranking_batches", "step"), [(1, 8), (3, 2)], ids=["after-resample", "mid-ranking"])
-def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path, ranking_batches, step):
+def test_trainer_callback_resamples_every_n_steps(ranking, tmp_path):
+    """resample_every=3 over 2 epochs of 4 steps: draws after steps 3 and 6 only, none at the epoch ends;
+    the oracle's full gradient then sums full_gradient_batches train batches."""
+    from transformers import Trainer, TrainingArguments
+
+    x, y = batches(1, size=16)[0]
+    dataset = [{"x": x[i], "labels": y[i]} for i in range(16)]
+    config = MeDyateConfig(budget_kb=BUDGET_KB, input_size=INPUT, strategy="det_rgn", ranking_batches=1,
+                           modules_to_save=["net.classifier"], resample_every=3, full_gradient_batches=2)
+    model = get_peft_model(Wrapped(), config)
+    tuner = model.base_model
+    args = TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=4, learning_rate=0.5,
+        optim="sgd", lr_scheduler_type="constant", report_to=[], save_strategy="no", logging_strategy="no",
+        use_cpu=True, disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+    )
+    steps, full_gradient_batches = [], []
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[MeDyateCallback()])
+    original_resample, original_full = tuner.resample, tuner._full_gradient
+
+    def spy(*a, **kw):
+        steps.append(trainer.state.global_step)
+        original_resample(*a, **kw)
+
+    def full_spy(closure, batches=1):
+        stats = original_full(closure, batches)
+        full_gradient_batches.append(stats.steps)
+        return stats
+
+    tuner.resample, tuner._full_gradient = spy, full_spy
+    trainer.train()
+    assert steps == [3, 6] and tuner.plans["default"].epoch == 2
+    assert full_gradient_batches == [2, 2]
+
+
+@pytest.mark.parametrize(("ranking_batches", "step", "every"), [(1, 8, None), (3, 2, None), (1, 6, 4)],
+                         ids=["after-resample", "mid-ranking", "every-4-steps"])
+def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path, ranking_batches, step, every):
     """An interrupted Trainer run resumed mid-epoch ends with the same weights, deltas and channels.
 
-    Also from a checkpoint taken while the first batches' dense gradients were still being measured.
+    Also from a checkpoint taken while the first batches' dense gradients were still being measured,
+    and with draws every 4 steps (not at epoch ends), from a checkpoint inside a sampling period.
     """
     from transformers import Trainer, TrainingArguments
 
@@ -281,7 +318,8 @@ def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path, ranking_batc
     def make() -> nn.Module:
         torch.manual_seed(0)
         config = MeDyateConfig(budget_kb=BUDGET_KB, input_size=INPUT, strategy="medyate",
-                               ranking_batches=ranking_batches, modules_to_save=["net.classifier"])
+                               ranking_batches=ranking_batches, modules_to_save=["net.classifier"],
+                               resample_every=every)
         return get_peft_model(Wrapped(), config)
 
     def trainer(model: nn.Module, out: Path, callback: MeDyateCallback | None = None) -> Trainer:
@@ -304,7 +342,8 @@ def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path, ranking_batc
         trainer(resumed, out, callback).train(resume_from_checkpoint=str(checkpoint))
         got = resumed.state_dict()
         assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
-        assert snapshot(resumed) == snapshot(whole) and resumed.base_model.plans["default"].epoch == 3
+        draws = 3 if every is None else 4  # 18 steps: at 3 epoch ends, or after steps 4, 8, 12, 16
+        assert snapshot(resumed) == snapshot(whole) and resumed.base_model.plans["default"].epoch == draws
 
     (checkpoint / TRAINING_STATE_NAME).unlink()  # a checkpoint without it: said, not silent
     with pytest.warns(UserWarning, match="sampler starts afresh"):
