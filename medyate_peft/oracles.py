@@ -6,8 +6,8 @@ the selected ones. Either way the gradient is dense: activations of every wrappe
 for one backward, i.e. the memory of full fine-tuning. That is why a precomputed ranking
 (`rank_layers`) is the recommended path on a device, and why the oracles are upper bounds only.
 
-- `measure_full_gradient(layers, closure)`: now, from a closure returning a loss (one extra
-  forward+backward; `.grad` of no parameter is touched).
+- `measure_full_gradient(layers, closure, batches)`: now, from a closure returning a loss, called
+  `batches` times (one extra forward+backward each; `.grad` of no parameter is touched).
 - `DenseGradientProbe`: during the user's own next training batches, via hooks on the base weights
   (no extra pass; the flat trainable vector gets no gradient meanwhile).
 """
