@@ -130,8 +130,11 @@ def _ensure_ranking(ctx: mp.context.BaseContext, spec: dict, run_timeout: float)
     return process.exitcode == 0 and Path(path).exists()
 
 
-def execute(specs: list[dict], max_minutes: float | None, run_timeout: float, jobs: int, runs: Path = RUNS) -> None:
-    """Run what has no record in `runs` yet, `jobs` child processes at a time (each with 1 torch thread)."""
+def execute(
+    specs: list[dict], max_minutes: float | None, run_timeout: float, jobs: int, runs: Path | None = None
+) -> None:
+    """Run what has no record in `runs` (default RUNS) yet, `jobs` child processes at a time (1 torch thread each)."""
+    runs = runs or RUNS
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "peft", "transformers", "timm"])
     start = time.monotonic()
