@@ -94,6 +94,29 @@ def test_reference_budgets_are_filled_and_the_alpha_rule_holds(name, nets):
                 assert slots / total <= 0.2 < slots / (total - pool[0].layer_slots)
 
 
+@pytest.mark.parametrize("name", sorted(ZOO_NETS))
+def test_zoo_network_is_the_mcunet_packages_own(name, nets):
+    """mit-han-lab's ProxylessNASNets built from the same config: the same state-dict keys, shapes and outputs."""
+    from mcunet.tinynas.nn.networks import ProxylessNASNets
+
+    reference = ProxylessNASNets.build_from_config(copy.deepcopy(zoo.zoo_config(name))).eval()
+    state = reference.state_dict()
+    assert [(k, v.shape) for k, v in state.items()] == [(k, v.shape) for k, v in nets[name].state_dict().items()]
+    g = torch.Generator().manual_seed(0)
+    for key, value in state.items():  # non-trivial BN statistics, so that every part of the forward counts
+        if value.is_floating_point():
+            value.copy_(torch.rand(value.shape, generator=g) + 0.5 if "running_var" in key else
+                        torch.randn(value.shape, generator=g) * 0.1)
+    ours = copy.deepcopy(nets[name]).eval()
+    ours.load_state_dict(state, strict=True)
+    reference.load_state_dict(state)
+    x = torch.randn(2, *INPUT, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-6)
+    bn = next(m for m in reference.modules() if isinstance(m, nn.BatchNorm2d))
+    assert all((m.momentum, m.eps) == (bn.momentum, bn.eps) for m in ours.modules() if isinstance(m, nn.BatchNorm2d))
+
+
 def _write_zoo_files(model: nn.Module, name: str, folder: Path) -> None:
     stem = ZOO_NETS[name]
     (folder / f"{stem}.json").write_text(json.dumps(zoo.zoo_config(name)))

@@ -71,7 +71,8 @@ def zoo_config(name: str, num_classes: int = IMAGENET_CLASSES) -> dict[str, Any]
     for mid, out, kernel, stride in _BLOCKS[name]:
         conv = {"name": "MBInvertedConvLayer", "in_channels": channels, "out_channels": out, "kernel_size": kernel,
                 "stride": stride, "expand_ratio": mid / channels, "mid_channels": mid, "act_func": "relu6"}
-        shortcut = {"name": "IdentityLayer"} if stride == 1 and channels == out else None
+        shortcut = {"name": "IdentityLayer", "in_channels": out, "out_channels": out} if stride == 1 and channels == out \
+            else None
         blocks.append({"name": "MobileInvertedResidualBlock", "mobile_inverted_conv": conv, "shortcut": shortcut})
         channels = out
     mix = _FEATURE_MIX[name]
