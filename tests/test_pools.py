@@ -98,6 +98,10 @@ def test_options_for_the_wrong_strategy_are_errors_not_no_ops():
         MeDyateConfig(strategy="full_random", max_activation_share=0.5)
     with pytest.raises(ValueError, match=r"max_activation_share must be in \(0, 1\]"):
         MeDyateConfig(max_activation_share=1.5)
+    with pytest.raises(ValueError, match="resample_every must be an int >= 1 or None, got 0"):
+        MeDyateConfig(resample_every=0)
+    with pytest.raises(ValueError, match="full_gradient_batches must be an int >= 1, got None"):
+        MeDyateConfig(strategy="det_rgn", full_gradient_batches=None)
     MeDyateConfig(strategy="prev_medyate", draw_weights="norm_per_cost", rescale_norms=True, max_activation_share=0.6)
 
 
