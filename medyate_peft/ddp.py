@@ -2,7 +2,7 @@
 
 Every rank maps its own selection onto the flat trainable vector, whose gradient the tuner
 averages over ranks, so ranks built with different seeds or configs would mix gradients of different
-channels (or all-reduce vectors of different sizes). At the first backward after each draw and at
+channels (or all-reduce payloads of different sizes). At the first backward after each draw and at
 each `resample()` (both collective steps) the ranks exchange a fingerprint of what decides the
 selection and all raise the same error, naming what differs, if they disagree.
 """
@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 # Config fields that change which channels are drawn (their values are compared and shown).
 SELECTION_FIELDS = (
     "budget_kb", "bytes_per_slot", "strategy", "seed", "input_size", "target_modules", "exclude_modules",
-    "layer_ranking", "alpha_opt", "rgn_coverage",
+    "layer_ranking", "alpha_opt", "rgn_coverage", "lara_within_rgn", "max_activation_share", "draw_weights",
+    "rescale_norms", "resample_every", "full_gradient_batches",
 )
 _SHOWN_CHARS = 60
 

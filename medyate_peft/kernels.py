@@ -35,25 +35,31 @@ def gather_channels(weight: torch.Tensor, groups: int, idx: torch.Tensor) -> tor
 
 
 def add_to_channels(weight: torch.Tensor, groups: int, idx: torch.Tensor, values: torch.Tensor) -> None:
-    """In place: weight[:, c] += values[j] for c = idx[j] (idx unique; weight contiguous)."""
+    """In place: weight[:, c] += values[j] for c = idx[j] (idx unique; weight contiguous).
+
+    Summed in the wider dtype, then rounded once to the weight's (fp32 deltas on a bf16 base).
+    """
     in_per_group = weight.shape[1]
     grouped = _grouped(weight, groups)
     rows, cols = idx // in_per_group, idx % in_per_group
-    grouped[rows, :, cols] = grouped[rows, :, cols] + values.view(len(idx), grouped.shape[1], -1)
+    wide = torch.promote_types(weight.dtype, values.dtype)
+    summed = grouped[rows, :, cols].to(wide) + values.view(len(idx), grouped.shape[1], -1).to(wide)
+    grouped[rows, :, cols] = summed.to(weight.dtype)
 
 
-def copy_channels(weight: torch.Tensor, source: torch.Tensor, groups: int, idx: torch.Tensor) -> None:
-    """In place: weight[:, c] = source[:, c] for c in idx (both contiguous, same shape)."""
+def set_channels(weight: torch.Tensor, groups: int, idx: torch.Tensor, values: torch.Tensor) -> None:
+    """In place: weight[:, c] = values[j] for c = idx[j] (idx unique; weight contiguous)."""
     in_per_group = weight.shape[1]
-    rows, cols = idx // in_per_group, idx % in_per_group
-    _grouped(weight, groups)[rows, :, cols] = _grouped(source.contiguous(), groups)[rows, :, cols]
+    grouped = _grouped(weight, groups)
+    grouped[idx // in_per_group, :, idx % in_per_group] = values.view(len(idx), grouped.shape[1], -1).to(weight.dtype)
 
 
 class SegmentedVector:
     """The flat trainable vector split into per-layer segments, once for every layer.
 
-    Each layer takes its segment from one shared `torch.split`, so backward concatenates the compact
-    gradients once (selection-sized) instead of every layer scattering into a vector of its own. The
+    Each layer takes its segment from one shared `torch.split` of the vector's used prefix, so backward
+    joins the compact gradients once and writes them into one zero vector, instead of every layer
+    scattering into a vector of its own. The
     split is kept until the vector changes in place (an optimizer step: autograd refuses views of
     a modified base) or grad mode changes the answer, so micro-batches of one step share it. Under
     `torch.compile` every call splits afresh (a graph input must not carry another graph's history).
@@ -66,11 +72,14 @@ class SegmentedVector:
 
     def part(self, slot: int) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return torch.split(self.values, self.sizes)[slot]
+            return self._split()[slot]
         key = (self.values._version, self.values.requires_grad and torch.is_grad_enabled())
         if self._parts is None or key != self._key:
-            self._parts, self._key = torch.split(self.values, self.sizes), key
+            self._parts, self._key = self._split(), key
         return self._parts[slot]
+
+    def _split(self) -> tuple[torch.Tensor, ...]:
+        return torch.split(self.values.narrow(0, 0, sum(self.sizes)), self.sizes)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_parts": None, "_key": None}  # non-leaf views cannot be copied; they are redone

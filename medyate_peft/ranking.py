@@ -22,11 +22,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .atomic import atomic_write_json
 from .budget import LayerCost, activation_slots_of_input, layer_cost
-from .candidates import detect_head, is_candidate_type, unsupported_reason
+from .candidates import detect_head, is_candidate_type, linear_layout, unsupported_reason
+from .progress import progress as show_progress
 
 RANKING_FORMAT = "medyate-layer-ranking"
 RANKING_VERSION = 1
@@ -216,7 +216,7 @@ def rank_layers(
     work.train()
     layers = _candidate_layers(work)
     if not layers:
-        raise ValueError("the model has no nn.Conv2d/nn.Linear layer outside its classifier to rank")
+        raise ValueError("the model has no nn.Conv2d/nn.Linear/Conv1D layer outside its classifier to rank")
     params = [p for p in work.parameters() if p.is_floating_point()]
     for p in params:
         p.requires_grad_(True)
@@ -231,14 +231,14 @@ def rank_layers(
     stats = GradientStats()
     loss_fn = loss_fn or default_loss
     try:
-        for batch in tqdm(itertools.islice(itertools.cycle(dataloader), steps), total=steps,
-                          desc="ranking layers", disable=not progress):
+        for batch in show_progress(itertools.islice(itertools.cycle(dataloader), steps), "ranking layers",
+                                   total=steps, disable=not progress):
             loss = loss_fn(work, _to_device(batch, device))
             work.zero_grad(set_to_none=True)
             loss.backward()
             for name, module in layers.items():
                 if module.weight.grad is not None:
-                    stats.add(name, module.weight.grad, getattr(module, "groups", 1))
+                    stats.add(name, linear_layout(module, module.weight.grad), getattr(module, "groups", 1))
             stats.steps += 1
             if optimizer is not None:
                 optimizer.step()

@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 WORLD = 2
@@ -45,12 +44,20 @@ def train(rank: int, strategy: str) -> list[dict]:
     # The ranking batches train only the head, so the channel vector is unused in them.
     ddp = DistributedDataParallel(model, find_unused_parameters=True)
     payload: list[int] = []  # elements DDP's buckets all-reduce in one step
+    reduced: list[int] = []  # elements the tuner itself all-reduces in one step (the flat vector's trained slots)
+    all_reduce = dist.all_reduce
 
     def counting_allreduce(state, bucket):  # unannotated: DDP checks real annotations, these would be strings
         payload.append(bucket.buffer().numel())
-        return default_hooks.allreduce_hook(None, bucket)
+        work = all_reduce(bucket.buffer().div_(WORLD), async_op=True)
+        return work.get_future().then(lambda fut: fut.value()[0])
+
+    def counting_all_reduce(tensor: torch.Tensor, *args, **kwargs):
+        reduced.append(tensor.numel())
+        return all_reduce(tensor, *args, **kwargs)
 
     ddp.register_comm_hook(None, counting_allreduce)
+    dist.all_reduce = counting_all_reduce
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2, momentum=0.9)
     history = []
     for epoch in range(EPOCHS):
@@ -59,15 +66,17 @@ def train(rank: int, strategy: str) -> list[dict]:
             x, y = data(rank, epoch, step)
             optimizer.zero_grad()
             payload.clear()
+            reduced.clear()
             F.cross_entropy(ddp(x), y).backward()
             optimizer.step()
+        reduced_sizes = list(reduced)
         values = tuner.medyate_values["default"]
         layers = tuner.medyate_layers()
         trained = {
             "ddp_payload": sum(payload),
             "other_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad and p is not values),
-            "vector": values.numel(),
-            "vector_grad": values.grad.numel(),
+            "reduced_sizes": reduced_sizes,
+            "capacity": values.numel(),
             "selection_slots": sum(len(idx) * math.prod(layers[n].slice_shape) for n, idx in tuner.selection().items()),
         }
         plan = tuner.plans["default"]
@@ -83,6 +92,7 @@ def train(rank: int, strategy: str) -> list[dict]:
             "lara": dict(tuner.peft_config["default"].layer_ranking["lara"]),
             **trained,
         })
+    dist.all_reduce = all_reduce
     return history
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,11 +23,14 @@ class Allocations(TorchDispatchMode):
         super().__init__()
         self.bytes = 0
         self.calls: dict[str, int] = {}
+        self.copies: list[int] = []  # numel of every clone/copy an op made
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         out = func(*args, **(kwargs or {}))
         self.calls[str(func)] = self.calls.get(str(func), 0) + 1
+        if func in (torch.ops.aten.clone.default, torch.ops.aten._to_copy.default):
+            self.copies.append(out.numel())
         fresh = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                  for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)}
         self.bytes += sum(n for ptr, n in fresh.items() if ptr not in inputs)
@@ -66,24 +67,21 @@ def test_step_allocation_and_time_stay_flat_as_the_budget_grows_with_the_selecti
     x, y = torch.randn(8, WIDTH), torch.randint(0, 4, (8,))
     optimizers = {kb: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.01)
                   for kb, m in models.items()}
-    trained = {kb: m.base_model.medyate_values["default"].numel() for kb, m in models.items()}
-    assert len(set(trained.values())) == 1 and len(small.base_model.selection()) > 3
-    allocated = {}
+    capacity = {kb: m.base_model.medyate_values["default"].numel() for kb, m in models.items()}
+    layers = len(small.base_model.selection())
+    assert layers > 3 and capacity[512.0] > 8 * capacity[2.0]
+    allocated, ops = {}, {}
     for kb, model in models.items():
         step(model, optimizers[kb], x, y)  # warm-up: the kept effective weights are built here
         with Allocations() as counter:
             step(model, optimizers[kb], x, y)
-        allocated[kb] = counter.bytes
-    # One budget-sized buffer (512 kB at the largest budget, 256x the selection) per selected layer, as a
-    # scatter into the whole vector costs, would show at once; what is left is bookkeeping of a few bytes.
-    assert abs(allocated[512.0] - allocated[2.0]) < 0.01 * allocated[2.0], allocated
-    times: dict[float, list[float]] = {kb: [] for kb in models}
-    for _ in range(7):  # interleaved, so a load change on the machine hits every budget alike
-        for kb, model in models.items():
-            start = time.perf_counter()
-            step(model, optimizers[kb], x, y)
-            times[kb].append(time.perf_counter() - start)
-    assert min(times[512.0]) < 1.5 * min(times[2.0]), times
+        allocated[kb], ops[kb] = counter.bytes, counter.calls
+    # The work is the same ops on the same selection, whatever the budget (wall time on a shared machine
+    # says less than this); the bytes grow by the flat vector's own gradient (.grad has its shape), made
+    # once per step: a scatter into the whole vector in each selected layer would add `layers` times that.
+    assert ops[512.0] == ops[2.0]
+    vector_bytes = 4 * (capacity[512.0] - capacity[2.0])
+    assert vector_bytes <= allocated[512.0] - allocated[2.0] < 1.05 * vector_bytes, (allocated, vector_bytes)
 
 
 def test_effective_weight_is_kept_and_refreshed_in_place_bit_exact() -> None:
@@ -97,8 +95,9 @@ def test_effective_weight_is_kept_and_refreshed_in_place_bit_exact() -> None:
     assert layer.effective_weight() is kept  # no change, no work
     with Allocations() as counter:
         step(model, optimizer, x, y)
-    # Forward and backward rebuilt no weight (the old path cloned it twice per layer per step).
-    assert counter.calls.get("aten.clone.default", 0) == 0, counter.calls
+    # Forward and backward rebuilt no weight (the old path cloned it twice per layer per step): the only
+    # copies are the live channels' slices, selection-sized.
+    assert counter.copies and max(counter.copies) < WIDTH * WIDTH, counter.copies
     refreshed = layer.effective_weight()  # after the optimizer step: the live slices rewritten in place
     assert refreshed is kept
     adapters = tuple(a for a in layer._contributing_adapters() if len(layer.medyate_index[a]))

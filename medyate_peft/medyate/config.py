@@ -9,7 +9,7 @@ from typing import Any
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ..strategies import get_strategy
+from ..strategies import DRAW_WEIGHTS, STRATEGIES, Strategy, get_strategy
 
 # Bumped when the adapter file layout changes; loading a newer one fails with a clear message.
 FORMAT_VERSION = 1
@@ -17,10 +17,76 @@ FORMAT_VERSION = 1
 
 @dataclass
 class MeDyateConfig(PeftConfig):
-    """Configuration of a MeDyate (or TraDy, or baseline-strategy) sparse adapter.
+    """Configuration of a MeDyate (or TraDy, or baseline-strategy) sparse adapter: a [`MeDyateModel`].
 
     Memory is counted as in the papers: per training sample, weight-gradient plus stored
     input-activation elements of the selected input channels, `bytes_per_slot` bytes each.
+
+    Args:
+        budget_kb (`float`, defaults to 256.0):
+            Training memory budget in kB (KiB): weight gradients plus stored activations of the selected input
+            channels, per training sample.
+        bytes_per_slot (`int`, defaults to 4):
+            Bytes per counted element (4 = fp32, as the papers).
+        input_size (`Optional[List[int]]`):
+            Shape of one input sample without the batch dim, e.g. `[3, 224, 224]` or `[128]` (tokens). With it,
+            activation shapes are probed with a zero batch (in the model's dtype and device) at `get_peft_model`;
+            `None` learns them from the first training batch.
+        target_modules (`Optional[Union[List[str], str]]`):
+            The candidate layers, by PEFT's rules: a string is a regex matched against the full module name, a
+            list holds names or name suffixes. `None`: every supported `nn.Conv2d`, `nn.Linear` and transformers
+            `Conv1D` outside `modules_to_save`.
+        exclude_modules (`Optional[Union[List[str], str]]`):
+            Layers never trained, by the same rules as `target_modules`.
+        modules_to_save (`Optional[List[str]]`):
+            Modules trained in full and saved with the adapter (the classifier). `None`: the model's head if one
+            is found (timm's declared classifier, else `classifier`, `score`, `head` or `fc`).
+        strategy (`str`, defaults to `"medyate"`):
+            Channel-selection strategy, one of `medyate_peft.STRATEGIES` (MeDyate, TraDy and the papers'
+            baselines and oracles).
+        seed (`int`, defaults to 0):
+            Seed of the channel draws; the same on every DDP rank.
+        layer_ranking (`Optional[Union[str, dict]]`):
+            LaRa/RGN layer ranking: a JSON path or a dict from `medyate_peft.rank_layers`. `None` with a strategy
+            that ranks layers: computed from the first `ranking_batches` training batches (dense backward).
+        ranking_batches (`int`, defaults to 3):
+            Training batches whose dense gradients rank the layers (or seed an oracle) when no `layer_ranking` is
+            given; they hold the memory of full fine-tuning and train only the head.
+        alpha_opt (`float`, defaults to 0.2):
+            MeDyate's K rule: the smallest number K of top-ranked layers with budget / M_K <= alpha_opt.
+        rgn_coverage (`float`, defaults to 0.97):
+            TraDy's K rule: the share of the cumulative RGN the selected layers keep.
+        lara_within_rgn (`bool`, defaults to `False`):
+            [ours] LaRa-pool strategies: apply the alpha rule inside TraDy's RGN-coverage layer set only, which
+            keeps the pool off the early layers whose channels are almost all stored activation.
+        max_activation_share (`Optional[float]`):
+            [ours] Ranked-pool strategies: skip layers (in ranking order) that would lift the pool's share of
+            stored-activation slots above this, e.g. 0.5. `None`: the papers' rules.
+        draw_weights (`str`, defaults to `"norm"`):
+            Measured-norm draws (medyate, prev_medyate): `"norm"` (the papers: P ∝ N[c]) or `"norm_per_cost"`
+            [ours] (P ∝ N[c] / cost(i, c)).
+        rescale_norms (`bool`, defaults to `False`):
+            [ours] Measured-norm draws: at each re-draw, bring the norms of channels measured earlier (and the
+            exploration value) to the current scale (median growth of the re-measured channels).
+        resample_every (`Optional[int]`):
+            Re-draw every this many optimizer steps instead of at each epoch end (the papers' cadence, `None`).
+            Honoured by MeDyateCallback and `medyate train`; plain loops use `medyate_peft.resample_due`.
+        full_gradient_batches (`int`, defaults to 1):
+            Batches summed into each full gradient taken from a closure (the oracles' resample,
+            `plan(full_gradient=...)`): the closure is called this many times, each call the next batch's loss.
+        freeze_bn_stats (`bool`, defaults to `True`):
+            Keep BatchNorm running statistics frozen (outside `modules_to_save`) so the base model stays intact.
+        lean_backward (`bool`, defaults to `True`):
+            Save no activations for frozen layers on the backward path.
+        detect_anomalies (`bool`, defaults to `True`):
+            Raise, naming the layer, on a NaN/inf gradient of a selected channel or trained value at resample.
+            Set it to `False` under fp16 with a GradScaler, which skips such steps itself.
+        init_weights (`bool`, defaults to `True`):
+            `True`: the adapter starts as the identity (no channel changed). `False`: random non-zero deltas on
+            about half of each layer's input channels, for tests (as PEFT's `init_lora_weights=False`).
+        format_version (`int`):
+            Version of the adapter file layout this config was written with; a newer one than this release
+            understands is refused.
     """
 
     budget_kb: float = field(default=256.0, metadata={"help": "Training memory budget in kB (KiB)."})
@@ -58,6 +124,48 @@ class MeDyateConfig(PeftConfig):
     )
     alpha_opt: float = field(default=0.2, metadata={"help": "MeDyate's K rule: smallest K with B / M_K <= alpha_opt."})
     rgn_coverage: float = field(default=0.97, metadata={"help": "TraDy's K rule: share of cumulative RGN kept."})
+    lara_within_rgn: bool = field(
+        default=False,
+        metadata={
+            "help": "[ours] LaRa-pool strategies: apply the alpha rule inside TraDy's RGN-coverage layer set only, "
+            "which keeps the pool off the early layers whose channels are almost all stored activation."
+        },
+    )
+    max_activation_share: float | None = field(
+        default=None,
+        metadata={
+            "help": "[ours] Ranked-pool strategies: skip layers (in ranking order) that would lift the pool's share "
+            "of stored-activation slots above this, e.g. 0.5. None: the papers' rules."
+        },
+    )
+    draw_weights: str = field(
+        default="norm",
+        metadata={
+            "help": "Measured-norm draws (medyate, prev_medyate): 'norm' (the papers: P ∝ N[c]) or 'norm_per_cost' "
+            "[ours] (P ∝ N[c] / cost(i, c), which does not lean towards expensive early-layer channels)."
+        },
+    )
+    rescale_norms: bool = field(
+        default=False,
+        metadata={
+            "help": "[ours] Measured-norm draws: at each re-draw, bring the norms of channels measured earlier (and "
+            "the exploration value) to the current scale (median growth of the re-measured channels)."
+        },
+    )
+    resample_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "Re-draw every this many optimizer steps instead of at each epoch end (the papers' cadence, "
+            "None): a 1-3 epoch fine-tune then still gets many draws. Honoured by MeDyateCallback and `medyate train`."
+        },
+    )
+    full_gradient_batches: int = field(
+        default=1,
+        metadata={
+            "help": "Batches summed into each full gradient taken from a closure (the oracles' resample, "
+            "plan(full_gradient=...)): the closure is called this many times, each call the next batch's loss."
+        },
+    )
     freeze_bn_stats: bool = field(
         default=True, metadata={"help": "Keep BatchNorm running statistics frozen so the base model stays intact."}
     )
@@ -70,6 +178,13 @@ class MeDyateConfig(PeftConfig):
             "help": "Raise, naming the layer, on a NaN/inf gradient of a selected channel (checked on the norms the "
             "sparse backward computes anyway) or trained value at resample. False under fp16 with a GradScaler, "
             "which skips such steps itself: their norms are then left out of the channel statistics."
+        },
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the adapter starts as the identity (no channel changed). False: random non-zero deltas on "
+            "about half of each layer's input channels, for tests (as PEFT's init_lora_weights=False)."
         },
     )
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Adapter file format version."})
@@ -89,13 +204,18 @@ class MeDyateConfig(PeftConfig):
             raise ValueError(f"budget_kb must be a positive finite number of kB, got {self.budget_kb}")
         if self.bytes_per_slot <= 0:
             raise ValueError(f"bytes_per_slot must be positive (4 for fp32), got {self.bytes_per_slot}")
-        get_strategy(self.strategy)
+        strategy = get_strategy(self.strategy)
+        self._check_strategy_options(strategy)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int (the same on every DDP rank), got {self.seed!r}")
         if not 0 < self.alpha_opt <= 1:
             raise ValueError(f"alpha_opt must be in (0, 1], got {self.alpha_opt}")
         if not 0 < self.rgn_coverage <= 1:
             raise ValueError(f"rgn_coverage must be in (0, 1], got {self.rgn_coverage}")
+        for name, optional in (("full_gradient_batches", False), ("resample_every", True)):
+            value = getattr(self, name)
+            if not (optional and value is None) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {value!r}")
         if self.ranking_batches < 1:
             raise ValueError(f"ranking_batches must be >= 1, got {self.ranking_batches}")
         if self.input_size is not None:
@@ -109,3 +229,27 @@ class MeDyateConfig(PeftConfig):
                 raise ValueError(f"input_size must be a non-empty list of positive sizes, got {self.input_size}")
         if isinstance(self.target_modules, (list, set, tuple)):
             self.target_modules = sorted(self.target_modules)
+
+    def _check_strategy_options(self, strategy: Strategy) -> None:
+        """Options that only some strategies use: set for another, they would silently do nothing."""
+        if self.draw_weights not in DRAW_WEIGHTS:
+            raise ValueError(f"draw_weights must be one of {DRAW_WEIGHTS}, got {self.draw_weights!r}")
+        weighted = [n for n, s in STRATEGIES.items() if s.order == "weighted"]
+        if (self.draw_weights != "norm" or self.rescale_norms) and strategy.order != "weighted":
+            raise ValueError(
+                f"draw_weights={self.draw_weights!r} / rescale_norms={self.rescale_norms} act on measured-norm draws, "
+                f"which strategy {strategy.name!r} does not make; use them with strategy in {weighted}"
+            )
+        if self.lara_within_rgn and strategy.layers != "lara":
+            lara = [n for n, s in STRATEGIES.items() if s.layers == "lara"]
+            raise ValueError(
+                f"lara_within_rgn applies the alpha rule, which strategy {strategy.name!r} does not use; use it "
+                f"with strategy in {lara}"
+            )
+        if self.max_activation_share is not None:
+            if strategy.layers == "all":
+                raise ValueError(
+                    f"max_activation_share caps a ranked layer pool, and strategy {strategy.name!r} pools every layer"
+                )
+            if not 0 < self.max_activation_share <= 1:
+                raise ValueError(f"max_activation_share must be in (0, 1], got {self.max_activation_share}")

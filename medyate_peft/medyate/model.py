@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -17,27 +18,28 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import guards
-from ..budget import LayerCost, budget_slots, layer_cost, slots_to_kb
-from ..candidates import detect_head, is_candidate_type, unsupported_reason
+from ..budget import LayerCost, budget_slots, layer_cost, slots_to_kb, weight_slots_per_channel
+from ..candidates import detect_head, is_candidate_type, is_fan_in_fan_out, unsupported_reason
 from ..ddp import check_ranks_agree, fingerprint
+from ..epochs import EpochWatch
 from ..kernels import SegmentedVector, Selection
 from ..lean import apply_lean_backward, remove_lean_backward
 from ..oracles import DenseGradientProbe, FullGradient, measure_full_gradient
-from ..ranking import GradientStats, check_covers, load_ranking, select_by_alpha, select_by_rgn
+from ..pools import preselect
+from ..ranking import GradientStats, check_covers, load_ranking
 from ..rollback import restored_on_error
-from ..sampling import (
-    ChannelPool,
-    NormTracker,
-    deterministic_order,
-    greedy_fill,
-    uniform_order,
-    weighted_order,
-)
-from ..strategies import get_strategy
+from ..sampling import ChannelPool, NormTracker, greedy_fill
+from ..strategies import channel_order, get_strategy
 from .config import MeDyateConfig
-from .layer import Conv2d, Linear, MeDyateLayer
+from .layer import Conv1D, Conv2d, Linear, MeDyateLayer
 
 logger = logging.getLogger(__name__)
+
+def _values_as_saved(tuner: MeDyateModel, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict() hook: the flat vectors read as zeros, since the layers' entries hold their values folded."""
+    for name, values in tuner.medyate_values.items():
+        state_dict[f"{prefix}medyate_values.{name}"] = torch.zeros_like(values)
+
 
 def _unmatched_targets(targets: list[str] | str | None, names: list[str]) -> list[str]:
     """Entries of target_modules that match no module name, by PEFT's rules (name suffix, or full regex)."""
@@ -46,20 +48,6 @@ def _unmatched_targets(targets: list[str] | str | None, names: list[str]) -> lis
     if isinstance(targets, str):
         return [] if any(re.fullmatch(targets, n) for n in names) else [targets]
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-
-
-def _resize(values: nn.Parameter, numel: int) -> None:
-    """Give the Parameter new zero storage of `numel` slots; the object stays, so optimizers keep it.
-
-    Autograd keeps a leaf's gradient accumulator, with the shape it had, for as long as any old graph
-    refers to it (a `loss` still in scope), and replaces it only when the dtype changes: the detour
-    through another dtype makes the next graph accumulate into the new shape.
-    """
-    fresh = values.new_zeros(numel)
-    with torch.no_grad():
-        values.data = fresh.to(torch.float64 if fresh.dtype != torch.float64 else torch.float32)
-        values.data = fresh
-    values.grad = None
 
 
 def _kb_up(slots: int, bytes_per_slot: int) -> float:
@@ -95,18 +83,21 @@ class SegmentLayout:
 class MeDyateModel(BaseTuner):
     """Wraps candidate Conv2d/Linear layers; trains a budgeted, re-sampled set of their input channels.
 
-    The trainable parameter is one flat vector per adapter (`medyate_values`): every epoch the
-    selected channels of each layer are mapped to a segment of it, and its storage is resized to the
-    selection's weight slots, so a step's weight gradient is what is trained, never the whole budget.
-    The Parameter object stays the same, so an optimizer built once keeps working (its state for the
-    vector is reset by `resample(optimizer)`). DistributedDataParallel buckets parameters by their size
-    at construction, so it is told to leave the vector out (`_ddp_params_and_buffers_to_ignore`) and
-    the tuner all-reduces the vector's gradient itself, with a payload of exactly the trained slots.
+    The trainable parameter is one flat vector per adapter (`medyate_values`), sized by the budget,
+    not by the layers: every epoch a layer's selected channels are mapped to a segment at its start,
+    so optimizers built once keep working while the selection changes, and the parameter keeps its
+    shape as PEFT's conventions (and sharded wrappers) expect. Each forward splits it once, so a
+    backward makes one budget-sized gradient, not one per selected layer. DistributedDataParallel is
+    told to leave the vector out (`_ddp_params_and_buffers_to_ignore`): the tuner all-reduces the
+    selected slots of its gradient itself, so what crosses the wire is what is trained.
     """
 
     prefix: str = "medyate_"
     tuner_layer_cls = MeDyateLayer
     target_module_mapping: dict[str, list[str]] = {}
+    # The flat trainable vector and the sampler live here, not on the layers: a model from
+    # `inject_adapter_in_model` (layers only) could not train, so PEFT refuses direct injection.
+    uses_shared_state = True
 
     # -- injection ------------------------------------------------------------------------------
     def _prepare_adapter_config(self, peft_config: MeDyateConfig, model_config: dict) -> MeDyateConfig:
@@ -129,7 +120,7 @@ class MeDyateModel(BaseTuner):
         if unmatched:
             layers = [n for n, m in model.named_modules() if is_candidate_type(m)]
             raise ValueError(
-                f"target_modules {unmatched} match no module of the model (its Conv2d/Linear layers: {layers[:8]}"
+                f"target_modules {unmatched} match no module of the model (its Conv2d/Linear/Conv1D layers: {layers[:8]}"
                 f"{' ...' if len(layers) > 8 else ''}); leave target_modules=None to take every supported layer"
             )
         if peft_config.modules_to_save is None:
@@ -167,19 +158,21 @@ class MeDyateModel(BaseTuner):
         **kwargs: Any,
     ) -> None:
         if isinstance(target, MeDyateLayer):
-            target.update_layer(adapter_name, peft_config.lean_backward)
+            target.update_layer(adapter_name, peft_config.lean_backward, peft_config.init_weights)
             return
         if not is_candidate_type(target):
             raise TypeError(
                 f"target module {current_key!r} is a {type(target).__name__}; MeDyate trains input channels of "
-                "nn.Conv2d and nn.Linear layers only. Remove it from target_modules (or leave target_modules=None "
-                "to take every supported layer)."
+                "nn.Conv2d, nn.Linear and transformers' Conv1D layers only. Remove it from target_modules (or leave "
+                "target_modules=None to take every supported layer)."
             )
         reason = unsupported_reason(current_key, target, self.model)
         if reason:
             raise TypeError(f"target module {current_key!r} cannot be wrapped: {reason}. Remove it from target_modules.")
-        layer_cls = Conv2d if isinstance(target, nn.Conv2d) else Linear
-        new_module = layer_cls(target, adapter_name, lean_backward=peft_config.lean_backward)
+        layer_cls = Conv2d if isinstance(target, nn.Conv2d) else Conv1D if is_fan_in_fan_out(target) else Linear
+        new_module = layer_cls(
+            target, adapter_name, lean_backward=peft_config.lean_backward, init_weights=peft_config.init_weights
+        )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -199,20 +192,30 @@ class MeDyateModel(BaseTuner):
             self._agreed: dict[str, SegmentLayout | None] = {}  # per adapter: the selection ranks agreed on
             # PeftModel calls the inner model directly, so lazy planning hooks into that model.
             self._plan_hook = model.register_forward_pre_hook(self._plan_before_forward, with_kwargs=True)
+            self.register_state_dict_post_hook(_values_as_saved)
+            self._epoch_watch, self._epoch_warned = EpochWatch(), False
+        # PEFT keeps the trainability of existing adapters when one is added, for parameters of the model;
+        # the flat vectors live on the tuner, so they are kept here.
+        trainable = {name: values.requires_grad for name, values in self.medyate_values.items()}
         super().inject_adapter(model, adapter_name, **kwargs)
+        for name, flag in trainable.items():
+            self.medyate_values[name].requires_grad = flag
         if config.lean_backward:
             apply_lean_backward(self.model)
         budget = budget_slots(config.budget_kb, config.bytes_per_slot)
         layers = self.medyate_layers()
-        device = next(iter(layers.values())).get_base_layer().weight.device
-        values = nn.Parameter(torch.zeros(0, device=device))  # sized by the selection once one is drawn
+        capacity = min(budget, sum(m.in_channels * weight_slots_per_channel(m.get_base_layer()) for m in layers.values()))
+        weight = next(iter(layers.values())).get_base_layer().weight
+        # In the base dtype, as PEFT's layers; `_cast_adapter_dtype` upcasts fp16/bf16 unless told not to.
+        values = nn.Parameter(torch.zeros(capacity, device=weight.device, dtype=weight.dtype))
         values.requires_grad = adapter_name in self.active_adapters and not config.inference_mode
         self.medyate_values[adapter_name] = values
         self._hook_values(adapter_name)
         generator = torch.Generator().manual_seed(config.seed)
         self.plans[adapter_name] = AdapterPlan(budget=budget, generator=generator)
         self.train(self.training)
-        if config.input_size is not None and values.requires_grad:
+        # On the meta device (low_cpu_mem_usage) nothing can run; shapes are then learned at the first batch.
+        if config.input_size is not None and values.requires_grad and not values.is_meta:
             try:
                 self._observe_shapes(*self.dummy_inputs(config))
             except Exception as err:
@@ -228,6 +231,27 @@ class MeDyateModel(BaseTuner):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name, values in getattr(self, "medyate_values", {}).items():
             values.requires_grad = name in names and not inference_mode
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """PEFT's `set_requires_grad`, reaching the adapters' flat trainable vectors too."""
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name, values in self.medyate_values.items():
+            if name in names:
+                values.requires_grad = requires_grad
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        """As PEFT's layers do: disabled adapters train nothing; enabling makes the active ones trainable."""
+        super()._enable_adapter_layers(enabled)
+        for name, values in self.medyate_values.items():
+            values.requires_grad = enabled and name in self.active_adapters
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's rule for the layers' deltas and the flat vector: fp16/bf16 become fp32 unless disabled."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        values = self.medyate_values[adapter_name] if adapter_name in self.medyate_values else None
+        if autocast_adapter_dtype and values is not None and values.dtype in (torch.float16, torch.bfloat16):
+            values.data = values.data.float()  # in place: layers' live selections hold this parameter
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -259,15 +283,19 @@ class MeDyateModel(BaseTuner):
         return costs
 
     def dummy_inputs(self, config: MeDyateConfig, batch_size: int = 1) -> tuple[tuple, dict]:
-        """(args, kwargs) of a zero batch of `input_size`, as the model's forward expects it."""
-        device = next(self.model.parameters()).device
+        """(args, kwargs) of a zero batch of `input_size`, as the model's forward expects it.
+
+        On the model's device and in its floating dtype (a bf16 model takes bf16 pixels).
+        """
+        weight = next(iter(self.medyate_layers().values())).get_base_layer().weight
         main_input = getattr(self.model, "main_input_name", None)
         shape = (batch_size, *config.input_size)
         if main_input == "input_ids":
-            return (), {"input_ids": torch.zeros(shape, dtype=torch.long, device=device)}
+            return (), {"input_ids": torch.zeros(shape, dtype=torch.long, device=weight.device)}
+        zeros = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
         if main_input is not None:
-            return (), {main_input: torch.zeros(shape, device=device)}
-        return (torch.zeros(shape, device=device),), {}
+            return (), {main_input: zeros}
+        return (zeros,), {}
 
     def _observe_shapes(self, args: tuple, kwargs: dict) -> None:
         modes = {m: m.training for m in self.model.modules()}
@@ -295,7 +323,8 @@ class MeDyateModel(BaseTuner):
         """Build the channel pool (pre-selected layers) and draw the first selection.
 
         If `needs_dense_gradient`, the dense gradient comes from `full_gradient` (a closure returning
-        the loss of one batch, e.g. `lambda: F.cross_entropy(model(x), y)`) or, without it, from the
+        the loss of one batch, e.g. `lambda: F.cross_entropy(model(x), y)`, called
+        `full_gradient_batches` times, each call the next batch) or, without it, from the
         next `ranking_batches` training batches: planning then waits for them (logged).
         """
         adapter_name = adapter_name or self.active_adapters[0]
@@ -305,7 +334,7 @@ class MeDyateModel(BaseTuner):
                 logger.info("MeDyate: planning of %r waits for dense gradients of its first training batches",
                             adapter_name)
                 return
-            stats = self._full_gradient(full_gradient)
+            stats = self._full_gradient(full_gradient, self.peft_config[adapter_name].full_gradient_batches)
         self._build_plan(adapter_name, stats)
 
     def _build_plan(self, adapter_name: str, stats: GradientStats | None) -> None:
@@ -360,39 +389,27 @@ class MeDyateModel(BaseTuner):
 
     def _preselect(self, config: MeDyateConfig, costs: list[LayerCost], budget: int) -> list[LayerCost]:
         strategy = get_strategy(config.strategy)
-        if strategy.layers == "all":
-            return costs
-        ranking = load_ranking(config.layer_ranking)
-        check_covers(ranking, [c.name for c in costs])
-        if strategy.layers == "lara":
-            names = select_by_alpha(costs, ranking["lara"], budget, config.alpha_opt)
-        else:
-            names = select_by_rgn(costs, ranking["rgn"], config.rgn_coverage)
-        chosen = set(names)
-        return [c for c in costs if c.name in chosen]
+        ranking = None
+        if strategy.layers != "all":
+            ranking = load_ranking(config.layer_ranking)
+            check_covers(ranking, [c.name for c in costs])
+        return preselect(strategy, costs, ranking, budget, config.alpha_opt, config.rgn_coverage,
+                         config.lara_within_rgn, config.max_activation_share)
 
     def _draw(self, adapter_name: str) -> None:
         config: MeDyateConfig = self.peft_config[adapter_name]
         plan = self.plans[adapter_name]
-        strategy = get_strategy(config.strategy)
-        if strategy.needs_full_gradient and plan.full_norms is None:
-            raise RuntimeError(f"strategy {config.strategy!r} draws from a full gradient, and none was measured")
-        if strategy.order == "det_rgn":
-            order = deterministic_order(plan.full_norms / plan.pool.slots)
-        elif strategy.order == "prob_raw":
-            order = weighted_order(plan.full_norms, plan.generator)
-        elif strategy.order == "weighted" and plan.tracker.epochs_done > 0:
-            order = weighted_order(plan.tracker.norms, plan.generator)
-        else:
-            order = uniform_order(len(plan.pool), plan.generator)
+        measured = plan.tracker.norms if plan.tracker.epochs_done > 0 else None
+        order = channel_order(get_strategy(config.strategy), plan.pool.slots, plan.generator, measured,
+                              plan.full_norms, config.draw_weights)
         plan.selected = greedy_fill(order, plan.pool.slots, plan.budget)
         self._apply_selection(adapter_name)
 
-    def _full_gradient(self, closure: FullGradient) -> GradientStats:
-        """Dense gradients of every wrapped layer for one closure call (no lazy planning inside it)."""
+    def _full_gradient(self, closure: FullGradient, batches: int = 1) -> GradientStats:
+        """Dense gradients of every wrapped layer, summed over `batches` closure calls (no lazy planning inside)."""
         observing, self._observing = self._observing, True
         try:
-            return measure_full_gradient(self.medyate_layers(), closure)
+            return measure_full_gradient(self.medyate_layers(), closure, batches)
         finally:
             self._observing = observing
 
@@ -403,13 +420,13 @@ class MeDyateModel(BaseTuner):
                 for name, layer in self.medyate_layers().items() if name in chosen]
 
     def _apply_selection(self, adapter_name: str) -> None:
-        """Map the selected channels to consecutive segments of the flat vector, sized to fit them exactly."""
+        """Map the selected channels to consecutive segments at the start of the flat vector."""
         plan = self.plans[adapter_name]
         values = self.medyate_values[adapter_name]
         entries = self._selected_layers(plan.pool, plan.selected)
         sizes = [slots for _, _, slots in entries]
-        if values.numel() != sum(sizes):
-            _resize(values, sum(sizes))
+        if sum(sizes) > values.numel():
+            raise AssertionError(f"selection needs {sum(sizes)} weight slots, flat vector holds {values.numel()}")
         vector = SegmentedVector(values, sizes)
         starts = plan.pool.offsets()
         live = {name: (slot, idx) for slot, (name, idx, _) in enumerate(entries)}
@@ -437,7 +454,7 @@ class MeDyateModel(BaseTuner):
             values.register_hook(partial(self._on_values_grad, adapter_name))
             values._medyate_owner = self
 
-    def _on_values_grad(self, adapter_name: str, grad: torch.Tensor) -> torch.Tensor:
+    def _on_values_grad(self, adapter_name: str, grad: torch.Tensor) -> torch.Tensor | None:
         """One backward's gradient of the flat vector: record channel norms on its device, then all-reduce.
 
         The norms of all selected channels come out of the one gradient tensor, so nothing moves to the
@@ -447,8 +464,9 @@ class MeDyateModel(BaseTuner):
         """
         plan = self.plans[adapter_name]
         layout = plan.layout
-        if layout is not None and plan.tracker is not None and grad.numel():
-            rows = grad.detach().split(layout.sizes)
+        used = sum(layout.sizes) if layout is not None else 0
+        if layout is not None and plan.tracker is not None and used:
+            rows = grad.detach()[:used].split(layout.sizes)
             norms = torch.cat([g.view(len(c), -1).norm(dim=1) for g, c in zip(rows, layout.channels, strict=True)])
             finite = torch.isfinite(norms)
             if self.peft_config[adapter_name].detect_anomalies and not bool(finite.all()):
@@ -463,17 +481,18 @@ class MeDyateModel(BaseTuner):
                 when = f"the first backward of adapter {adapter_name!r}, epoch {plan.epoch}"
                 check_ranks_agree(fingerprint(self.peft_config[adapter_name], plan), when)
                 self._agreed[adapter_name] = layout
-            grad = grad / dist.get_world_size()
-            dist.all_reduce(grad)
-        return grad
+            trained = grad[:used] / dist.get_world_size()  # the tail past the selection is zero on every rank
+            dist.all_reduce(trained)
+            return torch.cat([trained, grad[used:]])
+        return None  # unchanged: autograd moves it into .grad without a copy
 
     @property
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
         """Read by DistributedDataParallel at construction (through PeftModel's attribute forwarding).
 
-        Its buckets are sized once, and the flat vector's size follows the selection, so DDP leaves the
-        vector out and `_on_values_grad` all-reduces it from then on. Names are given as seen from a
-        PeftModel and from this tuner, whichever DDP wraps.
+        DDP would all-reduce the whole budget-sized vector; it leaves the vector out and
+        `_on_values_grad` all-reduces only the selected slots from then on. Names are given as seen
+        from a PeftModel and from this tuner, whichever DDP wraps.
         """
         self._reduce_values = True
         names = [f"medyate_values.{adapter}" for adapter in self.medyate_values]
@@ -493,13 +512,15 @@ class MeDyateModel(BaseTuner):
 
         Pass the optimizer so that its state for the flat vector (momentum, Adam moments) is reset,
         since its slots now belong to other channels. Static strategies keep their selection. The
-        dynamic oracles (det_rgn, prob_raw) need `full_gradient`: a closure returning one batch's loss
-        (under DDP, computed with the unwrapped model), costing one dense forward+backward.
+        dynamic oracles (det_rgn, lara_det_raw, prob_raw) need `full_gradient`: a closure returning the
+        next batch's loss (under DDP, computed with the unwrapped model), called `full_gradient_batches`
+        times, each a dense forward+backward.
         """
         adapter_name = adapter_name or self.active_adapters[0]
         config: MeDyateConfig = self.peft_config[adapter_name]
         plan = self.plans[adapter_name]
         strategy = get_strategy(config.strategy)
+        self._epoch_watch.reset()
         if plan.pool is None:
             if plan.probe is None:
                 raise RuntimeError("resample() before the first training step: nothing has been selected yet")
@@ -517,12 +538,12 @@ class MeDyateModel(BaseTuner):
                     guards.check_trained_values(name, live, plan.epoch)
         check_ranks_agree(fingerprint(config, plan), f"resample() of adapter {adapter_name!r}, epoch {plan.epoch}")
         self._sync_norms(plan.tracker)
-        plan.tracker.end_epoch(plan.selected)
+        plan.tracker.end_epoch(plan.selected, rescale=config.rescale_norms)
         plan.epoch += 1
         if not strategy.dynamic:
             return
         if strategy.needs_full_gradient:
-            stats = self._full_gradient(full_gradient)
+            stats = self._full_gradient(full_gradient, config.full_gradient_batches)
             stats.all_reduce(list(plan.pool.costs))
             plan.full_norms = stats.pool_vector(plan.pool.costs)
         values = self.medyate_values[adapter_name]
@@ -602,13 +623,12 @@ class MeDyateModel(BaseTuner):
         unknown = sorted({c["name"] for c in state["pool"] or ()} - set(layers))
         if unknown:
             raise ValueError(f"checkpoint's channel pool has layers this model lacks: {unknown[:5]}")
-        pool = None if state["pool"] is None else ChannelPool.build([LayerCost(**c) for c in state["pool"]])
-        slots = 0 if pool is None else sum(n for _, _, n in self._selected_layers(pool, state["selected"]))
-        if state["values"].numel() != slots:
+        if state["values"].shape != values.shape:
             raise ValueError(
-                f"checkpoint's trainable vector has {state['values'].numel()} slots, its selection {slots}: the "
-                "checkpoint is damaged or was made for layers of another shape"
+                f"checkpoint's trainable vector has {state['values'].numel()} slots, this adapter {values.numel()}: "
+                "was it made with another budget_kb?"
             )
+        pool = None if state["pool"] is None else ChannelPool.build([LayerCost(**c) for c in state["pool"]])
         for name, entry in state["layers"].items():
             layers[name].set_delta(adapter_name, entry["index"], entry["delta"])
         plan.epoch = state["epoch"]
@@ -647,6 +667,30 @@ class MeDyateModel(BaseTuner):
                 logger.info("MeDyate: learning activation shapes from the first training batch")
                 self._observe_shapes(args, kwargs)
                 self.plan(adapter_name)
+        self._watch_epoch(args, kwargs)
+
+    def _watch_epoch(self, args: tuple, kwargs: dict) -> None:
+        """Warn once when the training data came round again without `resample()` (rule: `epochs`)."""
+        dynamic = [  # re-drawn at epoch ends; a step cadence (resample_every) may span epochs on purpose
+            a for a in self.active_adapters
+            if a in self.medyate_values and self.medyate_values[a].requires_grad
+            and get_strategy(self.peft_config[a].strategy).dynamic and self.peft_config[a].resample_every is None
+        ]
+        if self._epoch_warned or not dynamic or torch.compiler.is_compiling():  # the watch reads batches on the host
+            return
+        main = kwargs.get(getattr(self.model, "main_input_name", None) or "")
+        if main is None:
+            main = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+        if isinstance(main, torch.Tensor) and self._epoch_watch.came_round(main):
+            self._epoch_warned = True
+            warnings.warn(
+                f"MeDyate: the training data came round again after {self._epoch_watch.batches - 1} batches without "
+                "resample() (most samples of this batch were already seen): call model.base_model.resample(optimizer) "
+                "at the end of every epoch (MeDyateCallback does it under the Trainer), or the same channels keep "
+                "training",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _probe_training_batch(self, adapter_name: str) -> None:
         """Measure dense gradients during the first `ranking_batches` batches, then plan (at the next one)."""
@@ -688,34 +732,60 @@ class MeDyateModel(BaseTuner):
     def _get_adapter_state_dict(
         cls, model: nn.Module, config: MeDyateConfig, adapter_name: str, state_dict: dict, unwanted_adapter_names: list
     ) -> dict[str, torch.Tensor]:
-        """Per layer: the channels whose delta is non-zero and those delta slices only."""
+        """Per layer: the channels whose delta is non-zero and those delta slices only.
+
+        Read from the state dict, whose MeDyate entries are already in saved form (see `layer`), so
+        wrappers that rename modules (FSDP) save the same keys.
+        """
+        from ..serialization import adapter_entries
+
         out = {}
-        for name, module in model.named_modules():
-            if not isinstance(module, MeDyateLayer) or adapter_name not in module.medyate_delta:
-                continue
-            index, delta = module.folded_delta(adapter_name)
+        for name, (index, delta) in adapter_entries(state_dict, adapter_name).items():
             if not bool(torch.isfinite(delta).all()):
                 raise guards.NonFiniteError(
                     f"layer {name!r} of adapter {adapter_name!r} holds NaN/inf deltas; not saving an adapter that "
                     "cannot be loaded (the previous save, if any, is kept). Resume from the last good checkpoint."
                 )
-            changed = delta.flatten(1).abs().amax(dim=1) > 0 if len(index) else torch.zeros(0, dtype=torch.bool)
-            if not changed.any():
-                continue
-            out[f"{name}.medyate_index.{adapter_name}"] = index[changed].cpu().contiguous()
-            out[f"{name}.medyate_delta.{adapter_name}"] = delta[changed].cpu().contiguous()
+            if len(index):
+                out[f"{name}.medyate_index.{adapter_name}"] = index.cpu().contiguous()
+                out[f"{name}.medyate_delta.{adapter_name}"] = delta.cpu().contiguous()
         return out
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: MeDyateConfig, adapter_name: str, state_dict: dict
     ) -> dict[str, torch.Tensor]:
-        """Validate every delta against this base model, then install them; nothing changes on error."""
-        from ..serialization import install_deltas
+        """Validate every delta against this base model and complete the file's entries; nothing changes here.
 
-        return install_deltas(model, adapter_name, state_dict)
+        `load_state_dict` then installs them (the layers' load hook), also on the meta device.
+        """
+        from ..serialization import complete_for_load
+
+        return complete_for_load(model, adapter_name, state_dict)
 
     # -- reporting ------------------------------------------------------------------------------
+    def trainable_parameter_counts(self) -> tuple[int, int]:
+        """(trained values, base model parameters), what `print_trainable_parameters` shows.
+
+        Trained: of each trainable flat vector the weight slots the current selection uses (all of it
+        before planning), and every other trainable parameter (the head). The total counts the base
+        model as loaded: neither the flat vectors nor the modules_to_save copies.
+        """
+        trainable = total = 0
+        for name, param in self.named_parameters():
+            if name.startswith("medyate_values."):
+                adapter = name.removeprefix("medyate_values.")
+                if param.requires_grad:
+                    trainable += self._used_slots(adapter) if self.is_planned(adapter) else param.numel()
+                continue
+            trainable += param.numel() if param.requires_grad else 0
+            total += 0 if ".modules_to_save." in f".{name}" else param.numel()
+        return trainable, total
+
+    def _used_slots(self, adapter_name: str) -> int:
+        return sum(layer.live[adapter_name][1].numel for layer in self.medyate_layers().values()
+                   if adapter_name in layer.live)
+
     def memory_report(
         self,
         *args: Any,
