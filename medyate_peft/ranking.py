@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_write_json
 from .budget import LayerCost, activation_slots_of_input, layer_cost
-from .candidates import detect_head, is_candidate_type, unsupported_reason
+from .candidates import default_targets, detect_head
 
 RANKING_FORMAT = "medyate-layer-ranking"
 RANKING_VERSION = 1
@@ -151,14 +151,9 @@ class GradientStats:
 # -- preliminary fine-tuning ----------------------------------------------------------------------
 def _candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers MeDyate would wrap with target_modules=None: supported Conv2d/Linear outside the head."""
-    heads = tuple(detect_head(model) or ())
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if is_candidate_type(module)
-        and not any(name == h or name.startswith(h + ".") for h in heads)
-        and unsupported_reason(name, module, model) is None
-    }
+    names, _ = default_targets(model, detect_head(model))
+    modules = dict(model.named_modules())
+    return {name: modules[name] for name in names}
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -18,7 +18,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import guards
 from ..budget import LayerCost, budget_slots, layer_cost, slots_to_kb, weight_slots_per_channel
-from ..candidates import detect_head, is_candidate_type, unsupported_reason
+from ..candidates import (
+    default_targets,
+    detect_head,
+    in_modules_to_save,
+    is_candidate_type,
+    output_head_name,
+    unsupported_reason,
+)
 from ..ddp import check_ranks_agree, fingerprint
 from ..kernels import Selection
 from ..lean import apply_lean_backward, remove_lean_backward
@@ -105,27 +112,22 @@ class MeDyateModel(BaseTuner):
             )
         if peft_config.modules_to_save is None:
             peft_config.modules_to_save = detect_head(model)
-            if peft_config.modules_to_save is None:
+            if peft_config.modules_to_save is None and output_head_name(model) is None:
                 logger.warning("MeDyate: no classifier head found; pass modules_to_save=[...] to train one in full")
         if peft_config.target_modules is not None:
             return
-        saved = tuple(peft_config.modules_to_save or ())
         wrapped = [n for n, m in model.named_modules() if isinstance(m, MeDyateLayer)]
-        names = []
-        for name, module in model.named_modules():
-            if any(name.startswith(w + ".") for w in wrapped):
-                continue  # the base_layer inside an existing MeDyate layer
-            if isinstance(module, MeDyateLayer):
-                names.append(name)
-                continue
-            if not is_candidate_type(module) or any(name == s or name.startswith(s + ".") for s in saved):
-                continue
-            reason = unsupported_reason(name, module, model)
-            if reason:
-                logger.info("MeDyate: skipping %s: %s", name, reason)
-                continue
-            names.append(name)
-        peft_config.target_modules = names
+        names, skipped = default_targets(model, peft_config.modules_to_save)
+        for name, reason in skipped.items():
+            logger.info("MeDyate: skipping %s: %s", name, reason)
+        if not names and not wrapped:
+            why = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:4]) or "it has no Conv2d/Linear layer"
+            raise ValueError(
+                f"MeDyate found no layer to train in {type(model).__name__} outside modules_to_save ({why}); "
+                "name the layers in target_modules"
+            )
+        # An existing MeDyate layer takes the new adapter too; the base_layer inside it is not a target.
+        peft_config.target_modules = wrapped + [n for n in names if not any(n.startswith(w + ".") for w in wrapped)]
 
     def _create_and_replace(
         self,
@@ -149,11 +151,25 @@ class MeDyateModel(BaseTuner):
         reason = unsupported_reason(current_key, target, self.model)
         if reason:
             raise TypeError(f"target module {current_key!r} cannot be wrapped: {reason}. Remove it from target_modules.")
+        if in_modules_to_save(current_key, peft_config.modules_to_save):
+            raise ValueError(
+                f"target module {current_key!r} is also matched by modules_to_save={peft_config.modules_to_save} "
+                "(PEFT matches those by name suffix, and trains them in full): remove it from target_modules"
+            )
         layer_cls = Conv2d if isinstance(target, nn.Conv2d) else Linear
         new_module = layer_cls(target, adapter_name, lean_backward=peft_config.lean_backward)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Swap the module in, as LoRA's tuner does (MeDyate layers are made on their base layer's device).
+
+        BaseTuner's default also copies `child.weight` onto a new module without a base layer, which is
+        what unloading hands back for a modules_to_save head: a head without a weight of its own
+        (RoBERTa's and Electra's classification heads) made `merge_and_unload` and `unload` fail.
+        """
+        setattr(parent, child_name, new_module)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         """Wrap the layers, then observe shapes and plan; on any error the model is put back as it was."""
