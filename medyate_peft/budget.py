@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .candidates import linear_features
+
 
 @dataclass(frozen=True)
 class LayerCost:
@@ -55,8 +57,9 @@ def weight_slots_per_channel(layer: nn.Module) -> int:
     """C^W from the weight shape alone (no activation shape needed)."""
     if isinstance(layer, nn.Conv2d):
         return (layer.out_channels // layer.groups) * layer.kernel_size[0] * layer.kernel_size[1]
-    if isinstance(layer, nn.Linear):
-        return layer.out_features
+    features = linear_features(layer)
+    if features is not None:
+        return features[1]
     raise TypeError(f"unsupported layer type {type(layer).__name__}")
 
 
@@ -78,12 +81,13 @@ def layer_cost(name: str, layer: nn.Module, activation_slots: int) -> LayerCost:
             kernel_elems=layer.kernel_size[0] * layer.kernel_size[1],
             activation_slots=activation_slots,
         )
-    if isinstance(layer, nn.Linear):
+    features = linear_features(layer)
+    if features is not None:
         return LayerCost(
             name=name,
             kind="linear",
-            in_channels=layer.in_features,
-            out_channels=layer.out_features,
+            in_channels=features[0],
+            out_channels=features[1],
             groups=1,
             kernel_elems=1,
             activation_slots=activation_slots,

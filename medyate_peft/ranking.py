@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_write_json
 from .budget import LayerCost, activation_slots_of_input, layer_cost
-from .candidates import default_targets, detect_head
+from .candidates import default_targets, detect_head, linear_layout
 
 RANKING_FORMAT = "medyate-layer-ranking"
 RANKING_VERSION = 1
@@ -211,7 +211,7 @@ def rank_layers(
     work.train()
     layers = _candidate_layers(work)
     if not layers:
-        raise ValueError("the model has no nn.Conv2d/nn.Linear layer outside its classifier to rank")
+        raise ValueError("the model has no nn.Conv2d/nn.Linear/Conv1D layer outside its classifier to rank")
     params = [p for p in work.parameters() if p.is_floating_point()]
     for p in params:
         p.requires_grad_(True)
@@ -233,7 +233,7 @@ def rank_layers(
             loss.backward()
             for name, module in layers.items():
                 if module.weight.grad is not None:
-                    stats.add(name, module.weight.grad, getattr(module, "groups", 1))
+                    stats.add(name, linear_layout(module, module.weight.grad), getattr(module, "groups", 1))
             stats.steps += 1
             if optimizer is not None:
                 optimizer.step()

@@ -23,6 +23,7 @@ from ..candidates import (
     detect_head,
     in_modules_to_save,
     is_candidate_type,
+    is_fan_in_fan_out,
     output_head_name,
     unsupported_reason,
 )
@@ -42,7 +43,7 @@ from ..sampling import (
 )
 from ..strategies import get_strategy
 from .config import MeDyateConfig
-from .layer import Conv2d, Linear, MeDyateLayer
+from .layer import Conv1D, Conv2d, Linear, MeDyateLayer
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class MeDyateModel(BaseTuner):
         if unmatched:
             layers = [n for n, m in model.named_modules() if is_candidate_type(m)]
             raise ValueError(
-                f"target_modules {unmatched} match no module of the model (its Conv2d/Linear layers: {layers[:8]}"
+                f"target_modules {unmatched} match no module of the model (its Conv2d/Linear/Conv1D layers: {layers[:8]}"
                 f"{' ...' if len(layers) > 8 else ''}); leave target_modules=None to take every supported layer"
             )
         if peft_config.modules_to_save is None:
@@ -145,8 +146,8 @@ class MeDyateModel(BaseTuner):
         if not is_candidate_type(target):
             raise TypeError(
                 f"target module {current_key!r} is a {type(target).__name__}; MeDyate trains input channels of "
-                "nn.Conv2d and nn.Linear layers only. Remove it from target_modules (or leave target_modules=None "
-                "to take every supported layer)."
+                "nn.Conv2d, nn.Linear and transformers' Conv1D layers only. Remove it from target_modules (or leave "
+                "target_modules=None to take every supported layer)."
             )
         reason = unsupported_reason(current_key, target, self.model)
         if reason:
@@ -156,7 +157,7 @@ class MeDyateModel(BaseTuner):
                 f"target module {current_key!r} is also matched by modules_to_save={peft_config.modules_to_save} "
                 "(PEFT matches those by name suffix, and trains them in full): remove it from target_modules"
             )
-        layer_cls = Conv2d if isinstance(target, nn.Conv2d) else Linear
+        layer_cls = Conv2d if isinstance(target, nn.Conv2d) else Conv1D if is_fan_in_fan_out(target) else Linear
         new_module = layer_cls(target, adapter_name, lean_backward=peft_config.lean_backward)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
