@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write_json
-from .budget import LayerCost, activation_slots_of_input, layer_cost
+from .budget import LayerCost, activation_slots_of_input, layer_cost, model_batch_size
 from .candidates import default_targets, detect_head, linear_layout
 
 RANKING_FORMAT = "medyate-layer-ranking"
@@ -217,11 +217,16 @@ def rank_layers(
         p.requires_grad_(True)
     optimizer = torch.optim.SGD(params, lr=lr) if lr > 0 else None
     activation: dict[str, int] = {}
+    batch: list[int | None] = [None]  # samples of the model call, which a layer's leading dim need not be
+
+    def observe_batch(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        batch[0] = model_batch_size(args, kwargs, getattr(module, "main_input_name", None))
 
     def observe(name: str, module: nn.Module, args: tuple) -> None:
-        activation[name] = activation_slots_of_input(module, args[0])
+        activation[name] = activation_slots_of_input(module, args[0], batch[0])
 
     hooks = [module.register_forward_pre_hook(partial(observe, name)) for name, module in layers.items()]
+    hooks.append(work.register_forward_pre_hook(observe_batch, with_kwargs=True))
     device = next(iter(params)).device
     stats = GradientStats()
     loss_fn = loss_fn or default_loss

@@ -17,7 +17,15 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import guards
-from ..budget import LayerCost, budget_slots, layer_cost, slots_to_kb, weight_slots_per_channel
+from ..budget import (
+    LayerCost,
+    budget_slots,
+    layer_cost,
+    model_batch_size,
+    per_sample,
+    slots_to_kb,
+    weight_slots_per_channel,
+)
 from ..candidates import (
     default_targets,
     detect_head,
@@ -28,6 +36,7 @@ from ..candidates import (
     unsupported_reason,
 )
 from ..ddp import check_ranks_agree, fingerprint
+from ..growth import GrowthWatch
 from ..kernels import Selection
 from ..lean import apply_lean_backward, remove_lean_backward
 from ..oracles import DenseGradientProbe, FullGradient, measure_full_gradient
@@ -56,6 +65,11 @@ def _unmatched_targets(targets: list[str] | str | None, names: list[str]) -> lis
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
+def _strict_budget(config: MeDyateConfig) -> bool:
+    """Whether the budget must hold as a hard bound (`budget_scope="step"`, where the config has that field)."""
+    return getattr(config, "budget_scope", None) == "step"
+
+
 def _kb_up(slots: int, bytes_per_slot: int) -> float:
     """kB for `slots`, rounded up to 0.01 kB so that the value shown is enough."""
     return math.ceil(slots_to_kb(slots, bytes_per_slot) * 100) / 100
@@ -73,6 +87,7 @@ class AdapterPlan:
     epoch: int = 0
     probe: DenseGradientProbe | None = None  # open while dense gradients of training batches are measured
     full_norms: torch.Tensor | None = None  # oracles: n(i, c) of every pool channel from a full gradient
+    growth: GrowthWatch | None = None  # live activation sizes of the pool's layers against the plan's
 
 
 class MeDyateModel(BaseTuner):
@@ -185,6 +200,9 @@ class MeDyateModel(BaseTuner):
             self._observing = False
             # PeftModel calls the inner model directly, so lazy planning hooks into that model.
             self._plan_hook = model.register_forward_pre_hook(self._plan_before_forward, with_kwargs=True)
+            self._growth_hook = model.register_forward_hook(self._watch_input_sizes)
+            self._input_batch: int | None = None  # samples of the last completed model call
+            self._pending_batch: int | None = None
         super().inject_adapter(model, adapter_name, **kwargs)
         if config.lean_backward:
             apply_lean_backward(self.model)
@@ -238,11 +256,19 @@ class MeDyateModel(BaseTuner):
         """Spec costs of every wrapped layer whose input shape has been observed."""
         costs = []
         for name, module in self.medyate_layers().items():
-            if module.activation_slots is None:
+            slots = self._live_activation_slots(module)
+            if slots is None:
                 logger.info("MeDyate: %s was not reached by the forward pass; it is not a candidate", name)
                 continue
-            costs.append(layer_cost(name, module.get_base_layer(), module.activation_slots))
+            costs.append(layer_cost(name, module.get_base_layer(), slots))
         return costs
+
+    def _live_activation_slots(self, layer: MeDyateLayer) -> int | None:
+        """Per-sample activation slots of the layer's last input, per sample of the model's batch."""
+        if layer.activation_positions is None:
+            return None
+        positions, leading = layer.activation_positions
+        return per_sample(positions, self._input_batch or leading)
 
     def dummy_inputs(self, config: MeDyateConfig, batch_size: int = 1) -> tuple[tuple, dict]:
         """(args, kwargs) of a zero batch of `input_size`, as the model's forward expects it."""
@@ -334,6 +360,7 @@ class MeDyateModel(BaseTuner):
                 f"budget_kb >= {_kb_up(pool_smallest, config.bytes_per_slot)}"
             )
         plan.pool = ChannelPool.build(pool_costs)
+        plan.growth = GrowthWatch.for_pool(plan.pool)
         plan.tracker = NormTracker(len(plan.pool))
         plan.full_norms = stats.pool_vector(pool_costs) if strategy.needs_full_gradient else None
         total = sum(c.layer_slots for c in pool_costs)
@@ -451,9 +478,10 @@ class MeDyateModel(BaseTuner):
         self._sync_norms(plan.tracker)
         plan.tracker.end_epoch(plan.selected)
         plan.epoch += 1
-        if not strategy.dynamic:
+        overshoots = self._recost_for_growth(adapter_name)
+        if not strategy.dynamic and not overshoots:
             return
-        if strategy.needs_full_gradient:
+        if strategy.dynamic and strategy.needs_full_gradient:
             stats = self._full_gradient(full_gradient)
             stats.all_reduce(list(plan.pool.costs))
             plan.full_norms = stats.pool_vector(plan.pool.costs)
@@ -555,6 +583,7 @@ class MeDyateModel(BaseTuner):
         if state["pool"] is None:
             return
         plan.pool = ChannelPool.build([LayerCost(**c) for c in state["pool"]])
+        plan.growth = GrowthWatch.for_pool(plan.pool)
         plan.tracker = NormTracker(len(plan.pool))
         plan.tracker.load_state_dict(state["tracker"])
         plan.selected = state["selected"].clone()
@@ -563,6 +592,7 @@ class MeDyateModel(BaseTuner):
     # -- lazy planning ------------------------------------------------------------------------
     def _plan_before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """At the first training forward of an unplanned, trainable adapter: learn shapes, then plan."""
+        self._pending_batch = model_batch_size(args, kwargs, getattr(module, "main_input_name", None))
         if self._observing or not (module.training and torch.is_grad_enabled()):
             return
         for adapter_name in self.active_adapters:
@@ -575,6 +605,59 @@ class MeDyateModel(BaseTuner):
                 logger.info("MeDyate: learning activation shapes from the first training batch")
                 self._observe_shapes(args, kwargs)
                 self.plan(adapter_name)
+
+    def _watch_input_sizes(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """After a training forward: record the live activation sizes; warn once (or refuse) on overshoot."""
+        self._input_batch = self._pending_batch
+        if self._observing or not (module.training and torch.is_grad_enabled()):
+            return
+        layers = None
+        for adapter_name in self.active_adapters:
+            plan = self.plans.get(adapter_name)
+            if plan is None or plan.growth is None or not self.medyate_values[adapter_name].requires_grad:
+                continue
+            layers = layers or self.medyate_layers()
+            plan.growth.observe([self._live_activation_slots(layers[c.name]) for c in plan.pool.costs])
+            if not plan.growth.warned:
+                self._check_overshoot(adapter_name)
+
+    def _check_overshoot(self, adapter_name: str) -> None:
+        config: MeDyateConfig = self.peft_config[adapter_name]
+        plan = self.plans[adapter_name]
+        counts = torch.bincount(plan.pool.layer[plan.selected], minlength=len(plan.pool.costs))
+        live, planned = plan.growth.selection_slots(counts)
+        if live <= plan.budget:
+            return
+        grown = int(torch.argmax((plan.growth.peak - plan.growth.planned).float()))
+        kb = partial(_kb_up, bytes_per_slot=config.bytes_per_slot)
+        message = (
+            f"MeDyate: training inputs are larger than those adapter {adapter_name!r} was planned on (e.g. "
+            f"{plan.pool.costs[grown].name} stores {int(plan.growth.peak[grown])} activation slots per sample "
+            f"and channel, planned {int(plan.growth.planned[grown])}): the selected channels hold {kb(live)} kB "
+            f"per sample against budget_kb={config.budget_kb} (planned {kb(planned)} kB, "
+            f"{live / plan.budget - 1:+.0%} over)"
+        )
+        if _strict_budget(config):
+            raise ValueError(
+                f"{message}. The strict budget refuses this batch: plan on the largest inputs (input_size=[...], "
+                "or a first training batch of the largest size), or pad/crop inputs to the planned size"
+            )
+        plan.growth.warned = True
+        logger.warning("%s; the next resample() re-plans for the larger inputs", message)
+
+    def _recost_for_growth(self, adapter_name: str) -> bool:
+        """At resample: re-cost the pool at the largest inputs seen; True if the selection no longer fits."""
+        plan = self.plans[adapter_name]
+        plan.growth.sync()  # a collective under DDP: every rank calls it at every resample
+        if not plan.growth.grown():
+            return False
+        counts = torch.bincount(plan.pool.layer[plan.selected], minlength=len(plan.pool.costs))
+        live, _ = plan.growth.selection_slots(counts)
+        plan.pool = ChannelPool.build(plan.growth.grown_costs(plan.pool.costs))  # same channels, same positions
+        plan.growth = GrowthWatch.for_pool(plan.pool)
+        logger.info("MeDyate: re-planned adapter %r for the larger training inputs seen (channel costs "
+                    "re-measured%s)", adapter_name, "; the selection is re-drawn" if live > plan.budget else "")
+        return live > plan.budget
 
     def _probe_training_batch(self, adapter_name: str) -> None:
         """Measure dense gradients during the first `ranking_batches` batches, then plan (at the next one)."""
@@ -609,6 +692,7 @@ class MeDyateModel(BaseTuner):
         model = super()._unload_and_optionally_merge(*args, **kwargs)
         remove_lean_backward(model)
         self._plan_hook.remove()
+        self._growth_hook.remove()
         return model
 
     # -- save / load ----------------------------------------------------------------------------
