@@ -217,13 +217,13 @@ def rank_layers(
         p.requires_grad_(True)
     optimizer = torch.optim.SGD(params, lr=lr) if lr > 0 else None
     activation: dict[str, int] = {}
-    batch: list[int | None] = [None]  # samples of the model call, which a layer's leading dim need not be
+    samples: list[int | None] = [None]  # of the model call; a layer's leading dim need not be it
 
     def observe_batch(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        batch[0] = model_batch_size(args, kwargs, getattr(module, "main_input_name", None))
+        samples[0] = model_batch_size(args, kwargs, getattr(module, "main_input_name", None))
 
     def observe(name: str, module: nn.Module, args: tuple) -> None:
-        activation[name] = activation_slots_of_input(module, args[0], batch[0])
+        activation[name] = activation_slots_of_input(module, args[0], samples[0])
 
     hooks = [module.register_forward_pre_hook(partial(observe, name)) for name, module in layers.items()]
     hooks.append(work.register_forward_pre_hook(observe_batch, with_kwargs=True))

@@ -212,6 +212,16 @@ def test_swin_window_attention_is_planned_per_sample():
     assert report.measured_selected_saved_bytes / 3 <= 4 * report.budget_slots
 
 
+def test_swin_ranking_charges_the_same_per_sample_costs_as_the_plan():
+    from medyate_peft import rank_layers
+
+    images = [(torch.randn(2, 3, 56, 56), torch.tensor([0, 2]))]
+    ranking = rank_layers(tiny_swin(), images, steps=1, lr=0.0, progress=False)
+    model = get_peft_model(tiny_swin(), MeDyateConfig(budget_kb=16, input_size=[3, 56, 56], strategy="full_random"))
+    planned = {c.name: c.layer_slots for c in model.base_model.plans["default"].pool.costs}
+    assert ranking["layer_slots"] == planned
+
+
 def _bert() -> torch.nn.Module:
     torch.manual_seed(0)
     return T.BertForSequenceClassification(T.BertConfig(**{**SMALL, "max_position_embeddings": 128}, num_labels=3))
