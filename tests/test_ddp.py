@@ -55,6 +55,14 @@ def test_ranks_agree_on_ranking_selection_norms_and_weights(ranks, strategy):
 
 
 
+@pytest.mark.ddp
+def test_ranks_replan_alike_for_the_longest_inputs_of_any_rank(ranks):
+    first, second = ranks[0]["growth"], ranks[1]["growth"]
+    assert first == second
+    slots = dict(first["costs"])
+    assert slots["bert.encoder.layer.0.attention.self.query"] == 32  # rank 1's length, planned at 8
+
+
 _FINGERPRINT = """
 import json, sys
 import torch
