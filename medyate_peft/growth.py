@@ -38,8 +38,9 @@ class GrowthWatch:
         seen = torch.tensor([-1 if v is None else v for v in live], dtype=torch.long)
         torch.maximum(self.peak, seen, out=self.peak)
 
-    def selection_slots(self, counts: torch.Tensor) -> tuple[int, int]:
-        """(slots per sample of a selection at the peak sizes, at the planned sizes); counts per pool layer."""
+    def selection_slots(self, pool: ChannelPool, selected: torch.Tensor) -> tuple[int, int]:
+        """(slots per sample of the selected pool positions at the peak sizes, at the planned sizes)."""
+        counts = torch.bincount(pool.layer[selected], minlength=len(pool.costs))
         return int((counts * (self.weight + self.peak)).sum()), int((counts * (self.weight + self.planned)).sum())
 
     def sync(self) -> None:

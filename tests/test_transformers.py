@@ -227,8 +227,9 @@ def _bert() -> torch.nn.Module:
     return T.BertForSequenceClassification(T.BertConfig(**{**SMALL, "max_position_embeddings": 128}, num_labels=3))
 
 
-def test_longer_sequences_warn_once_then_replan_at_resample(caplog):
-    model = get_peft_model(_bert(), MeDyateConfig(task_type="SEQ_CLS", budget_kb=16, strategy="full_random"))
+@pytest.mark.parametrize("strategy", ["full_random", "static_random"])  # a static selection is re-drawn too
+def test_longer_sequences_warn_once_then_replan_at_resample(strategy, caplog):
+    model = get_peft_model(_bert(), MeDyateConfig(task_type="SEQ_CLS", budget_kb=16, strategy=strategy))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model.train()
 

@@ -624,8 +624,7 @@ class MeDyateModel(BaseTuner):
     def _check_overshoot(self, adapter_name: str) -> None:
         config: MeDyateConfig = self.peft_config[adapter_name]
         plan = self.plans[adapter_name]
-        counts = torch.bincount(plan.pool.layer[plan.selected], minlength=len(plan.pool.costs))
-        live, planned = plan.growth.selection_slots(counts)
+        live, planned = plan.growth.selection_slots(plan.pool, plan.selected)
         if live <= plan.budget:
             return
         grown = int(torch.argmax((plan.growth.peak - plan.growth.planned).float()))
@@ -651,8 +650,7 @@ class MeDyateModel(BaseTuner):
         plan.growth.sync()  # a collective under DDP: every rank calls it at every resample
         if not plan.growth.grown():
             return False
-        counts = torch.bincount(plan.pool.layer[plan.selected], minlength=len(plan.pool.costs))
-        live, _ = plan.growth.selection_slots(counts)
+        live, _ = plan.growth.selection_slots(plan.pool, plan.selected)
         plan.pool = ChannelPool.build(plan.growth.grown_costs(plan.pool.costs))  # same channels, same positions
         plan.growth = GrowthWatch.for_pool(plan.pool)
         logger.info("MeDyate: re-planned adapter %r for the larger training inputs seen (channel costs "
