@@ -88,6 +88,7 @@ class AdapterPlan:
     probe: DenseGradientProbe | None = None  # open while dense gradients of training batches are measured
     full_norms: torch.Tensor | None = None  # oracles: n(i, c) of every pool channel from a full gradient
     growth: GrowthWatch | None = None  # live activation sizes of the pool's layers against the plan's
+    growth_layers: list[MeDyateLayer] = field(default_factory=list)  # the pool's layers, in pool order
 
 
 class MeDyateModel(BaseTuner):
@@ -360,7 +361,7 @@ class MeDyateModel(BaseTuner):
                 f"budget_kb >= {_kb_up(pool_smallest, config.bytes_per_slot)}"
             )
         plan.pool = ChannelPool.build(pool_costs)
-        plan.growth = GrowthWatch.for_pool(plan.pool)
+        self._watch_pool(plan)
         plan.tracker = NormTracker(len(plan.pool))
         plan.full_norms = stats.pool_vector(pool_costs) if strategy.needs_full_gradient else None
         total = sum(c.layer_slots for c in pool_costs)
@@ -583,7 +584,7 @@ class MeDyateModel(BaseTuner):
         if state["pool"] is None:
             return
         plan.pool = ChannelPool.build([LayerCost(**c) for c in state["pool"]])
-        plan.growth = GrowthWatch.for_pool(plan.pool)
+        self._watch_pool(plan)
         plan.tracker = NormTracker(len(plan.pool))
         plan.tracker.load_state_dict(state["tracker"])
         plan.selected = state["selected"].clone()
@@ -611,32 +612,38 @@ class MeDyateModel(BaseTuner):
         self._input_batch = self._pending_batch
         if self._observing or not (module.training and torch.is_grad_enabled()):
             return
-        layers = None
         for adapter_name in self.active_adapters:
             plan = self.plans.get(adapter_name)
             if plan is None or plan.growth is None or not self.medyate_values[adapter_name].requires_grad:
                 continue
-            layers = layers or self.medyate_layers()
-            plan.growth.observe([self._live_activation_slots(layers[c.name]) for c in plan.pool.costs])
-            if not plan.growth.warned:
-                self._check_overshoot(adapter_name)
+            before = plan.growth.observe([self._live_activation_slots(layer) for layer in plan.growth_layers])
+            if before is not None and not plan.growth.warned:
+                self._check_overshoot(adapter_name, before)
 
-    def _check_overshoot(self, adapter_name: str) -> None:
+    def _watch_pool(self, plan: AdapterPlan) -> None:
+        """Start watching the live activation sizes of the pool's layers against its costs."""
+        layers = self.medyate_layers()
+        plan.growth = GrowthWatch.for_pool(plan.pool)
+        plan.growth_layers = [layers[c.name] for c in plan.pool.costs]
+
+    def _check_overshoot(self, adapter_name: str, peaks_before: list[int]) -> None:
+        """Warn once if the selection overshoots the budget at the new sizes; a strict budget refuses the batch."""
         config: MeDyateConfig = self.peft_config[adapter_name]
         plan = self.plans[adapter_name]
         live, planned = plan.growth.selection_slots(plan.pool, plan.selected)
         if live <= plan.budget:
             return
-        grown = int(torch.argmax((plan.growth.peak - plan.growth.planned).float()))
+        grown = plan.growth.largest_growth()
         kb = partial(_kb_up, bytes_per_slot=config.bytes_per_slot)
         message = (
             f"MeDyate: training inputs are larger than those adapter {adapter_name!r} was planned on (e.g. "
-            f"{plan.pool.costs[grown].name} stores {int(plan.growth.peak[grown])} activation slots per sample "
-            f"and channel, planned {int(plan.growth.planned[grown])}): the selected channels hold {kb(live)} kB "
+            f"{plan.pool.costs[grown].name} stores {plan.growth.peak[grown]} activation slots per sample "
+            f"and channel, planned {plan.growth.planned[grown]}): the selected channels hold {kb(live)} kB "
             f"per sample against budget_kb={config.budget_kb} (planned {kb(planned)} kB, "
             f"{live / plan.budget - 1:+.0%} over)"
         )
         if _strict_budget(config):
+            plan.growth.peak = peaks_before  # the batch is refused: the next one of this size is refused too
             raise ValueError(
                 f"{message}. The strict budget refuses this batch: plan on the largest inputs (input_size=[...], "
                 "or a first training batch of the largest size), or pad/crop inputs to the planned size"
@@ -652,7 +659,7 @@ class MeDyateModel(BaseTuner):
             return False
         live, _ = plan.growth.selection_slots(plan.pool, plan.selected)
         plan.pool = ChannelPool.build(plan.growth.grown_costs(plan.pool.costs))  # same channels, same positions
-        plan.growth = GrowthWatch.for_pool(plan.pool)
+        self._watch_pool(plan)
         logger.info("MeDyate: re-planned adapter %r for the larger training inputs seen (channel costs "
                     "re-measured%s)", adapter_name, "; the selection is re-drawn" if live > plan.budget else "")
         return live > plan.budget
