@@ -262,9 +262,9 @@ def test_longer_sequences_warn_once_then_replan_at_resample(strategy, caplog):
 
 
 def test_a_strict_budget_refuses_inputs_larger_than_planned():
-    config = MeDyateConfig(task_type="SEQ_CLS", budget_kb=16, strategy="full_random", input_size=[16])
-    config.budget_scope = "step"  # the strict budget's setting, where the config defines it
-    model = get_peft_model(_bert(), config)
+    model = get_peft_model(_bert(), MeDyateConfig(task_type="SEQ_CLS", budget_kb=16, strategy="full_random",
+                                                  input_size=[16]))
+    model.peft_config["default"].budget_scope = "step"  # the strict budget's setting (set after planning here)
     model.train()
     inputs, labels = batch("SEQ_CLS", 16)
     model(**inputs, labels=labels).loss.backward()
