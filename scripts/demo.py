@@ -1,6 +1,6 @@
 """Demo: MeDyate against full fine-tuning, classifier-only training and LoRA, offline, on CIFAR-10 images.
 
-    python scripts/demo.py                          # about 3 minutes on 2 CPU cores, no network
+    python scripts/demo.py                          # no network; 2.5-4.5 min on 2 idle cores (README)
     python scripts/demo.py --data uoft-cs/cifar10 --train-samples 5000 --epochs 5   # the Hub's CIFAR-10
     python scripts/demo.py > demo.log               # plain lines (no progress bar) when not a terminal
 
