@@ -514,7 +514,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             loss = F.cross_entropy(logits, batch["labels"])
             accelerator.backward(loss)
             if args.clip_grad_norm:
-                accelerator.clip_grad_norm_(trainable, args.clip_grad_norm)
+                if accelerator.scaler is not None:  # clip the true gradients; scaler.step then skips overflows
+                    accelerator.scaler.unscale_(optimizer.optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad_norm)
             record["lr"] = scheduler.get_last_lr()[0]  # the rate of this step; the epoch logs its last one
             optimizer.step()
             scheduler.step()
