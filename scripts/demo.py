@@ -107,9 +107,18 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{row['grad_kb']:>12,.1f} {row['seconds']:>7.0f}")
 
 
+def run_method(train: Any, parse_args: Any, argv: list[str]) -> dict[str, Any]:
+    """One `medyate train` run; a problem the user can fix (data not found, offline) ends the demo in one line."""
+    try:
+        return train(parse_args(argv))
+    except (ValueError, OSError) as exc:  # FileNotFoundError is an OSError
+        sys.exit(f"demo: error: {exc}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_demo_args(argv)
-    sys.stdout.reconfigure(line_buffering=True)  # epoch lines reach a log file as they are printed
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # epoch lines reach a log file as they are printed
     data = args.data or str(EMBEDDED_DATA)
     if Path(data).exists() or args.data is None:  # local data: no Hub lookups (offline), else ~45 s of retries
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -129,13 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         print(f"== {LABELS[method]}")
         started = time.time()
-        result = train(parse_args([
+        result = run_method(train, parse_args, [
             "--model", args.model, "--dataset", data, "--method", method,
             "--budget-kb", str(args.budget_kb), "--max-train-samples", str(args.train_samples),
             "--max-eval-samples", str(args.eval_samples), "--epochs", str(args.epochs),
             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup-epochs", "0.5",
             "--output-dir", str(output / method), *progress,
-        ]))
+        ])
         memory = result["history"][-1]["memory"]
         rows.append({
             "method": method, "label": label(method, args.budget_kb), "memory": memory,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -76,3 +77,12 @@ def test_demo_runs_from_a_bare_copy_offline(tmp_path: Path) -> None:
         assert image.width > 600 and image.height > 300
     for method in ("medyate", "full", "head", "lora"):
         assert (out / method / "results.json").is_file()
+
+
+def test_demo_data_not_found_is_one_clear_line(tmp_path: Path) -> None:
+    """--data with a Hub name that is not reachable (offline here) stops the demo with the loader's message."""
+    spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    with pytest.raises(SystemExit, match=r"^demo: error: dataset 'nobody/no-such-data' is neither a local"):
+        demo.main(["--data", "nobody/no-such-data", "--methods", "head", "--output-dir", str(tmp_path)])
