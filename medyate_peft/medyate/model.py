@@ -672,6 +672,7 @@ class MeDyateModel(BaseTuner):
             if len(index):
                 out[f"{name}.medyate_index.{adapter_name}"] = index.cpu().contiguous()
                 out[f"{name}.medyate_delta.{adapter_name}"] = delta.cpu().contiguous()
+        out.update(cls._get_learnable_bias_state_dict(model, state_dict, config))  # `bias` other than "none"
         return out
 
     @classmethod
