@@ -21,10 +21,64 @@ def unsupported_reason(name: str, module: nn.Module, model: nn.Module) -> str | 
     parent = model.get_submodule(parent_name) if parent_name else model
     if isinstance(parent, nn.MultiheadAttention):
         return "nn.MultiheadAttention reads out_proj.weight directly, bypassing any wrapper"
+    partner = tied_partner(name, module, model)
+    if partner is not None:
+        return (
+            f"its weight is tied to {partner!r} (e.g. tie_word_embeddings): its channel deltas would apply to one "
+            "module only in training but to both once merged. Untie it first (give it its own weight: "
+            "module.weight = nn.Parameter(module.weight.clone()) and model.config.tie_word_embeddings = False)"
+        )
     custom_forward = type(module).forward not in _KNOWN_FORWARDS
     if custom_forward and type(module).__name__ != "Conv2dSame":
         return f"{type(module).__name__} overrides forward(); its semantics are unknown to MeDyate"
     return None
+
+
+def tied_partner(name: str, module: nn.Module, model: nn.Module) -> str | None:
+    """Another parameter name that holds this module's very weight tensor (a tied LM head), if any."""
+    weight = getattr(module, "weight", None)
+    for other, param in model.named_parameters(remove_duplicate=False):
+        if param is weight and other != f"{name}.weight":
+            return other
+    return None
+
+
+def output_head_name(model: nn.Module) -> str | None:
+    """Name of a transformers model's vocabulary projection (lm_head), None for other models."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    return None if head is None else next((n for n, m in model.named_modules() if m is head), None)
+
+
+def in_modules_to_save(name: str, modules_to_save: list[str] | tuple[str, ...] | set[str] | None) -> bool:
+    """Whether PEFT wraps the module (or one above it) as modules_to_save: a dotted prefix ends with an entry.
+
+    PEFT matches modules_to_save by plain name suffix, so "classifier" also takes DistilBERT's
+    `pre_classifier`; such a module is trained in full, so it must not also be a target.
+    """
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(prefix.endswith(entry) for prefix in prefixes for entry in modules_to_save or ())
+
+
+def default_targets(model: nn.Module, heads: list[str] | None) -> tuple[list[str], dict[str, str]]:
+    """(names taken with target_modules=None, {skipped layer: why}).
+
+    Every supported Conv2d/Linear outside modules_to_save, except a language model's output head,
+    which PEFT's all-linear leaves frozen too (untied, it can still be named in target_modules).
+    """
+    lm_head = output_head_name(model)
+    names, skipped = [], {}
+    for name, module in model.named_modules():
+        if not is_candidate_type(module) or in_modules_to_save(name, heads):
+            continue
+        reason = "the output (vocabulary) head, frozen as with PEFT's all-linear" if name == lm_head else None
+        reason = reason or unsupported_reason(name, module, model)
+        if reason:
+            skipped[name] = reason
+        else:
+            names.append(name)
+    return names, skipped
 
 
 def is_candidate_type(module: nn.Module) -> bool:
@@ -57,6 +111,8 @@ def detect_head(model: nn.Module) -> list[str] | None:
     head = declared.get("classifier") if isinstance(declared, dict) else None
     if head in names and any(p.numel() for p in names[head].parameters()):
         return [head]
+    if output_head_name(model) is not None:
+        return None  # a language model: its head is the vocabulary projection, frozen as in LoRA
     for candidate in HEAD_NAMES:
         if candidate in names and any(p.numel() for p in names[candidate].parameters()):
             return [candidate]

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import atomic_write_json
-from .budget import LayerCost, activation_slots_of_input, layer_cost
-from .candidates import detect_head, is_candidate_type, linear_layout, unsupported_reason
+from .budget import LayerCost, activation_slots_of_input, layer_cost, model_batch_size
+from .candidates import default_targets, detect_head, linear_layout
 from .progress import progress as show_progress
 
 RANKING_FORMAT = "medyate-layer-ranking"
@@ -151,14 +151,9 @@ class GradientStats:
 # -- preliminary fine-tuning ----------------------------------------------------------------------
 def _candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers MeDyate would wrap with target_modules=None: supported Conv2d/Linear outside the head."""
-    heads = tuple(detect_head(model) or ())
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if is_candidate_type(module)
-        and not any(name == h or name.startswith(h + ".") for h in heads)
-        and unsupported_reason(name, module, model) is None
-    }
+    names, _ = default_targets(model, detect_head(model))
+    modules = dict(model.named_modules())
+    return {name: modules[name] for name in names}
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -222,11 +217,16 @@ def rank_layers(
         p.requires_grad_(True)
     optimizer = torch.optim.SGD(params, lr=lr) if lr > 0 else None
     activation: dict[str, int] = {}
+    samples: list[int | None] = [None]  # of the model call; a layer's leading dim need not be it
+
+    def observe_batch(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        samples[0] = model_batch_size(args, kwargs, getattr(module, "main_input_name", None))
 
     def observe(name: str, module: nn.Module, args: tuple) -> None:
-        activation[name] = activation_slots_of_input(module, args[0])
+        activation[name] = activation_slots_of_input(module, args[0], samples[0])
 
     hooks = [module.register_forward_pre_hook(partial(observe, name)) for name, module in layers.items()]
+    hooks.append(work.register_forward_pre_hook(observe_batch, with_kwargs=True))
     device = next(iter(params)).device
     stats = GradientStats()
     loss_fn = loss_fn or default_loss

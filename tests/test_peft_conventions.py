@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import PeftConfig, PeftModel, get_peft_model
-from test_core import INPUT, ConvZoo, batch
+from test_core import INPUT, ConvZoo, batch, train_steps
 
 import medyate_peft  # noqa: F401  (registers the method)
 from medyate_peft import MeDyateConfig
@@ -145,3 +145,24 @@ def test_progress_is_plain_lines_off_a_terminal():
     assert "\r" not in out.getvalue()
     assert not isinstance(progress(range(3), "x", file=_Terminal()), LineProgress)
     assert list(progress(range(3), "x", disable=True)) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("bias", ["medyate_only", "all"])
+def test_bias_option_trains_saves_and_reloads_biases_as_lora_does(bias, tmp_path):
+    model = conv_zoo_model(bias=bias)
+    biases = {n for n in trainable(model) if n.endswith(".bias") and ".modules_to_save." not in n}
+    wrapped = {f"base_model.model.{name}.base_layer.bias" for name, layer in model.base_model.medyate_layers().items()
+               if layer.get_base_layer().bias is not None}
+    assert biases == wrapped  # ConvZoo's other bias is the head's: trained through its modules_to_save copy
+    train_steps(model, steps=2, lr=0.1)
+    x, _ = batch()
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(ConvZoo(), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+    with pytest.raises(ValueError, match="bias must be one of"):
+        MeDyateConfig(bias="lora_only")

@@ -14,8 +14,8 @@ nn.MultiheadAttention) are tuned on their Linear layers. Every case trains chann
 backward, while a ranking measured from the first batches trains only the head meanwhile (tested in
 test_strategies).
 
-Skipped by peft's own conditions: the `bias` tests (MeDyate has no `bias` option) and multiple
-active adapters with modules_to_save.
+Skipped by peft's own conditions: `test_disable_adapter_with_bias_warns` (its condition skips every
+method) and multiple active adapters with modules_to_save (not supported by PEFT).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from ..strategies import DRAW_WEIGHTS, STRATEGIES, Strategy, get_strategy
 
 # Bumped when the adapter file layout changes; loading a newer one fails with a clear message.
 FORMAT_VERSION = 1
+BIAS_OPTIONS = ("none", "all", "medyate_only")
 
 
 @dataclass
@@ -74,6 +75,10 @@ class MeDyateConfig(PeftConfig):
         full_gradient_batches (`int`, defaults to 1):
             Batches summed into each full gradient taken from a closure (the oracles' resample,
             `plan(full_gradient=...)`): the closure is called this many times, each call the next batch's loss.
+        bias (`str`, defaults to `"none"`):
+            Biases trained in full, as LoRA's `bias`: `"none"`, `"all"`, or `"medyate_only"` (those of the wrapped
+            layers). They are saved with the adapter and, like the head, not counted in the budget; disabling
+            the adapter does not undo them (PEFT warns).
         freeze_bn_stats (`bool`, defaults to `True`):
             Keep BatchNorm running statistics frozen (outside `modules_to_save`) so the base model stays intact.
         lean_backward (`bool`, defaults to `True`):
@@ -166,6 +171,13 @@ class MeDyateConfig(PeftConfig):
             "plan(full_gradient=...)): the closure is called this many times, each call the next batch's loss."
         },
     )
+    bias: str = field(
+        default="none",
+        metadata={
+            "help": "Biases trained in full, as LoRA's `bias`: 'none', 'all', or 'medyate_only' (those of the wrapped "
+            "layers). They are saved with the adapter and, like the head, not counted in the budget."
+        },
+    )
     freeze_bn_stats: bool = field(
         default=True, metadata={"help": "Keep BatchNorm running statistics frozen so the base model stays intact."}
     )
@@ -216,6 +228,8 @@ class MeDyateConfig(PeftConfig):
             value = getattr(self, name)
             if not (optional and value is None) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {value!r}")
+        if self.bias not in BIAS_OPTIONS:
+            raise ValueError(f"bias must be one of {BIAS_OPTIONS} (which biases train in full), got {self.bias!r}")
         if self.ranking_batches < 1:
             raise ValueError(f"ranking_batches must be >= 1, got {self.ranking_batches}")
         if self.input_size is not None:

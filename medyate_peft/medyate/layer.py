@@ -31,7 +31,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..budget import activation_slots_of_input
+from ..budget import activation_positions
 from ..kernels import (
     ChannelSparseConv2d,
     ChannelSparseLinear,
@@ -57,7 +57,9 @@ class MeDyateLayer(BaseTunerLayer):
         self.live: dict[str, tuple[nn.Parameter, Selection]] = {}
         self._premerge: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # base slices a merge overwrote
         self.lean_backward = True
-        self.activation_slots: int | None = None
+        # (positions of one input channel in the last input, its leading dim): the tuner divides by the
+        # model input's batch, since the leading dim need not be the batch (window attention).
+        self.activation_positions: tuple[int, int] | None = None
         self._weight_cache: tuple[tuple, tuple, torch.Tensor] | None = None  # (deltas key, live versions, weight)
         self.kwargs = kwargs
         self.register_state_dict_post_hook(_state_as_saved)
@@ -310,7 +312,7 @@ class MeDyateLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        self.activation_slots = activation_slots_of_input(self.get_base_layer(), x)
+        self.activation_positions = activation_positions(self.get_base_layer(), x)
         trainable = self._trainable_selection() if torch.is_grad_enabled() else None
         base_weight = self._base_weight()
         if base_weight.requires_grad:
