@@ -16,6 +16,7 @@ import torch.distributed as dist
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
 
 from .. import guards
 from ..budget import (
@@ -222,6 +223,7 @@ class MeDyateModel(BaseTuner):
             self.plans: dict[str, AdapterPlan] = {}
             self._observing = False
             self._reduce_values = False  # set once a DistributedDataParallel wrapper leaves the vector to us
+            self._under_ddp = False  # whether the last forward ran inside that wrapper
             self._agreed: dict[str, SegmentLayout | None] = {}  # per adapter: the selection ranks agreed on
             # PeftModel calls the inner model directly, so lazy planning hooks into that model.
             self._plan_hook = model.register_forward_pre_hook(self._plan_before_forward, with_kwargs=True)
@@ -521,7 +523,7 @@ class MeDyateModel(BaseTuner):
                     guards.check_channel_gradients(name, channels, layer_norms.to(torch.float64).cpu(), plan.epoch)
             # A skipped (GradScaler) step says nothing about its channels: non-finite norms are not counted.
             plan.tracker.record(layout.positions, torch.where(finite, norms, 0.0), counted=finite)
-        if self._reduce_values and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if self._reduce_values and self._under_ddp and dist.is_initialized() and dist.get_world_size() > 1:
             if self._agreed.get(adapter_name) is not layout:  # ranks with other selections would mismatch sizes
                 when = f"the first backward of adapter {adapter_name!r}, epoch {plan.epoch}"
                 check_ranks_agree(fingerprint(self.peft_config[adapter_name], plan), when)
@@ -700,6 +702,9 @@ class MeDyateModel(BaseTuner):
     def _plan_before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """At the first training forward of an unplanned, trainable adapter: learn shapes, then plan."""
         self._pending_batch = model_batch_size(args, kwargs, getattr(module, "main_input_name", None))
+        # Only a forward through the DDP wrapper is all-reduced in backward: a rank-local step on the
+        # unwrapped model (a measurement on rank 0) must not wait for the others.
+        self._under_ddp = DistributedDataParallel._get_active_ddp_module() is not None
         if self._observing or not (module.training and torch.is_grad_enabled()):
             return
         for adapter_name in self.active_adapters:
