@@ -53,6 +53,26 @@ def _kb_up(slots: int, bytes_per_slot: int) -> float:
     return math.ceil(slots_to_kb(slots, bytes_per_slot) * 100) / 100
 
 
+def _check_sampler_state(state: dict[str, Any]) -> None:
+    """A tampered training state must not resume: epoch, trained values and selection are checked."""
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"checkpoint's epoch {epoch!r} is not a count of epochs; the file is damaged")
+    if not bool(torch.isfinite(state["values"]).all()):
+        raise guards.NonFiniteError("checkpoint's trained values hold NaN/inf; resume from an earlier checkpoint")
+    if state["pool"] is None:
+        return
+    size, selected = sum(c["in_channels"] for c in state["pool"]), state["selected"]
+    if (
+        selected.dim() != 1
+        or selected.is_floating_point()
+        or (len(selected) and (int(selected.min()) < 0 or int(selected.max()) >= size))
+        or len(torch.unique(selected)) != len(selected)
+    ):
+        raise ValueError(f"checkpoint's selected channels are not distinct indices into its pool of {size} channels; "
+                         "the file is damaged")
+
+
 @dataclass
 class AdapterPlan:
     """Sampling state of one adapter: the channel pool, its norms, the RNG and the live selection."""
@@ -522,6 +542,7 @@ class MeDyateModel(BaseTuner):
         unknown = sorted({c["name"] for c in state["pool"] or ()} - set(layers))
         if unknown:
             raise ValueError(f"checkpoint's channel pool has layers this model lacks: {unknown[:5]}")
+        _check_sampler_state(state)
         for name, entry in state["layers"].items():
             layers[name].set_delta(adapter_name, entry["index"], entry["delta"])
         with torch.no_grad():
