@@ -97,6 +97,18 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
         ({"input_size": [3, 0, 8]}, ValueError, "positive sizes"),
         ({"seed": "0"}, TypeError, "seed must be an int"),
         ({"format_version": 99, "strategy": "from_the_future"}, ValueError, "upgrade with `pip install -U"),
+        ({"format_version": "2"}, TypeError, "format_version must be an int (this version writes 1), got '2'"),
+        ({"bytes_per_slot": 3}, ValueError, "bytes_per_slot must be the size of one element: one of (1, 2, 4, 8)"),
+        ({"bytes_per_slot": 2.5}, TypeError, "bytes_per_slot must be an int (4 for fp32), got 2.5"),
+        ({"bytes_per_slot": True}, TypeError, "bytes_per_slot must be an int (4 for fp32), got True (bool)"),
+        ({"bytes_per_slot": float("nan")}, TypeError, "bytes_per_slot must be an int"),
+        ({"bytes_per_slot": "4"}, TypeError, "bytes_per_slot must be an int (4 for fp32), got '4' (str)"),
+        ({"detect_anomalies": "False"}, TypeError, "detect_anomalies must be True or False, got 'False' (str)"),
+        ({"lean_backward": 1}, TypeError, "lean_backward must be True or False"),
+        ({"seed": 2**70}, ValueError, "seed must be in [-2**63, 2**64 - 1] (what torch.Generator accepts)"),
+        ({"input_size": [3, 2.5, 8]}, TypeError, "input_size must hold whole sizes (ints)"),
+        ({"alpha_opt": "0.2"}, TypeError, "alpha_opt must be a number, got '0.2' (str)"),
+        ({"ranking_batches": 1.5}, TypeError, "ranking_batches must be an int, got 1.5"),
     ],
 )
 def test_bad_config_values_are_refused(kwargs, error, message) -> None:

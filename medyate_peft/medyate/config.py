@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,34 @@ from ..strategies import get_strategy
 
 # Bumped when the adapter file layout changes; loading a newer one fails with a clear message.
 FORMAT_VERSION = 1
+BYTES_PER_SLOT = (1, 2, 4, 8)  # int8, fp16/bf16, fp32, fp64 elements
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+# Field kinds checked by `_check_kinds` (a field added to MeDyateConfig goes in one of these).
+BOOL_FIELDS = ("freeze_bn_stats", "lean_backward", "detect_anomalies", "inference_mode")
+INT_FIELDS = ("bytes_per_slot", "seed", "ranking_batches")
+REAL_FIELDS = ("alpha_opt", "rgn_coverage")
+_HINTS = {"seed": " (the same on every DDP rank)", "bytes_per_slot": " (4 for fp32)"}
+
+
+def _kind_error(name: str, value: Any, kind: str) -> TypeError:
+    return TypeError(f"{name} must be {kind}{_HINTS.get(name, '')}, got {value!r} ({type(value).__name__})")
+
+
+def _check_kinds(config: Any) -> None:
+    """Booleans are booleans (the string "False" is truthy), ints are ints, reals are numbers; bools are
+    neither ints nor reals here, though Python lets them pass as such."""
+    for name in BOOL_FIELDS:
+        if not isinstance(getattr(config, name), bool):
+            raise _kind_error(name, getattr(config, name), "True or False")
+    for name in INT_FIELDS:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise _kind_error(name, value, "an int")
+        setattr(config, name, int(value))  # numpy ints too, as plain ints (JSON, torch.Generator)
+    for name in REAL_FIELDS:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise _kind_error(name, value, "a number")
 
 
 @dataclass
@@ -78,6 +107,8 @@ class MeDyateConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = PeftType.MEDYATE
         # First: a newer file may hold values (a new strategy...) that this version would misreport.
+        if isinstance(self.format_version, bool) or not isinstance(self.format_version, int):
+            raise _kind_error("format_version", self.format_version, f"an int (this version writes {FORMAT_VERSION})")
         if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"this adapter was written with format version {self.format_version}, newer than this "
@@ -87,11 +118,17 @@ class MeDyateConfig(PeftConfig):
             raise TypeError(f"budget_kb must be a number of kB, got {self.budget_kb!r}")
         if not math.isfinite(self.budget_kb) or self.budget_kb <= 0:
             raise ValueError(f"budget_kb must be a positive finite number of kB, got {self.budget_kb}")
-        if self.bytes_per_slot <= 0:
-            raise ValueError(f"bytes_per_slot must be positive (4 for fp32), got {self.bytes_per_slot}")
+        _check_kinds(self)
+        if self.bytes_per_slot not in BYTES_PER_SLOT:
+            raise ValueError(
+                f"bytes_per_slot must be the size of one element: one of {BYTES_PER_SLOT} (4 for fp32), got "
+                f"{self.bytes_per_slot}"
+            )
+        if not isinstance(self.strategy, str):
+            raise _kind_error("strategy", self.strategy, "the name of a strategy")
         get_strategy(self.strategy)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int (the same on every DDP rank), got {self.seed!r}")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be in [-2**63, 2**64 - 1] (what torch.Generator accepts), got {self.seed}")
         if not 0 < self.alpha_opt <= 1:
             raise ValueError(f"alpha_opt must be in (0, 1], got {self.alpha_opt}")
         if not 0 < self.rgn_coverage <= 1:
@@ -104,6 +141,8 @@ class MeDyateConfig(PeftConfig):
                     f"input_size must be the shape of one sample without the batch dim, as a list such as "
                     f"[3, 224, 224] or [128], got {self.input_size!r}"
                 )
+            if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in self.input_size):
+                raise TypeError(f"input_size must hold whole sizes (ints), got {self.input_size!r}")
             self.input_size = [int(s) for s in self.input_size]
             if not self.input_size or min(self.input_size) <= 0:
                 raise ValueError(f"input_size must be a non-empty list of positive sizes, got {self.input_size}")
