@@ -485,3 +485,46 @@ def test_ddp_ranks_with_different_seeds_fail_at_resample_on_every_rank(tmp_path)
         assert same == "ok"
         assert "DDP ranks disagree at resample() of adapter 'default', epoch 0 on seed" in different
         assert "rank 0=0, rank 1=1" in different and "selected channels" in different
+
+
+# -- 6. the optimizer at resample() ----------------------------------------------------------------
+def _epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 3) -> None:
+    x, y = torch.randn(8, *INPUT), torch.randint(0, 4, (8,))
+    for _ in range(steps):
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_resample_refuses_what_is_not_the_models_optimizer() -> None:
+    model = get_peft_model(net(), config())
+    head_only = torch.optim.SGD(model.base_model.model[6].parameters(), lr=0.1)
+    _epoch(model, head_only)
+    with pytest.raises(TypeError, match="takes the torch.optim.Optimizer that trains the model, got 'sgd' \\(str\\)"):
+        model.base_model.resample("sgd")
+    with pytest.raises(ValueError, match="does not hold the trainable vector of adapter 'default'.*trains only"):
+        model.base_model.resample(head_only)
+    assert model.base_model.plans["default"].epoch == 0  # refused before anything changed
+
+
+def test_resample_without_an_optimizer_warns_that_nothing_trained_the_channels(caplog) -> None:
+    model = get_peft_model(net(), config())
+    _epoch(model, torch.optim.SGD(model.base_model.model[6].parameters(), lr=0.1))
+    with caplog.at_level(logging.WARNING, logger="medyate_peft"):
+        model.base_model.resample()
+    assert "no optimizer step changed the trainable vector of adapter 'default' during epoch 0" in caplog.text
+
+
+@pytest.mark.parametrize("make", [lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9), lambda p: torch.optim.Adam(p)])
+def test_resample_without_the_optimizer_resets_its_stale_state_and_says_so(caplog, make) -> None:
+    """Carried over, momentum moved a newly drawn channel by 0.69 on a step with zero gradient."""
+    model = get_peft_model(net(), config())
+    optimizer = make([p for p in model.parameters() if p.requires_grad])
+    _epoch(model, optimizer)
+    values = model.base_model.medyate_values["default"]
+    with caplog.at_level(logging.WARNING, logger="medyate_peft"):
+        model.base_model.resample()  # the optimizer is not passed
+    assert "resample() was called without the optimizer" in caplog.text and "was reset" in caplog.text
+    values.grad = torch.zeros_like(values)
+    optimizer.step()  # a zero gradient moves nothing
+    assert not values.detach().any()

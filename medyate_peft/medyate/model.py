@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import guards
+from .. import guards, optim_state
 from ..budget import LayerCost, budget_slots, layer_cost, slots_to_kb, weight_slots_per_channel
 from ..candidates import detect_head, is_candidate_type, unsupported_reason
 from ..ddp import check_ranks_agree, fingerprint
@@ -188,6 +188,7 @@ class MeDyateModel(BaseTuner):
             self._observing = False
             # PeftModel calls the inner model directly, so lazy planning hooks into that model.
             self._plan_hook = model.register_forward_pre_hook(self._plan_before_forward, with_kwargs=True)
+            optim_state.track_steps()
         super().inject_adapter(model, adapter_name, **kwargs)
         if config.lean_backward:
             apply_lean_backward(self.model)
@@ -427,7 +428,8 @@ class MeDyateModel(BaseTuner):
         """Epoch boundary: fold trained values into the deltas and draw the next channels.
 
         Pass the optimizer so that its state for the flat vector (momentum, Adam moments) is reset,
-        since its slots now belong to other channels. Static strategies keep their selection. The
+        since its slots now belong to other channels (without it, the state of any optimizer that
+        stepped the vector is reset, with a warning: `optim_state`). Static strategies keep their selection. The
         dynamic oracles (det_rgn, prob_raw) need `full_gradient`: a closure returning one batch's loss
         (under DDP, computed with the unwrapped model), costing one dense forward+backward.
         """
@@ -435,6 +437,8 @@ class MeDyateModel(BaseTuner):
         config: MeDyateConfig = self.peft_config[adapter_name]
         plan = self.plans[adapter_name]
         strategy = get_strategy(config.strategy)
+        values = self.medyate_values[adapter_name]
+        optim_state.check_optimizer(optimizer, values, adapter_name)
         if plan.pool is None:
             if plan.probe is None:
                 raise RuntimeError("resample() before the first training step: nothing has been selected yet")
@@ -452,6 +456,7 @@ class MeDyateModel(BaseTuner):
                     guards.check_trained_values(name, live, plan.epoch)
         check_ranks_agree(fingerprint(config, plan), f"resample() of adapter {adapter_name!r}, epoch {plan.epoch}")
         self._sync_norms(plan.tracker)
+        optim_state.warn_if_untrained(values, float(plan.tracker.epoch_count.sum()), adapter_name, plan.epoch)
         plan.tracker.end_epoch(plan.selected)
         plan.epoch += 1
         if not strategy.dynamic:
@@ -460,13 +465,11 @@ class MeDyateModel(BaseTuner):
             stats = self._full_gradient(full_gradient)
             stats.all_reduce(list(plan.pool.costs))
             plan.full_norms = stats.pool_vector(plan.pool.costs)
-        values = self.medyate_values[adapter_name]
         for layer in self.medyate_layers().values():
             layer.fold_live(adapter_name)
         with torch.no_grad():
             values.zero_()
-        if optimizer is not None:
-            optimizer.state.pop(values, None)
+        optim_state.reset(optimizer, values, adapter_name)
         self._draw(adapter_name)
 
     @staticmethod
