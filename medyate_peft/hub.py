@@ -21,6 +21,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from .atomic import atomic_write
 from .budget import budget_slots
 from .medyate.layer import MeDyateLayer
+from .peft_patches import check_adapter_folder, read_medyate_config
 
 CARD_TEMPLATE = "adapter_card.md"
 CONFIG_FILE = "adapter_config.json"
@@ -116,11 +117,12 @@ def summarize_dir(path: str | os.PathLike) -> AdapterSummary:
     config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} is not a saved adapter: it has no {CONFIG_FILE}")
-    config = json.loads(config_file.read_text())
-    if config.get("peft_type") != "MEDYATE":
-        raise ValueError(f"{folder} holds a {config.get('peft_type')} adapter, not a MeDyate one")
-    if not weights_file.is_file():
-        raise FileNotFoundError(f"{folder}: {WEIGHTS_FILE} is missing")
+    config = read_medyate_config(folder)  # a damaged or edited config: a clear AdapterFileError
+    if config is None:
+        other = json.loads(config_file.read_text())
+        kind = other.get("peft_type") if isinstance(other, dict) else None
+        raise ValueError(f"{folder} holds a {kind} adapter, not a MeDyate one")
+    check_adapter_folder(folder)  # the weights file: present, readable, holding the head it names
     index_sizes, delta_sizes, head_values = {}, {}, 0
     with safe_open(str(weights_file), "pt") as weights:
         for key in weights.keys():

@@ -145,6 +145,7 @@ class GradientStats:
             "lara": {c.name: self.layer.get(c.name, 0.0) / c.layer_slots for c in costs},
             "rgn": {c.name: float(self.pool_vector([c]).sum()) / c.channel_slots for c in costs},
             "layer_slots": {c.name: c.layer_slots for c in costs},
+            "shapes": {c.name: layer_shape(c) for c in costs},
         }
 
 
@@ -292,6 +293,28 @@ def load_ranking(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any
     if set(lara) != set(rgn):
         raise ValueError(f"layer ranking {where}: 'lara' and 'rgn' rank different layers")
     return {**source, "format": RANKING_FORMAT, "version": RANKING_VERSION, "lara": lara, "rgn": rgn}
+
+
+def layer_shape(cost: LayerCost) -> list[int]:
+    """What a ranking records of a layer's weight: in and out channels, groups, kernel elements."""
+    return [cost.in_channels, cost.out_channels, cost.groups, cost.kernel_elems]
+
+
+def check_shapes(ranking: Mapping[str, Any], costs: Iterable[LayerCost]) -> None:
+    """Same names are not enough (mobilenetv2_050 and _100 share them): the recorded weight shapes must match.
+
+    Rankings made before shapes were recorded pass this check.
+    """
+    shapes = ranking.get("shapes") or {}
+    wrong = [(c.name, shapes[c.name], layer_shape(c)) for c in costs if c.name in shapes
+             and list(shapes[c.name]) != layer_shape(c)]
+    if wrong:
+        name, theirs, ours = wrong[0]
+        raise ValueError(
+            f"the layer ranking was made for another architecture: {len(wrong)} layer(s) have other shapes, e.g. "
+            f"{name!r} with [in, out, groups, kernel] {theirs} there and {ours} here; recompute it with "
+            "rank_layers(model, ...)"
+        )
 
 
 def check_covers(ranking: Mapping[str, Any], names: Iterable[str]) -> None:

@@ -47,6 +47,45 @@ def check_entry(name: str, layer: MeDyateLayer, index: torch.Tensor, delta: torc
         raise ValueError(f"{name}: delta values must be finite floating-point numbers; the adapter file is corrupt")
 
 
+def check_modules_to_save(model: nn.Module, modules_to_save: list[str] | None, adapter_name: str) -> None:
+    """Before a save: every module the config names in modules_to_save is PEFT's trained copy, finite."""
+    from peft.utils import ModulesToSaveWrapper
+
+    from .guards import NonFiniteError
+
+    wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    for target in modules_to_save or ():
+        copies = [(n, m.modules_to_save[adapter_name]) for n, m in wrappers
+                  if (n == target or n.endswith("." + target)) and adapter_name in m.modules_to_save]
+        if not copies:
+            raise ValueError(
+                f"modules_to_save names {target!r}, but the model's {target!r} is not PEFT's trained copy of it "
+                "(was the module replaced after get_peft_model?), so its weights would be missing from the save; "
+                "replace it before get_peft_model"
+            )
+        for name, copy in copies:
+            for key, tensor in [*copy.named_parameters(), *copy.named_buffers()]:
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise NonFiniteError(
+                        f"{name}.{key} (modules_to_save of adapter {adapter_name!r}) holds NaN/inf; not saving an "
+                        "adapter that cannot be used (the previous save, if any, is kept)"
+                    )
+
+
+def _check_other_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """The loaded head (modules_to_save) tensors: finite and shaped as the model's."""
+    own = model.state_dict()
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{key.removeprefix(PEFT_PREFIX)}: values must be finite; the adapter file is corrupt")
+        target = own.get(key, own.get(key.removeprefix(PEFT_PREFIX)))
+        if target is not None and target.shape != tensor.shape:
+            raise ValueError(
+                f"{key.removeprefix(PEFT_PREFIX)}: shape {tuple(tensor.shape)} in the adapter, {tuple(target.shape)} "
+                "in the model; the adapter was made for a different base model (or number of classes)"
+            )
+
+
 def install_deltas(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> dict:
     """Install the MeDyate entries of a loaded state dict; return the other entries untouched."""
     layers = _layers_by_key_name(model)
@@ -68,6 +107,7 @@ def install_deltas(model: nn.Module, adapter_name: str, state_dict: dict[str, to
             missing = {INDEX_KEY, DELTA_KEY} - set(entry)
             raise ValueError(f"{name}: the adapter file lacks {sorted(missing)}; it is truncated or corrupt")
         check_entry(name.removeprefix(PEFT_PREFIX), layers[name], entry[INDEX_KEY], entry[DELTA_KEY])
+    _check_other_tensors(model, rest)
     for name, entry in entries.items():
         layer = layers[name]
         if adapter_name not in layer.medyate_delta:

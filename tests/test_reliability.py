@@ -230,7 +230,43 @@ DAMAGES = {
         lambda d: _rewrite_tensors(d, lambda t: t[_delta_key(t, "medyate_delta")].fill_(float("nan"))),
         ValueError, "must be finite",
     ),
+    "config is a JSON list": (
+        lambda d: _edit_config(d, lambda c: [c]), AdapterFileError, r"adapter_config.json holds a JSON list, not an",
+    ),
+    "config lacks peft_type": (
+        lambda d: _edit_config(d, lambda c: _without(c, "peft_type")), AdapterFileError,
+        r"adapter_config.json lacks 'peft_type', but .*adapter_model.safetensors holds a MeDyate adapter",
+    ),
+    "config lacks budget_kb": (
+        lambda d: _edit_config(d, lambda c: _without(c, "budget_kb")), AdapterFileError,
+        r"adapter_config.json lacks the required key 'budget_kb'",
+    ),
+    "config says LORA": (
+        lambda d: _edit_config(d, lambda c: {**c, "peft_type": "LORA"}), AdapterFileError,
+        r"says peft_type 'LORA', but .* holds a MeDyate adapter",
+    ),
+    "head weights missing": (
+        lambda d: _rewrite_tensors(d, lambda t: [t.pop(k) for k in list(t) if k.startswith("base_model.model.6.")]),
+        AdapterFileError, r"holds no weights of '6', which the config names in modules_to_save",
+    ),
+    "NaN head": (
+        lambda d: _rewrite_tensors(d, lambda t: t["base_model.model.6.weight"].fill_(float("nan"))),
+        ValueError, r"6.modules_to_save.default.weight: values must be finite",
+    ),
+    "head of another shape": (
+        lambda d: _rewrite_tensors(d, lambda t: t.__setitem__("base_model.model.6.weight", torch.zeros(5, 8))),
+        ValueError, r"shape \(5, 8\) in the adapter, \(4, 8\) in the model; .*different base model",
+    ),
 }
+
+
+def _edit_config(folder: Path, change) -> None:
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def _without(config: dict, key: str) -> dict:
+    return {k: v for k, v in config.items() if k != key}
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
@@ -246,6 +282,54 @@ def test_damaged_adapter_fails_clearly_and_leaves_the_base_model(saved, tmp_path
     loaded = PeftModel.from_pretrained(base, folder)  # the same base still loads the good adapter
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected)
+
+
+def test_failed_load_of_another_peft_method_leaves_the_base_model(tmp_path) -> None:
+    """The rollback is not MeDyate's only: a LoRA adapter for other widths fails after PEFT wrapped the model."""
+    from peft import LoraConfig
+
+    get_peft_model(net(width=16), LoraConfig(target_modules=["0"], r=2)).save_pretrained(tmp_path / "lora")
+    base = net()
+    before = fingerprint(base)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(base, tmp_path / "lora")
+    assert_unchanged(base, before)
+
+
+def test_a_head_replaced_after_get_peft_model_or_holding_nan_is_not_saved(tmp_path) -> None:
+    model = trained()
+    model.save_pretrained(tmp_path / "good")
+    good = (tmp_path / "good" / "adapter_model.safetensors").read_bytes()
+    model.base_model.model[6] = nn.Linear(8, 4)  # no longer PEFT's trained copy: it would be left out
+    with pytest.raises(ValueError, match="modules_to_save names '6', but the model's '6' is not PEFT's trained copy"):
+        model.save_pretrained(tmp_path / "good")
+    nan_head = trained()
+    with torch.no_grad():
+        nan_head.base_model.model[6].modules_to_save["default"].weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"6.weight \(modules_to_save of adapter 'default'\) holds NaN/inf"):
+        nan_head.save_pretrained(tmp_path / "good")
+    assert (tmp_path / "good" / "adapter_model.safetensors").read_bytes() == good
+
+
+def test_a_ranking_of_another_width_is_refused_though_the_names_match() -> None:
+    """mobilenetv2_050 and mobilenetv2_100 share layer names; their shapes differ."""
+    from medyate_peft import rank_layers
+
+    loader = [(torch.randn(4, *INPUT), torch.randint(0, 4, (4,)))]
+    ranking = rank_layers(net(width=8), loader, steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"made for another architecture: 2 layer\(s\) have other shapes, e.g. '0'"):
+        get_peft_model(net(width=16), config(strategy="medyate", layer_ranking=ranking, modules_to_save=["6"]))
+    get_peft_model(net(width=8), config(strategy="medyate", layer_ranking=ranking))  # its own architecture
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "config is a JSON list", "config lacks budget_kb"])
+def test_inspect_of_a_damaged_adapter_is_a_clear_error(saved, tmp_path, capsys, damage) -> None:
+    from medyate_peft.cli import main
+
+    damaged = _damaged_copy(saved[0], tmp_path / "damaged", DAMAGES[damage][0])
+    assert main(["inspect", str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(DAMAGES[damage][2], err) and "Traceback" not in err
 
 
 def test_missing_folder_is_named(tmp_path) -> None:

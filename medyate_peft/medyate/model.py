@@ -23,7 +23,7 @@ from ..ddp import check_ranks_agree, fingerprint
 from ..kernels import Selection
 from ..lean import apply_lean_backward, remove_lean_backward
 from ..oracles import DenseGradientProbe, FullGradient, measure_full_gradient
-from ..ranking import GradientStats, check_covers, load_ranking, select_by_alpha, select_by_rgn
+from ..ranking import GradientStats, check_covers, check_shapes, load_ranking, select_by_alpha, select_by_rgn
 from ..rollback import restored_on_error
 from ..sampling import (
     ChannelPool,
@@ -354,6 +354,7 @@ class MeDyateModel(BaseTuner):
             return costs
         ranking = load_ranking(config.layer_ranking)
         check_covers(ranking, [c.name for c in costs])
+        check_shapes(ranking, costs)
         if strategy.layers == "lara":
             names = select_by_alpha(costs, ranking["lara"], budget, config.alpha_opt)
         else:
@@ -624,6 +625,9 @@ class MeDyateModel(BaseTuner):
         cls, model: nn.Module, config: MeDyateConfig, adapter_name: str, state_dict: dict, unwanted_adapter_names: list
     ) -> dict[str, torch.Tensor]:
         """Per layer: the channels whose delta is non-zero and those delta slices only."""
+        from ..serialization import check_modules_to_save
+
+        check_modules_to_save(model, config.modules_to_save, adapter_name)
         out = {}
         for name, module in model.named_modules():
             if not isinstance(module, MeDyateLayer) or adapter_name not in module.medyate_delta:
