@@ -612,3 +612,58 @@ def test_resample_without_the_optimizer_resets_its_stale_state_and_says_so(caplo
     values.grad = torch.zeros_like(values)
     optimizer.step()  # a zero gradient moves nothing
     assert not values.detach().any()
+
+
+# -- 7. the Hub and portable files -----------------------------------------------------------------
+def test_push_is_private_and_uploads_no_local_path(tmp_path, caplog) -> None:
+    from test_hub import RecordingApi
+
+    from medyate_peft import save_ranking
+    from medyate_peft.hub import local_paths, push_adapter_to_hub
+
+    loader = [(torch.randn(4, *INPUT), torch.randint(0, 4, (4,)))]
+    ranking = medyate_peft.rank_layers(net(), loader, steps=1, progress=False)
+    ranking["source"] = f"medyate rank --model hf:{tmp_path}/models/tiny-net --dataset data"
+    path = save_ranking(ranking, tmp_path / "rankings" / "net.json")
+    model = trained(strategy="medyate", layer_ranking=str(path))
+    model.peft_config["default"].base_model_name_or_path = f"hf:{tmp_path}/models/tiny-net"
+    api = RecordingApi(tmp_path / "uploaded")
+    with caplog.at_level(logging.WARNING, logger="medyate_peft"):
+        push_adapter_to_hub(model, "someone/tiny", api=api, dataset="data")
+    assert api.calls[0][1]["private"] is True  # unless asked otherwise
+    assert "local paths replaced by their last part" in caplog.text
+    uploaded = {p.name: p.read_text() for p in (tmp_path / "uploaded").iterdir() if p.suffix in (".json", ".md")}
+    assert uploaded.keys() == {"adapter_config.json", "README.md"}
+    for name, text in uploaded.items():
+        assert str(tmp_path) not in text and not local_paths(text), name
+    config = json.loads(uploaded["adapter_config.json"])
+    assert config["base_model_name_or_path"] == "hf:tiny-net"
+    assert config["layer_ranking"]["lara"] == ranking["lara"]  # by content, not by path
+
+
+def test_a_ranking_path_is_stored_by_content_so_the_adapter_loads_from_anywhere(tmp_path, monkeypatch) -> None:
+    from medyate_peft import save_ranking
+
+    loader = [(torch.randn(4, *INPUT), torch.randint(0, 4, (4,)))]
+    monkeypatch.chdir(tmp_path)
+    save_ranking(medyate_peft.rank_layers(net(), loader, steps=1, progress=False), "ranking.json")
+    trained(strategy="medyate", layer_ranking="ranking.json").save_pretrained(tmp_path / "adapter")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = PeftModel.from_pretrained(net(), tmp_path / "adapter", is_trainable=True)
+    assert isinstance(model.peft_config["default"].layer_ranking, dict)
+
+
+@pytest.mark.parametrize("name", ["/tmp/escape", "../escape", "a/b", "x.y", ""])
+def test_adapter_names_that_are_paths_are_refused(tmp_path, name) -> None:
+    base = net()
+    before = fingerprint(base)
+    with pytest.raises(ValueError, match="adapter name .* is not allowed: use a non-empty name without"):
+        get_peft_model(base, config(), adapter_name=name)
+    assert_unchanged(base, before)
+    model = trained()
+    with pytest.raises(ValueError, match="is not allowed"):
+        model.add_adapter(name, config())
+    model.save_pretrained(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from ..ranking import load_ranking
 from ..strategies import get_strategy
 
 # Bumped when the adapter file layout changes; loading a newer one fails with a clear message.
@@ -74,7 +76,8 @@ class MeDyateConfig(PeftConfig):
     layer_ranking: str | dict[str, Any] | None = field(
         default=None,
         metadata={
-            "help": "LaRa/RGN ranking: a JSON path or dict from `medyate_peft.rank_layers`. None with a "
+            "help": "LaRa/RGN ranking: a JSON path (read at once: the config keeps its content) or a dict from "
+            "`medyate_peft.rank_layers`. None with a "
             "ranking strategy: computed from the first `ranking_batches` training batches (dense backward)."
         },
     )
@@ -146,5 +149,8 @@ class MeDyateConfig(PeftConfig):
             self.input_size = [int(s) for s in self.input_size]
             if not self.input_size or min(self.input_size) <= 0:
                 raise ValueError(f"input_size must be a non-empty list of positive sizes, got {self.input_size}")
+        if isinstance(self.layer_ranking, (str, os.PathLike)) and os.path.isfile(self.layer_ranking):
+            # by content: a path saved in adapter_config.json breaks on another machine or working directory
+            self.layer_ranking = load_ranking(self.layer_ranking)
         if isinstance(self.target_modules, (list, set, tuple)):
             self.target_modules = sorted(self.target_modules)

@@ -48,6 +48,16 @@ def _unmatched_targets(targets: list[str] | str | None, names: list[str]) -> lis
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
+def check_adapter_name(name: object) -> None:
+    """An adapter name is a module key (no '.', as torch requires) and the subfolder `save_pretrained`
+    writes extra adapters to, so it may hold no path separator and cannot leave the save folder."""
+    if not isinstance(name, str) or not name or any(c in name for c in "./\\\0"):
+        raise ValueError(
+            f"adapter name {name!r} is not allowed: use a non-empty name without '.', '/' or '\\' (PEFT keeps it as "
+            "a module key and saves extra adapters in a subfolder of that name)"
+        )
+
+
 def _kb_up(slots: int, bytes_per_slot: int) -> float:
     """kB for `slots`, rounded up to 0.01 kB so that the value shown is enough."""
     return math.ceil(slots_to_kb(slots, bytes_per_slot) * 100) / 100
@@ -177,6 +187,7 @@ class MeDyateModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         """Wrap the layers, then observe shapes and plan; on any error the model is put back as it was."""
+        check_adapter_name(adapter_name)
         with restored_on_error(self):
             self._inject_and_plan(model, adapter_name, **kwargs)
 
