@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from torch import nn
 
 _MIB = 2**20
 _SLACK_BYTES = 16 * _MIB  # model card, configs, file system overhead
+LOCK_FILE = ".medyate-train.lock"
 
 
 def check_output_dir(folder: Path) -> None:
@@ -32,6 +35,28 @@ def check_output_dir(folder: Path) -> None:
     except OSError as err:
         raise OSError(err.errno, f"--output-dir {folder} is not writable ({err.strerror}); pick a folder you can "
                       "write to") from err
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path) -> Iterator[None]:
+    """Hold `folder/.medyate-train.lock` for the run: a second run started into the same folder meanwhile
+    would write its checkpoints among this one's. Only rank 0 of a distributed run takes it."""
+    check_output_dir(folder)
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    with open(folder / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another medyate train run is writing into --output-dir {folder} (it holds {LOCK_FILE}); wait for it "
+                "or pick another --output-dir"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def check_labels(dataset: Any, label_column: str, num_classes: int, split: str, option: str) -> None:

@@ -434,6 +434,11 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run the training described by `args` (see `add_train_arguments`); returns the run's results."""
+    with preflight.exclusive(Path(args.output_dir)):  # one run at a time per output folder
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
     import datasets
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
@@ -456,7 +461,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     checkpoint = find_checkpoint(args.resume) if args.resume else None
     check_output_dir(args, checkpoint)
-    preflight.check_output_dir(output_dir)
     state = load_training_state(checkpoint) if checkpoint else None
     rescheduled = _check_resume_settings(args, checkpoint, state) if state is not None else {}
 

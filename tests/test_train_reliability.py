@@ -116,7 +116,16 @@ def test_an_empty_eval_split_fails_before_the_first_step(image_folder: Path, tmp
     common = [*TINY, "--dataset", str(image_folder), "--epochs", "1", "--strategy", "full_random"]
     with pytest.raises(ValueError, match="the 'test' split is empty"):
         _run(*common, "--output-dir", str(tmp_path / "out"), "--max-eval-samples", "0")
-    assert list((tmp_path / "out").iterdir()) == []  # no epoch ran, nothing was written
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [preflight.LOCK_FILE]  # no epoch ran
+
+
+def test_a_run_into_a_folder_another_run_is_writing_is_refused(tmp_path: Path) -> None:
+    """Two runs started together into one folder: both passed the checks, one overwrote the other."""
+    out = tmp_path / "out"
+    with preflight.exclusive(out), pytest.raises(ValueError, match="another medyate train run is writing into"):
+        _run(*TINY, "--dataset", str(tmp_path / "unused"), "--output-dir", str(out))
+    with preflight.exclusive(out):  # released afterwards, also after an error
+        pass
 
 
 def test_unlabeled_and_out_of_range_labels_are_named() -> None:
