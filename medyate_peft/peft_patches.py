@@ -32,6 +32,7 @@ from torch import nn
 
 from .atomic import atomic_directory
 from .rollback import ModuleSnapshot
+from .serialization import names_module
 
 logger = logging.getLogger(__name__)
 CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
@@ -58,11 +59,14 @@ def _has_tuner_layers(model: nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
-def check_adapter_folder(model_id: str | os.PathLike, subfolder: str | None = None, config: Any = None) -> None:
+def check_adapter_folder(
+    model_id: str | os.PathLike, subfolder: str | None = None, config: Any = None, model: nn.Module | None = None
+) -> None:
     """For a local MeDyate adapter folder: raise a clear error if its config or weights file is missing,
     damaged or inconsistent, before anything touches the model.
 
-    Only the safetensors header is read (cheap); folders of other PEFT methods and hub ids pass.
+    Given the `model` it loads onto, the weights of every module of it that modules_to_save names must
+    be in the file. Only the safetensors header is read (cheap); other PEFT methods and hub ids pass.
     """
     folder = Path(model_id) / (subfolder or "")
     if not folder.is_dir():
@@ -81,10 +85,12 @@ def check_adapter_folder(model_id: str | os.PathLike, subfolder: str | None = No
     else:
         return
     keys = _weight_keys(folder)
-    if keys is None:
+    if keys is None or model is None:
         return
+    names = [name for name, _ in model.named_modules()]
     for target in modules_to_save or ():
-        if not any(f".{target}." in f".{key}" for key in keys):
+        present = any(names_module(name, target) for name in names)
+        if present and not any(f".{target}." in f".{key}" for key in keys):
             raise AdapterFileError(
                 f"{folder / SAFETENSORS_NAME} holds no weights of {target!r}, which the config names in "
                 f"modules_to_save; the adapter is incomplete: {_RESAVE}"
@@ -205,7 +211,7 @@ def _wrap_from_pretrained(original: Callable) -> Callable:
         bound = _bind(original, cls, *args, **kwargs)
         model = bound.arguments["model"]
         check_adapter_folder(
-            bound.arguments["model_id"], bound.arguments["kwargs"].get("subfolder"), bound.arguments["config"]
+            bound.arguments["model_id"], bound.arguments["kwargs"].get("subfolder"), bound.arguments["config"], model
         )
         already_wrapped = _has_tuner_layers(model)
         snapshot = ModuleSnapshot(model)
@@ -225,7 +231,7 @@ def _wrap_load_adapter(original: Callable) -> Callable:
         if not _is_medyate_model(self):
             return original(self, *args, **kwargs)
         bound = _bind(original, self, *args, **kwargs)
-        check_adapter_folder(bound.arguments["model_id"], bound.arguments["kwargs"].get("subfolder"))
+        check_adapter_folder(bound.arguments["model_id"], bound.arguments["kwargs"].get("subfolder"), model=self)
         snapshot = ModuleSnapshot(self)
         try:
             return original(*bound.args, **bound.kwargs)

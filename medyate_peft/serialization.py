@@ -48,16 +48,20 @@ def check_entry(name: str, layer: MeDyateLayer, index: torch.Tensor, delta: torc
 
 
 def check_modules_to_save(model: nn.Module, modules_to_save: list[str] | None, adapter_name: str) -> None:
-    """Before a save: every module the config names in modules_to_save is PEFT's trained copy, finite."""
+    """Before a save: every module of the model that modules_to_save names is PEFT's trained copy, finite.
+
+    Names that match no module (PEFT's task types add their usual ones, "classifier" and "score") pass.
+    """
     from peft.utils import ModulesToSaveWrapper
 
     from .guards import NonFiniteError
 
-    wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    modules = list(model.named_modules())
+    wrappers = [(n, m) for n, m in modules if isinstance(m, ModulesToSaveWrapper)]
     for target in modules_to_save or ():
         copies = [(n, m.modules_to_save[adapter_name]) for n, m in wrappers
-                  if (n == target or n.endswith("." + target)) and adapter_name in m.modules_to_save]
-        if not copies:
+                  if names_module(n, target) and adapter_name in m.modules_to_save]
+        if not copies and any(names_module(n, target) for n, _ in modules):
             raise ValueError(
                 f"modules_to_save names {target!r}, but the model's {target!r} is not PEFT's trained copy of it "
                 "(was the module replaced after get_peft_model?), so its weights would be missing from the save; "
@@ -70,6 +74,11 @@ def check_modules_to_save(model: nn.Module, modules_to_save: list[str] | None, a
                         f"{name}.{key} (modules_to_save of adapter {adapter_name!r}) holds NaN/inf; not saving an "
                         "adapter that cannot be used (the previous save, if any, is kept)"
                     )
+
+
+def names_module(name: str, target: str) -> bool:
+    """PEFT's rule for modules_to_save entries: the module's full name or its last parts."""
+    return name == target or name.endswith("." + target)
 
 
 def _check_other_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
