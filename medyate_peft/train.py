@@ -140,7 +140,7 @@ def rotate_checkpoints(folder: Path, epoch: int, keep: int) -> None:
         shutil.rmtree(path)
 
 
-def check_output_dir(args: argparse.Namespace, checkpoint: Path | None) -> None:
+def check_run_settings(args: argparse.Namespace, checkpoint: Path | None) -> None:
     """Refuse a run that would mix its checkpoints with another run's, or keep none."""
     if args.save_total_limit < 1:
         raise ValueError(f"--save-total-limit must be at least 1 (the checkpoint --resume needs), got "
@@ -434,11 +434,13 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run the training described by `args` (see `add_train_arguments`); returns the run's results."""
+    checkpoint = find_checkpoint(args.resume) if args.resume else None
+    check_run_settings(args, checkpoint)
     with preflight.exclusive(Path(args.output_dir)):  # one run at a time per output folder
-        return _train(args)
+        return _train(args, checkpoint)
 
 
-def _train(args: argparse.Namespace) -> dict[str, Any]:
+def _train(args: argparse.Namespace, checkpoint: Path | None) -> dict[str, Any]:
     import datasets
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
@@ -459,8 +461,6 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     if not is_main:  # one copy of each library message, from the main process
         logging.getLogger("medyate_peft").setLevel(logging.ERROR)
     output_dir = Path(args.output_dir)
-    checkpoint = find_checkpoint(args.resume) if args.resume else None
-    check_output_dir(args, checkpoint)
     state = load_training_state(checkpoint) if checkpoint else None
     rescheduled = _check_resume_settings(args, checkpoint, state) if state is not None else {}
 

@@ -108,11 +108,10 @@ def test_a_saver_in_another_pid_namespace_keeps_its_staging_folder(tmp_path) -> 
 
 
 def _dead_pid_staging(folder: Path, target_name: str) -> Path:
-    """A staging folder named as one of this host's processes that has since ended would name it."""
-    process = subprocess.run([sys.executable, "-c", "from medyate_peft import staging; from pathlib import Path;"
-                              f"print(staging.prefix(Path({target_name!r})))"], capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, check=True)
-    left = folder / f"{process.stdout.strip()}abc123"
+    """A staging folder named as one of this host's processes, since ended, would name it."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    left = folder / f".{target_name}{staging.MARK}{staging.owner()}-{ended.pid}-12345-abc123"
     (left / "half").mkdir(parents=True)
     (left / "half" / "adapter_model.safetensors").write_text("half")
     return left

@@ -60,6 +60,7 @@ def one_epoch(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> t
     return common, out
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_folder_with_another_runs_checkpoints_is_refused(one_epoch, tmp_path: Path) -> None:
     common, first = one_epoch
     out = tmp_path / "out"
