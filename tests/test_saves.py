@@ -117,13 +117,18 @@ def _dead_pid_staging(folder: Path, target_name: str) -> Path:
     return left
 
 
-def test_leftovers_of_killed_saves_are_removed_by_the_next_save_whatever_their_target(tmp_path) -> None:
-    """A checkpoint's nested staging folder (target `.checkpoint-epoch001.medyate-...`) included."""
+def test_leftovers_of_killed_saves_are_removed_by_the_next_save_whatever_their_target(tmp_path, monkeypatch) -> None:
+    """A checkpoint's nested staging folder (target `.checkpoint-epoch001.medyate-...`) included; each is
+    renamed to a private name before it is deleted, so no rmtree runs through a name another saver swaps."""
     nested = _dead_pid_staging(tmp_path, ".checkpoint-epoch001.medyate-0123456789-1-1-xyz")
     plain = _dead_pid_staging(tmp_path, "checkpoint-epoch001")
+    removed = []
+    rmtree = shutil.rmtree
+    monkeypatch.setattr(staging.shutil, "rmtree", lambda path, **kw: removed.append(Path(path)) or rmtree(path, **kw))
     with atomic_directory(tmp_path / "checkpoint-epoch002") as tmp:
         (tmp / "state").write_text("2")
     assert not nested.exists() and not plain.exists()
+    assert len(removed) >= 2 and all(p.name.startswith(f".trash{staging.MARK}{staging.owner()}-") for p in removed[:2])
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-epoch002"]
 
 
