@@ -170,7 +170,7 @@ class MeDyateModel(BaseTuner):
             self._plan_hook = model.register_forward_pre_hook(self._plan_before_forward, with_kwargs=True)
         super().inject_adapter(model, adapter_name, **kwargs)
         if config.lean_backward:
-            apply_lean_backward(self.model)
+            apply_lean_backward(self.model, recompute=config.lean_recompute)
         budget = budget_slots(config.budget_kb, config.bytes_per_slot)
         layers = self.medyate_layers()
         capacity = min(budget, sum(m.in_channels * weight_slots_per_channel(m.get_base_layer()) for m in layers.values()))
