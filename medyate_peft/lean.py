@@ -54,6 +54,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 _RECOMPUTE_ATTR = "_medyate_recompute"  # on a tensor: (fn, weakref to src) with tensor == fn(src), bitwise
 
@@ -306,11 +307,7 @@ class RecomputedAttention(torch.autograd.Function):
     def backward(ctx, grad_output):
         saved = ctx.saved_tensors
         inputs = [t.detach().requires_grad_(need) for t, need in zip(saved[:3], ctx.needs_input_grad[:3], strict=True)]
-        device_type = ctx.rng[0].type if ctx.rng is not None and ctx.rng[0].type != "cpu" else "cuda"
-        forked = torch.random.fork_rng(_rng_devices(ctx.rng), enabled=ctx.rng is not None, device_type=device_type)
-        with forked, torch.enable_grad(), _autocast(ctx.autocast):
-            if ctx.rng is not None:
-                _set_rng_state(ctx.rng)
+        with _replayed_rng(ctx.rng), torch.enable_grad(), _autocast(ctx.autocast):
             output, _ = ctx.core(*inputs, saved[3])
         wanted = [t for t in inputs if t.requires_grad]
         grads = iter(torch.autograd.grad(output, wanted, grad_output))
@@ -352,19 +349,22 @@ def _rng_state(device: torch.device) -> tuple[torch.device, torch.Tensor]:
     return device, torch.get_device_module(device).get_rng_state(device)
 
 
-def _rng_devices(state: tuple[torch.device, torch.Tensor] | None) -> list[torch.device]:
-    return [state[0]] if state is not None and state[0].type != "cpu" else []
-
-
-def _set_rng_state(state: tuple[torch.device, torch.Tensor]) -> None:
+@contextlib.contextmanager
+def _replayed_rng(state: tuple[torch.device, torch.Tensor] | None) -> Iterator[None]:
+    """Inside: the random state of the forward (None: untouched); after: the state from before."""
+    if state is None:
+        yield
+        return
     device, value = state
-    if device.type == "cpu":
-        torch.set_rng_state(value)
-    else:
-        torch.get_device_module(device).set_rng_state(value, device)
+    devices = [] if device.type == "cpu" else [device]
+    with torch.random.fork_rng(devices, device_type="cuda" if device.type == "cpu" else device.type):
+        if device.type == "cpu":
+            torch.set_rng_state(value)
+        else:
+            torch.get_device_module(device).set_rng_state(value, device)
+        yield
 
 
-# -- lean forwards (installed as instance attributes) -----------------------------------------------
 def _grad_through(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
@@ -452,7 +452,7 @@ def _lean_smooth(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     act = functools.partial(type(module).forward, module)
     tag = getattr(x, _RECOMPUTE_ATTR, None)
     src = tag[1]() if tag is not None else None
-    if src is None or src.numel() >= x.numel() or not _grad_through(x):
+    if src is None or src.numel() >= x.numel() or not _grad_through(x) or torch.compiler.is_compiling():
         return act(x)
     return RecomputedActivation.apply(x, src, tag[0], act)
 
@@ -483,6 +483,9 @@ def _lean_attention_core(module: nn.Module, query, key, value, attention_mask, *
     mask_grad = isinstance(attention_mask, torch.Tensor) and attention_mask.requires_grad
     if not torch.is_grad_enabled() or mask_grad or not any(t.requires_grad for t in tensors):
         return core(module, query, key, value, attention_mask, **kwargs)
+    if torch.compiler.is_compiling():
+        # The compiler traces checkpoint's recompute (not torch.autograd.grad inside a Function's backward).
+        return checkpoint(core, module, query, key, value, attention_mask, use_reentrant=False, **kwargs)
     weights: list = []
     bound = functools.partial(_call_core, core, module, **kwargs)
     output = RecomputedAttention.apply(query, key, value, attention_mask, bound, weights)
@@ -512,7 +515,8 @@ def _register_lean_attention() -> None:
 def _lean_gated_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))``, the product through `GatedProduct`."""
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-    if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
+    # Compiled, the partitioner itself recomputes act(gate) rather than save it.
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
         return mlp.down_proj(mlp.act_fn(gate) * up)
     tags = [getattr(t, _RECOMPUTE_ATTR, None) for t in (gate, up)]
     rebuild = None
