@@ -12,7 +12,12 @@ import torch
 import torch.nn.functional as F
 from peft import get_peft_model
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+)
 
 import medyate_peft  # noqa: F401
 from medyate_peft import MeDyateConfig
