@@ -380,15 +380,32 @@ def _tag(y: torch.Tensor, fn: Callable, src: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _tag_through(y: torch.Tensor, fn: Callable, x: torch.Tensor) -> torch.Tensor:
+    """Tag y = fn(x); when x is itself tagged as g(src), y is recomputed from src (fn after g)."""
+    tag = getattr(x, _RECOMPUTE_ATTR, None)
+    src = tag[1]() if tag is not None else None
+    if src is None:
+        return _tag(y, fn, x)
+    inner = tag[0]
+    return _tag(y, lambda s: fn(inner(s)), src)
+
+
+def _lean_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm/RMSNorm (recompute option): the output is tagged as recomputable from the input the norm's
+    own backward keeps, so a smooth activation or gated MLP above the next frozen linear keeps nothing new."""
+    y = type(norm).forward(norm, x)
+    if _grad_through(x) and isinstance(y, torch.Tensor) and not torch.compiler.is_compiling():
+        _tag(y, functools.partial(type(norm).forward, norm), x)
+    return y
+
+
 def _lean_bn(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     if not (_grad_through(x) and _bn_is_affine(bn)):
         return type(bn).forward(bn, x)
     bn._check_input_dim(x)
     y = EvalBatchNorm.apply(x, bn)
-    tag = getattr(x, _RECOMPUTE_ATTR, None)
-    if tag is not None and tag[1]() is not None:
-        fn = tag[0]
-        _tag(y, lambda src: _bn_eval(bn, fn(src)), tag[1]())
+    if getattr(x, _RECOMPUTE_ATTR, None) is not None:
+        _tag_through(y, functools.partial(_bn_eval, bn), x)
     return y
 
 
@@ -520,20 +537,26 @@ def _lean_gated_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return mlp.down_proj(mlp.act_fn(gate) * up)
     tags = [getattr(t, _RECOMPUTE_ATTR, None) for t in (gate, up)]
     rebuild = None
-    if all(tag is not None and tag[1]() is x for tag in tags) and x.numel() < gate.numel() + up.numel():
-        rebuild = (tags[0][0], tags[1][0])  # both tagged (recompute option) from this smaller input
+    src = tags[0][1]() if tags[0] is not None else None
+    if src is not None and tags[1] is not None and tags[1][1]() is src and src.numel() < gate.numel() + up.numel():
+        rebuild = (tags[0][0], tags[1][0])  # both tagged (recompute option) from one smaller tensor
     act = functools.partial(type(mlp.act_fn).forward, mlp.act_fn)
-    return mlp.down_proj(GatedProduct.apply(gate, up, x, act, rebuild))
+    return mlp.down_proj(GatedProduct.apply(gate, up, src if rebuild else None, act, rebuild))
 
 
-def _is_gated_mlp(module: nn.Module) -> bool:
-    """A module whose forward is, op for op, transformers' LlamaMLP forward (the models that copy it)."""
-    reference = _optional_class("transformers.models.llama.modeling_llama", "LlamaMLP")
+def _copies_forward(module: nn.Module, module_name: str, class_name: str) -> bool:
+    """Whether the module's forward is, op for op, that class's forward (transformers' models copy them)."""
+    reference = _optional_class(module_name, class_name)
     code = getattr(type(module).forward, "__code__", None)
     if reference is None or code is None:
         return False
     ref = reference.forward.__code__
-    return (code.co_code, code.co_names, code.co_varnames) == (ref.co_code, ref.co_names, ref.co_varnames)
+    return (code.co_code, code.co_names, code.co_varnames, code.co_consts) == (
+        ref.co_code, ref.co_names, ref.co_varnames, ref.co_consts
+    )
+
+
+_LLAMA = "transformers.models.llama.modeling_llama"
 
 
 def _tagging_layer(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -542,10 +565,10 @@ def _tagging_layer(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any)
     if args or kwargs or not isinstance(y, torch.Tensor) or not y.requires_grad:
         return y
     if layer.disable_adapters or layer.merged:
-        return _tag(y, layer.get_base_layer(), x)
+        return _tag_through(y, layer.get_base_layer(), x)
     if layer.get_base_layer().weight.requires_grad:
         return y
-    return _tag(y, lambda src: layer._dense(src, layer.effective_weight()), x)
+    return _tag_through(y, lambda src: layer._dense(src, layer.effective_weight()), x)
 
 
 def _optional_class(module_name: str, class_name: str) -> type | None:
@@ -590,8 +613,10 @@ def _lean_forward_for(module: nn.Module, recompute: bool) -> Callable | None:
         return _lean_masked
     if kind is nn.Dropout:
         return _lean_dropout
-    if _is_gated_mlp(module):
+    if _copies_forward(module, _LLAMA, "LlamaMLP"):
         return _lean_gated_mlp
+    if recompute and (kind in (nn.LayerNorm, nn.RMSNorm) or _copies_forward(module, _LLAMA, "LlamaRMSNorm")):
+        return _lean_norm
     if kind is nn.MaxPool2d:
         return _lean_max_pool
     if kind is nn.AvgPool2d:

@@ -126,12 +126,13 @@ def test_bert_gradients_equal_with_dropout_and_frozen_path_shrinks(attention, re
     hidden = 2 * 16 * 64 * 4  # one fp32 hidden state of the batch
     for i in range(2):
         saved = _per_layer(report, "bert.encoder.layer", i)
-        # GELU keeps its input (4x hidden), or with recompute the dense's input.
-        assert saved["intermediate.intermediate_act_fn"] == (hidden if recompute else 2 * hidden)
+        # GELU keeps its input (2x hidden here); with recompute nothing new: it reruns LayerNorm and dense
+        # from the LayerNorm's input, which the LayerNorm keeps anyway.
+        assert saved.get("intermediate.intermediate_act_fn", 0) == (0 if recompute else 2 * hidden)
         assert saved["output.dropout"] == hidden // 4 // 8  # keep-mask bits, not fp32 noise
         assert saved["attention.self"] == 3 * hidden  # query, key, value: no probabilities, no dropout noise
     off, on = (report.lean_comparison[k]["frozen_path_saved_bytes"] for k in ("off", "on"))
-    assert off / on > (1.6 if recompute else 1.4)  # measured 1.74x / 1.51x
+    assert off / on > (1.9 if recompute else 1.4)  # measured 2.04x / 1.51x
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
@@ -150,13 +151,14 @@ def test_llama_decoder_gradients_equal_and_gated_mlp_keeps_less(attention, recom
     hidden, mlp = 2 * 16 * 64 * 4, 2 * 16 * 96 * 4
     for i in range(2):
         saved = _per_layer(report, "model.layers", i)
-        assert saved["mlp"] == (hidden if recompute else 2 * mlp)  # gate and up (or their input), not act(gate)
+        # gate and up, not also act(gate); with recompute nothing new (the RMSNorm's kept input)
+        assert saved.get("mlp", 0) == (0 if recompute else 2 * mlp)
         assert "mlp.act_fn" not in saved
         # query (4 heads) and key, value (2 heads each), before the core repeats them
         shared = 3 * 2 * 16 * 16 * 4  # at most: rotary cos and sin, the eager 4-D mask (all layers share them)
         assert 2 * hidden <= saved["self_attn"] <= 2 * hidden + shared
     off, on = (report.lean_comparison[k]["frozen_path_saved_bytes"] for k in ("off", "on"))
-    assert off / on > (1.6 if recompute else 1.25)  # measured eager 1.85x / 1.41x, SDPA 1.74x / 1.31x
+    assert off / on > (1.9 if recompute else 1.25)  # measured eager 2.20x / 1.41x, SDPA 2.08x / 1.31x
 
 
 def test_recompute_through_batch_norm_and_unload_restores_forwards():
