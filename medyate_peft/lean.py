@@ -62,7 +62,7 @@ _RECOMPUTE_ATTR = "_medyate_recompute"  # on a tensor: (fn, weakref to src) with
 # -- bit packing ------------------------------------------------------------------------------------
 # Little bit order (numpy's ``bitorder="little"``): bit k of byte j is element 8*j + k.
 _GATHER = 0x0102040810204080  # byte k's low bit -> bit 56+k of the product (no carries, see `pack_bits`)
-_SPREAD = {}  # device -> int64[256]: byte value -> its 8 bits as 8 bytes of 0/1
+_SPREAD: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # [256, 8]: a byte's bits as 0/1 values
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -81,23 +81,24 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return ((words * _GATHER) >> 56).to(torch.uint8)
 
 
-def _spread_table(device: torch.device) -> torch.Tensor:
-    table = _SPREAD.get(device)
+def _spread_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    table = _SPREAD.get((device, dtype))
     if table is None:
         bits = (torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
-        table = _SPREAD[device] = bits.to(torch.uint8).view(torch.int64).view(256)
+        table = _SPREAD[(device, dtype)] = bits.to(dtype)
     return table
 
 
-def _unpack_bytes(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The mask as uint8 0/1 of the given shape (one table lookup per packed byte)."""
-    flat = _spread_table(packed.device)[packed.long()].view(torch.uint8)
+def unpack_factor(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """The mask as 0/1 values of `dtype` (one table lookup per packed byte): a factor for the gradient,
+    without a uint8 pass and a conversion of it inside the multiply."""
+    flat = _spread_table(packed.device, dtype)[packed.long()].view(-1)
     return flat[: shape.numel()].view(shape)
 
 
 def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Inverse of `pack_bits` for a mask of the given shape."""
-    return _unpack_bytes(packed, shape).view(torch.bool)
+    return unpack_factor(packed, shape, torch.uint8).view(torch.bool)
 
 
 # -- autograd functions -----------------------------------------------------------------------------
@@ -148,8 +149,7 @@ class MaskedActivation(torch.autograd.Function):
         if ctx.slope:
             mask = unpack_bits(packed, ctx.shape)
             return torch.where(mask, grad_y, grad_y * ctx.slope), None, None, None
-        # A uint8 0/1 factor is promoted inside the multiply: no float copy of the mask.
-        return grad_y * _unpack_bytes(packed, ctx.shape), None, None, None
+        return grad_y * unpack_factor(packed, ctx.shape, grad_y.dtype), None, None, None
 
 
 class CpuDropout(torch.autograd.Function):
@@ -168,7 +168,7 @@ class CpuDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         (packed,) = ctx.saved_tensors
-        noise = _unpack_bytes(packed, ctx.shape).to(grad_y.dtype).div_(1 - ctx.p)
+        noise = unpack_factor(packed, ctx.shape, grad_y.dtype).div_(1 - ctx.p)
         return grad_y * noise, None
 
 
@@ -419,17 +419,19 @@ def _lean_bn_act(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _mask_fn(module: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
-    """The derivative's support, as autograd's own backward kernel defines it, and the slope outside it.
+    """The derivative's support, as autograd's own backward kernel defines it (at the kinks and for NaN),
+    and the slope outside it.
 
-    Running that kernel on a gradient of ones and casting to bool is exact at the kinks (and for NaN)
-    and several times faster on CPU than comparisons combined into a bool tensor.
+    Hardtanh: its backward kernel run on a gradient of ones, cast to bool (faster on CPU than two
+    comparisons combined); ReLU: ``not x <= 0`` (threshold_backward's test); LeakyReLU: ``x > 0``.
     """
     if isinstance(module, nn.Hardtanh):  # ReLU6 included
         lo, hi = module.min_val, module.max_val
         return lambda x: torch.ops.aten.hardtanh_backward(_ones(x), x, lo, hi).bool(), 0.0
-    if isinstance(module, (nn.ReLU, nn.LeakyReLU)):
-        slope = getattr(module, "negative_slope", 0.0)
-        return lambda x: torch.ops.aten.threshold_backward(_ones(x), x, 0).bool(), slope
+    if isinstance(module, nn.LeakyReLU):
+        return lambda x: x > 0, module.negative_slope
+    if isinstance(module, nn.ReLU):
+        return lambda x: (x <= 0).logical_not_(), 0.0
     return lambda x: (x >= module.lo).logical_and_(x <= module.hi), 0.0  # medyate_peft.backbones.mcu.Clamp
 
 
