@@ -92,7 +92,8 @@ def _spread_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 def unpack_factor(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """The mask as 0/1 values of `dtype` (one table lookup per packed byte): a factor for the gradient,
     without a uint8 pass and a conversion of it inside the multiply."""
-    flat = _spread_table(packed.device, dtype)[packed.long()].view(-1)
+    # index_select copies whole rows: several times faster on CPU than advanced indexing
+    flat = torch.index_select(_spread_table(packed.device, dtype), 0, packed.int()).view(-1)
     return flat[: shape.numel()].view(shape)
 
 
