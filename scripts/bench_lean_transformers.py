@@ -211,7 +211,15 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 f"| {m['optimizer_state'] / MIB:.1f} | {m['grad_bytes'] / MIB:.1f} | {m['saved_bytes'] / MIB:.1f} "
                 f"| {m['step_allocated_peak'] / MIB:.1f} | {m['peak_bytes'] / MIB:.0f} | {m['peak_bytes'] / lora:.3f} |"
             )
-    lines.append("")
+    lines += [
+        "",
+        "What the frozen path still keeps per block with the lean backward: query, key and value (the attention "
+        "core is rerun from them), the inputs of the two LayerNorms/RMSNorms (what their own backward needs), "
+        "the MLP activation's input (GELU) or gate and up (gated MLP) unless `lean_recompute` reruns the MLP's "
+        "first linear layer(s) from the norm's kept input, and dropout masks as bits. Below that needs the "
+        "q/k/v projections rerun too (activation checkpointing of the block), which no option here does.",
+        "",
+    ]
     return "\n".join(lines)
 
 
