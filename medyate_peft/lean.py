@@ -56,7 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-_RECOMPUTE_ATTR = "_medyate_recompute"  # on a tensor: (fn, weakref to src) with tensor == fn(src), bitwise
+# On a tensor: (fn, weakref to src, layer) with tensor == fn(src), bitwise; layer: fn reruns a Conv2d/Linear.
+_RECOMPUTE_ATTR = "_medyate_recompute"
 
 
 # -- bit packing ------------------------------------------------------------------------------------
@@ -376,19 +377,20 @@ def _bn_is_affine(bn: nn.modules.batchnorm._BatchNorm) -> bool:
     return not bn.training and bn.running_mean is not None and bn.running_var is not None and frozen
 
 
-def _tag(y: torch.Tensor, fn: Callable, src: torch.Tensor) -> torch.Tensor:
-    setattr(y, _RECOMPUTE_ATTR, (fn, weakref.ref(src)))
+def _tag(y: torch.Tensor, fn: Callable, src: torch.Tensor, layer: bool) -> torch.Tensor:
+    setattr(y, _RECOMPUTE_ATTR, (fn, weakref.ref(src), layer))
     return y
 
 
-def _tag_through(y: torch.Tensor, fn: Callable, x: torch.Tensor) -> torch.Tensor:
-    """Tag y = fn(x); when x is itself tagged as g(src), y is recomputed from src (fn after g)."""
+def _tag_through(y: torch.Tensor, fn: Callable, x: torch.Tensor, layer: bool) -> torch.Tensor:
+    """Tag y = fn(x); when x is itself tagged as g(src), y is recomputed from src (fn after g), unless that
+    would rerun two Conv2d/Linear layers (one is the most a recompute reruns)."""
     tag = getattr(x, _RECOMPUTE_ATTR, None)
     src = tag[1]() if tag is not None else None
-    if src is None:
-        return _tag(y, fn, x)
+    if src is None or (layer and tag[2]):
+        return _tag(y, fn, x, layer)
     inner = tag[0]
-    return _tag(y, lambda s: fn(inner(s)), src)
+    return _tag(y, lambda s: fn(inner(s)), src, layer or tag[2])
 
 
 def _lean_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -396,7 +398,7 @@ def _lean_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     own backward keeps, so a smooth activation or gated MLP above the next frozen linear keeps nothing new."""
     y = type(norm).forward(norm, x)
     if _grad_through(x) and isinstance(y, torch.Tensor) and not torch.compiler.is_compiling():
-        _tag(y, functools.partial(type(norm).forward, norm), x)
+        _tag_through(y, functools.partial(type(norm).forward, norm), x, layer=False)
     return y
 
 
@@ -406,7 +408,7 @@ def _lean_bn(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tens
     bn._check_input_dim(x)
     y = EvalBatchNorm.apply(x, bn)
     if getattr(x, _RECOMPUTE_ATTR, None) is not None:
-        _tag_through(y, functools.partial(_bn_eval, bn), x)
+        _tag_through(y, functools.partial(_bn_eval, bn), x, layer=False)
     return y
 
 
@@ -568,10 +570,10 @@ def _tagging_layer(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any)
     if args or kwargs or not isinstance(y, torch.Tensor) or not y.requires_grad:
         return y
     if layer.disable_adapters or layer.merged:
-        return _tag_through(y, layer.get_base_layer(), x)
+        return _tag_through(y, layer.get_base_layer(), x, layer=True)
     if layer.get_base_layer().weight.requires_grad:
         return y
-    return _tag_through(y, lambda src: layer._dense(src, layer.effective_weight()), x)
+    return _tag_through(y, lambda src: layer._dense(src, layer.effective_weight()), x, layer=True)
 
 
 def _optional_class(module_name: str, class_name: str) -> type | None:
