@@ -8,7 +8,9 @@ adapters (and only for those) they are wrapped so that:
   model, and a load that fails later (an adapter for another base model) puts the model back as it
   was (`rollback.ModuleSnapshot`) instead of leaving it half-wrapped;
 - a save whose base model is named by a loader spec (`mcu:...`, `timm:...`), which is neither a
-  folder nor a Hub id, skips PEFT's Hub lookup for a vocabulary check (and its warning).
+  folder nor a Hub id, skips PEFT's Hub lookup for a vocabulary check (and its warning);
+- `print_trainable_parameters` counts the values trained (the selection's weight slots, the head)
+  against the base model's own parameters (`MeDyateModel.trainable_parameter_counts`).
 A local path that does not exist (which cannot be a hub id either) is reported as such. Everything
 else (arguments, files written, errors for other PEFT methods) is PEFT's behaviour.
 """
@@ -124,6 +126,18 @@ def _cannot_swap(target: Path) -> str | None:
     return None
 
 
+def _targets_embedding_layer(model: nn.Module) -> bool:
+    """Whether a MeDyate layer sits on a module PEFT treats as an embedding layer (lm_head, embed_tokens)."""
+    from peft.utils.other import EMBEDDING_LAYER_NAMES
+
+    from .medyate.layer import MeDyateLayer
+
+    return any(
+        isinstance(m, MeDyateLayer) and name.rpartition(".")[2] in EMBEDDING_LAYER_NAMES
+        for name, m in model.named_modules()
+    )
+
+
 def _is_model_spec(model_id: str | None) -> bool:
     """A loader spec such as 'mcu:mcunet-5fps' or 'timm:...': neither a folder nor a Hub id."""
     return bool(model_id) and ":" in model_id and not os.path.exists(model_id)
@@ -140,6 +154,11 @@ def _wrap_save_pretrained(original: Callable) -> Callable:
         if bound.arguments["save_embedding_layers"] == "auto" and all(map(_is_model_spec, names)):
             # PEFT would look the spec up on the Hub for a vocabulary check and warn that it cannot;
             # MeDyate trains no embedding, and without a config PEFT saves none either.
+            bound.arguments["save_embedding_layers"] = False
+        if bound.arguments["save_embedding_layers"] == "auto" and _targets_embedding_layer(self):
+            # PEFT saves the whole base weight of a targeted lm_head/embed_tokens (LoRA users often
+            # resized it); MeDyate leaves base weights untouched and stores the channel deltas, so
+            # only a resized vocabulary needs it: pass save_embedding_layers=True then.
             bound.arguments["save_embedding_layers"] = False
         reason = _cannot_swap(Path(os.path.realpath(directory)))
         if reason:
@@ -190,14 +209,25 @@ def _wrap_load_adapter(original: Callable) -> Callable:
     return load_adapter
 
 
+def _wrap_trainable_counts(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def get_nb_trainable_parameters(self: PeftModel) -> tuple[int, int]:
+        if not _is_medyate_model(self):
+            return original(self)
+        return self.base_model.trainable_parameter_counts()
+
+    return get_nb_trainable_parameters
+
+
 def install() -> None:
-    """Wrap PeftModel's save/load entry points once (idempotent)."""
+    """Wrap PeftModel's save/load entry points and parameter counts once (idempotent)."""
     if getattr(PeftModel.save_pretrained, "_medyate_wrapped", False):
         return
     from_pretrained = PeftModel.__dict__["from_pretrained"].__func__
     wrappers = {
         "save_pretrained": _wrap_save_pretrained(PeftModel.save_pretrained),
         "load_adapter": _wrap_load_adapter(PeftModel.load_adapter),
+        "get_nb_trainable_parameters": _wrap_trainable_counts(PeftModel.get_nb_trainable_parameters),
     }
     for name, wrapper in wrappers.items():
         wrapper._medyate_wrapped = True

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -17,9 +18,27 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import guards
-from ..budget import LayerCost, budget_slots, layer_cost, slots_to_kb, weight_slots_per_channel
-from ..candidates import detect_head, is_candidate_type, unsupported_reason
+from ..budget import (
+    LayerCost,
+    budget_slots,
+    layer_cost,
+    model_batch_size,
+    per_sample,
+    slots_to_kb,
+    weight_slots_per_channel,
+)
+from ..candidates import (
+    default_targets,
+    detect_head,
+    in_modules_to_save,
+    is_candidate_type,
+    is_fan_in_fan_out,
+    output_head_name,
+    unsupported_reason,
+)
 from ..ddp import check_ranks_agree, fingerprint
+from ..epochs import EpochWatch
+from ..growth import GrowthWatch
 from ..kernels import Selection
 from ..lean import apply_lean_backward, remove_lean_backward
 from ..oracles import DenseGradientProbe, FullGradient, measure_full_gradient
@@ -29,9 +48,15 @@ from ..rollback import restored_on_error
 from ..sampling import ChannelPool, NormTracker, greedy_fill
 from ..strategies import channel_order, get_strategy
 from .config import MeDyateConfig
-from .layer import Conv2d, Linear, MeDyateLayer
+from .layer import Conv1D, Conv2d, Linear, MeDyateLayer
 
 logger = logging.getLogger(__name__)
+
+def _values_as_saved(tuner: MeDyateModel, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict() hook: the flat vectors read as zeros, since the layers' entries hold their values folded."""
+    for name, values in tuner.medyate_values.items():
+        state_dict[f"{prefix}medyate_values.{name}"] = torch.zeros_like(values)
+
 
 def _unmatched_targets(targets: list[str] | str | None, names: list[str]) -> list[str]:
     """Entries of target_modules that match no module name, by PEFT's rules (name suffix, or full regex)."""
@@ -40,6 +65,11 @@ def _unmatched_targets(targets: list[str] | str | None, names: list[str]) -> lis
     if isinstance(targets, str):
         return [] if any(re.fullmatch(targets, n) for n in names) else [targets]
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def _strict_budget(config: MeDyateConfig) -> bool:
+    """Whether the budget must hold as a hard bound (`budget_scope="step"`, where the config has that field)."""
+    return getattr(config, "budget_scope", None) == "step"
 
 
 def _kb_up(slots: int, bytes_per_slot: int) -> float:
@@ -59,6 +89,8 @@ class AdapterPlan:
     epoch: int = 0
     probe: DenseGradientProbe | None = None  # open while dense gradients of training batches are measured
     full_norms: torch.Tensor | None = None  # oracles: n(i, c) of every pool channel from a full gradient
+    growth: GrowthWatch | None = None  # live activation sizes of the pool's layers against the plan's
+    growth_layers: list[MeDyateLayer] = field(default_factory=list)  # the pool's layers, in pool order
 
 
 class MeDyateModel(BaseTuner):
@@ -72,6 +104,9 @@ class MeDyateModel(BaseTuner):
     prefix: str = "medyate_"
     tuner_layer_cls = MeDyateLayer
     target_module_mapping: dict[str, list[str]] = {}
+    # The flat trainable vector and the sampler live here, not on the layers: a model from
+    # `inject_adapter_in_model` (layers only) could not train, so PEFT refuses direct injection.
+    uses_shared_state = True
 
     # -- injection ------------------------------------------------------------------------------
     def _prepare_adapter_config(self, peft_config: MeDyateConfig, model_config: dict) -> MeDyateConfig:
@@ -94,32 +129,27 @@ class MeDyateModel(BaseTuner):
         if unmatched:
             layers = [n for n, m in model.named_modules() if is_candidate_type(m)]
             raise ValueError(
-                f"target_modules {unmatched} match no module of the model (its Conv2d/Linear layers: {layers[:8]}"
+                f"target_modules {unmatched} match no module of the model (its Conv2d/Linear/Conv1D layers: {layers[:8]}"
                 f"{' ...' if len(layers) > 8 else ''}); leave target_modules=None to take every supported layer"
             )
         if peft_config.modules_to_save is None:
             peft_config.modules_to_save = detect_head(model)
-            if peft_config.modules_to_save is None:
+            if peft_config.modules_to_save is None and output_head_name(model) is None:
                 logger.warning("MeDyate: no classifier head found; pass modules_to_save=[...] to train one in full")
         if peft_config.target_modules is not None:
             return
-        saved = tuple(peft_config.modules_to_save or ())
         wrapped = [n for n, m in model.named_modules() if isinstance(m, MeDyateLayer)]
-        names = []
-        for name, module in model.named_modules():
-            if any(name.startswith(w + ".") for w in wrapped):
-                continue  # the base_layer inside an existing MeDyate layer
-            if isinstance(module, MeDyateLayer):
-                names.append(name)
-                continue
-            if not is_candidate_type(module) or any(name == s or name.startswith(s + ".") for s in saved):
-                continue
-            reason = unsupported_reason(name, module, model)
-            if reason:
-                logger.info("MeDyate: skipping %s: %s", name, reason)
-                continue
-            names.append(name)
-        peft_config.target_modules = names
+        names, skipped = default_targets(model, peft_config.modules_to_save)
+        for name, reason in skipped.items():
+            logger.info("MeDyate: skipping %s: %s", name, reason)
+        if not names and not wrapped:
+            why = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:4]) or "it has no Conv2d/Linear layer"
+            raise ValueError(
+                f"MeDyate found no layer to train in {type(model).__name__} outside modules_to_save ({why}); "
+                "name the layers in target_modules"
+            )
+        # An existing MeDyate layer takes the new adapter too; the base_layer inside it is not a target.
+        peft_config.target_modules = wrapped + [n for n in names if not any(n.startswith(w + ".") for w in wrapped)]
 
     def _create_and_replace(
         self,
@@ -132,22 +162,38 @@ class MeDyateModel(BaseTuner):
         **kwargs: Any,
     ) -> None:
         if isinstance(target, MeDyateLayer):
-            target.update_layer(adapter_name, peft_config.lean_backward)
+            target.update_layer(adapter_name, peft_config.lean_backward, peft_config.init_weights)
             return
         if not is_candidate_type(target):
             raise TypeError(
                 f"target module {current_key!r} is a {type(target).__name__}; MeDyate trains input channels of "
-                "nn.Conv2d and nn.Linear layers only. Remove it from target_modules (or leave target_modules=None "
-                "to take every supported layer)."
+                "nn.Conv2d, nn.Linear and transformers' Conv1D layers only. Remove it from target_modules (or leave "
+                "target_modules=None to take every supported layer)."
             )
         reason = unsupported_reason(current_key, target, self.model)
         if reason:
             raise TypeError(f"target module {current_key!r} cannot be wrapped: {reason}. Remove it from target_modules.")
-        layer_cls = Conv2d if isinstance(target, nn.Conv2d) else Linear
-        new_module = layer_cls(target, adapter_name, lean_backward=peft_config.lean_backward)
+        if in_modules_to_save(current_key, peft_config.modules_to_save):
+            raise ValueError(
+                f"target module {current_key!r} is also matched by modules_to_save={peft_config.modules_to_save} "
+                "(PEFT matches those by name suffix, and trains them in full): remove it from target_modules"
+            )
+        layer_cls = Conv2d if isinstance(target, nn.Conv2d) else Conv1D if is_fan_in_fan_out(target) else Linear
+        new_module = layer_cls(
+            target, adapter_name, lean_backward=peft_config.lean_backward, init_weights=peft_config.init_weights
+        )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Swap the module in, as LoRA's tuner does (MeDyate layers are made on their base layer's device).
+
+        BaseTuner's default also copies `child.weight` onto a new module without a base layer, which is
+        what unloading hands back for a modules_to_save head: a head without a weight of its own
+        (RoBERTa's and Electra's classification heads) made `merge_and_unload` and `unload` fail.
+        """
+        setattr(parent, child_name, new_module)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         """Wrap the layers, then observe shapes and plan; on any error the model is put back as it was."""
@@ -162,20 +208,32 @@ class MeDyateModel(BaseTuner):
             self._observing = False
             # PeftModel calls the inner model directly, so lazy planning hooks into that model.
             self._plan_hook = model.register_forward_pre_hook(self._plan_before_forward, with_kwargs=True)
+            self._growth_hook = model.register_forward_hook(self._watch_input_sizes)
+            self._input_batch: int | None = None  # samples of the last completed model call
+            self._pending_batch: int | None = None
+            self.register_state_dict_post_hook(_values_as_saved)
+            self._epoch_watch, self._epoch_warned = EpochWatch(), False
+        # PEFT keeps the trainability of existing adapters when one is added, for parameters of the model;
+        # the flat vectors live on the tuner, so they are kept here.
+        trainable = {name: values.requires_grad for name, values in self.medyate_values.items()}
         super().inject_adapter(model, adapter_name, **kwargs)
+        for name, flag in trainable.items():
+            self.medyate_values[name].requires_grad = flag
         if config.lean_backward:
             apply_lean_backward(self.model, recompute=config.lean_recompute)
         budget = budget_slots(config.budget_kb, config.bytes_per_slot)
         layers = self.medyate_layers()
         capacity = min(budget, sum(m.in_channels * weight_slots_per_channel(m.get_base_layer()) for m in layers.values()))
-        device = next(iter(layers.values())).get_base_layer().weight.device
-        values = nn.Parameter(torch.zeros(capacity, device=device))
+        weight = next(iter(layers.values())).get_base_layer().weight
+        # In the base dtype, as PEFT's layers; `_cast_adapter_dtype` upcasts fp16/bf16 unless told not to.
+        values = nn.Parameter(torch.zeros(capacity, device=weight.device, dtype=weight.dtype))
         values.requires_grad = adapter_name in self.active_adapters and not config.inference_mode
         self.medyate_values[adapter_name] = values
         generator = torch.Generator().manual_seed(config.seed)
         self.plans[adapter_name] = AdapterPlan(budget=budget, generator=generator)
         self.train(self.training)
-        if config.input_size is not None and values.requires_grad:
+        # On the meta device (low_cpu_mem_usage) nothing can run; shapes are then learned at the first batch.
+        if config.input_size is not None and values.requires_grad and not values.is_meta:
             try:
                 self._observe_shapes(*self.dummy_inputs(config))
             except Exception as err:
@@ -191,6 +249,27 @@ class MeDyateModel(BaseTuner):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name, values in getattr(self, "medyate_values", {}).items():
             values.requires_grad = name in names and not inference_mode
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """PEFT's `set_requires_grad`, reaching the adapters' flat trainable vectors too."""
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name, values in self.medyate_values.items():
+            if name in names:
+                values.requires_grad = requires_grad
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        """As PEFT's layers do: disabled adapters train nothing; enabling makes the active ones trainable."""
+        super()._enable_adapter_layers(enabled)
+        for name, values in self.medyate_values.items():
+            values.requires_grad = enabled and name in self.active_adapters
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's rule for the layers' deltas and the flat vector: fp16/bf16 become fp32 unless disabled."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        values = self.medyate_values[adapter_name] if adapter_name in self.medyate_values else None
+        if autocast_adapter_dtype and values is not None and values.dtype in (torch.float16, torch.bfloat16):
+            values.data = values.data.float()  # in place: layers' live selections hold this parameter
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -215,22 +294,34 @@ class MeDyateModel(BaseTuner):
         """Spec costs of every wrapped layer whose input shape has been observed."""
         costs = []
         for name, module in self.medyate_layers().items():
-            if module.activation_slots is None:
+            slots = self._live_activation_slots(module)
+            if slots is None:
                 logger.info("MeDyate: %s was not reached by the forward pass; it is not a candidate", name)
                 continue
-            costs.append(layer_cost(name, module.get_base_layer(), module.activation_slots))
+            costs.append(layer_cost(name, module.get_base_layer(), slots))
         return costs
 
+    def _live_activation_slots(self, layer: MeDyateLayer) -> int | None:
+        """Per-sample activation slots of the layer's last input, per sample of the model's batch."""
+        if layer.activation_positions is None:
+            return None
+        positions, leading = layer.activation_positions
+        return per_sample(positions, self._input_batch or leading)
+
     def dummy_inputs(self, config: MeDyateConfig, batch_size: int = 1) -> tuple[tuple, dict]:
-        """(args, kwargs) of a zero batch of `input_size`, as the model's forward expects it."""
-        device = next(self.model.parameters()).device
+        """(args, kwargs) of a zero batch of `input_size`, as the model's forward expects it.
+
+        On the model's device and in its floating dtype (a bf16 model takes bf16 pixels).
+        """
+        weight = next(iter(self.medyate_layers().values())).get_base_layer().weight
         main_input = getattr(self.model, "main_input_name", None)
         shape = (batch_size, *config.input_size)
         if main_input == "input_ids":
-            return (), {"input_ids": torch.zeros(shape, dtype=torch.long, device=device)}
+            return (), {"input_ids": torch.zeros(shape, dtype=torch.long, device=weight.device)}
+        zeros = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
         if main_input is not None:
-            return (), {main_input: torch.zeros(shape, device=device)}
-        return (torch.zeros(shape, device=device),), {}
+            return (), {main_input: zeros}
+        return (zeros,), {}
 
     def _observe_shapes(self, args: tuple, kwargs: dict) -> None:
         modes = {m: m.training for m in self.model.modules()}
@@ -312,6 +403,7 @@ class MeDyateModel(BaseTuner):
                 f"budget_kb >= {_kb_up(pool_smallest, config.bytes_per_slot)}"
             )
         plan.pool = ChannelPool.build(pool_costs)
+        self._watch_pool(plan)
         plan.tracker = NormTracker(len(plan.pool))
         plan.full_norms = stats.pool_vector(pool_costs) if strategy.needs_full_gradient else None
         total = sum(c.layer_slots for c in pool_costs)
@@ -399,6 +491,7 @@ class MeDyateModel(BaseTuner):
         config: MeDyateConfig = self.peft_config[adapter_name]
         plan = self.plans[adapter_name]
         strategy = get_strategy(config.strategy)
+        self._epoch_watch.reset()
         if plan.pool is None:
             if plan.probe is None:
                 raise RuntimeError("resample() before the first training step: nothing has been selected yet")
@@ -418,9 +511,10 @@ class MeDyateModel(BaseTuner):
         self._sync_norms(plan.tracker)
         plan.tracker.end_epoch(plan.selected, rescale=config.rescale_norms)
         plan.epoch += 1
-        if not strategy.dynamic:
+        overshoots = self._recost_for_growth(adapter_name)
+        if not strategy.dynamic and not overshoots:
             return
-        if strategy.needs_full_gradient:
+        if strategy.dynamic and strategy.needs_full_gradient:
             stats = self._full_gradient(full_gradient, config.full_gradient_batches)
             stats.all_reduce(list(plan.pool.costs))
             plan.full_norms = stats.pool_vector(plan.pool.costs)
@@ -522,6 +616,7 @@ class MeDyateModel(BaseTuner):
         if state["pool"] is None:
             return
         plan.pool = ChannelPool.build([LayerCost(**c) for c in state["pool"]])
+        self._watch_pool(plan)
         plan.tracker = NormTracker(len(plan.pool))
         plan.tracker.load_state_dict(state["tracker"])
         plan.selected = state["selected"].clone()
@@ -530,6 +625,7 @@ class MeDyateModel(BaseTuner):
     # -- lazy planning ------------------------------------------------------------------------
     def _plan_before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """At the first training forward of an unplanned, trainable adapter: learn shapes, then plan."""
+        self._pending_batch = model_batch_size(args, kwargs, getattr(module, "main_input_name", None))
         if self._observing or not (module.training and torch.is_grad_enabled()):
             return
         for adapter_name in self.active_adapters:
@@ -542,6 +638,87 @@ class MeDyateModel(BaseTuner):
                 logger.info("MeDyate: learning activation shapes from the first training batch")
                 self._observe_shapes(args, kwargs)
                 self.plan(adapter_name)
+        self._watch_epoch(args, kwargs)
+
+    def _watch_epoch(self, args: tuple, kwargs: dict) -> None:
+        """Warn once when the training data came round again without `resample()` (rule: `epochs`)."""
+        dynamic = [  # re-drawn at epoch ends; a step cadence (resample_every) may span epochs on purpose
+            a for a in self.active_adapters
+            if a in self.medyate_values and self.medyate_values[a].requires_grad
+            and get_strategy(self.peft_config[a].strategy).dynamic and self.peft_config[a].resample_every is None
+        ]
+        if self._epoch_warned or not dynamic:
+            return
+        main = kwargs.get(getattr(self.model, "main_input_name", None) or "")
+        if main is None:
+            main = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+        if isinstance(main, torch.Tensor) and self._epoch_watch.came_round(main):
+            self._epoch_warned = True
+            warnings.warn(
+                f"MeDyate: the training data came round again after {self._epoch_watch.batches - 1} batches without "
+                "resample() (most samples of this batch were already seen): call model.base_model.resample(optimizer) "
+                "at the end of every epoch (MeDyateCallback does it under the Trainer), or the same channels keep "
+                "training",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _watch_input_sizes(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """After a training forward: record the live activation sizes; warn once (or refuse) on overshoot."""
+        self._input_batch = self._pending_batch
+        if self._observing or not (module.training and torch.is_grad_enabled()):
+            return
+        for adapter_name in self.active_adapters:
+            plan = self.plans.get(adapter_name)
+            if plan is None or plan.growth is None or not self.medyate_values[adapter_name].requires_grad:
+                continue
+            before = plan.growth.observe([self._live_activation_slots(layer) for layer in plan.growth_layers])
+            if before is not None and not plan.growth.warned:
+                self._check_overshoot(adapter_name, before)
+
+    def _watch_pool(self, plan: AdapterPlan) -> None:
+        """Start watching the live activation sizes of the pool's layers against its costs."""
+        layers = self.medyate_layers()
+        plan.growth = GrowthWatch.for_pool(plan.pool)
+        plan.growth_layers = [layers[c.name] for c in plan.pool.costs]
+
+    def _check_overshoot(self, adapter_name: str, peaks_before: list[int]) -> None:
+        """Warn once if the selection overshoots the budget at the new sizes; a strict budget refuses the batch."""
+        config: MeDyateConfig = self.peft_config[adapter_name]
+        plan = self.plans[adapter_name]
+        live, planned = plan.growth.selection_slots(plan.pool, plan.selected)
+        if live <= plan.budget:
+            return
+        grown = plan.growth.largest_growth()
+        kb = partial(_kb_up, bytes_per_slot=config.bytes_per_slot)
+        message = (
+            f"MeDyate: training inputs are larger than those adapter {adapter_name!r} was planned on (e.g. "
+            f"{plan.pool.costs[grown].name} stores {plan.growth.peak[grown]} activation slots per sample "
+            f"and channel, planned {plan.growth.planned[grown]}): the selected channels hold {kb(live)} kB "
+            f"per sample against budget_kb={config.budget_kb} (planned {kb(planned)} kB, "
+            f"{live / plan.budget - 1:+.0%} over)"
+        )
+        if _strict_budget(config):
+            plan.growth.peak = peaks_before  # the batch is refused: the next one of this size is refused too
+            raise ValueError(
+                f"{message}. The strict budget refuses this batch: plan on the largest inputs (input_size=[...], "
+                "or a first training batch of the largest size), or pad/crop inputs to the planned size"
+            )
+        plan.growth.warned = True
+        logger.warning("%s; the next resample() re-plans for the larger inputs", message)
+
+    def _recost_for_growth(self, adapter_name: str) -> bool:
+        """At resample: re-cost the pool at the largest inputs seen; True if the selection no longer fits."""
+        plan = self.plans[adapter_name]
+        plan.growth.sync()  # a collective under DDP: every rank calls it at every resample
+        if not plan.growth.grown():
+            return False
+        live, _ = plan.growth.selection_slots(plan.pool, plan.selected)
+        plan.pool = ChannelPool.build(plan.growth.grown_costs(plan.pool.costs))  # same channels, same positions
+        self._watch_pool(plan)
+        logger.info("MeDyate: re-planned adapter %r for the larger training inputs seen (channel costs "
+                    "re-measured%s)", adapter_name, "; the selection is re-drawn" if live > plan.budget else "")
+        return live > plan.budget
 
     def _probe_training_batch(self, adapter_name: str) -> None:
         """Measure dense gradients during the first `ranking_batches` batches, then plan (at the next one)."""
@@ -576,6 +753,7 @@ class MeDyateModel(BaseTuner):
         model = super()._unload_and_optionally_merge(*args, **kwargs)
         remove_lean_backward(model)
         self._plan_hook.remove()
+        self._growth_hook.remove()
         return model
 
     # -- save / load ----------------------------------------------------------------------------
@@ -583,34 +761,61 @@ class MeDyateModel(BaseTuner):
     def _get_adapter_state_dict(
         cls, model: nn.Module, config: MeDyateConfig, adapter_name: str, state_dict: dict, unwanted_adapter_names: list
     ) -> dict[str, torch.Tensor]:
-        """Per layer: the channels whose delta is non-zero and those delta slices only."""
+        """Per layer: the channels whose delta is non-zero and those delta slices only.
+
+        Read from the state dict, whose MeDyate entries are already in saved form (see `layer`), so
+        wrappers that rename modules (FSDP) save the same keys.
+        """
+        from ..serialization import adapter_entries
+
         out = {}
-        for name, module in model.named_modules():
-            if not isinstance(module, MeDyateLayer) or adapter_name not in module.medyate_delta:
-                continue
-            index, delta = module.folded_delta(adapter_name)
+        for name, (index, delta) in adapter_entries(state_dict, adapter_name).items():
             if not bool(torch.isfinite(delta).all()):
                 raise guards.NonFiniteError(
                     f"layer {name!r} of adapter {adapter_name!r} holds NaN/inf deltas; not saving an adapter that "
                     "cannot be loaded (the previous save, if any, is kept). Resume from the last good checkpoint."
                 )
-            changed = delta.flatten(1).abs().amax(dim=1) > 0 if len(index) else torch.zeros(0, dtype=torch.bool)
-            if not changed.any():
-                continue
-            out[f"{name}.medyate_index.{adapter_name}"] = index[changed].cpu().contiguous()
-            out[f"{name}.medyate_delta.{adapter_name}"] = delta[changed].cpu().contiguous()
+            if len(index):
+                out[f"{name}.medyate_index.{adapter_name}"] = index.cpu().contiguous()
+                out[f"{name}.medyate_delta.{adapter_name}"] = delta.cpu().contiguous()
+        out.update(cls._get_learnable_bias_state_dict(model, state_dict, config))  # `bias` other than "none"
         return out
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: MeDyateConfig, adapter_name: str, state_dict: dict
     ) -> dict[str, torch.Tensor]:
-        """Validate every delta against this base model, then install them; nothing changes on error."""
-        from ..serialization import install_deltas
+        """Validate every delta against this base model and complete the file's entries; nothing changes here.
 
-        return install_deltas(model, adapter_name, state_dict)
+        `load_state_dict` then installs them (the layers' load hook), also on the meta device.
+        """
+        from ..serialization import complete_for_load
+
+        return complete_for_load(model, adapter_name, state_dict)
 
     # -- reporting ------------------------------------------------------------------------------
+    def trainable_parameter_counts(self) -> tuple[int, int]:
+        """(trained values, base model parameters), what `print_trainable_parameters` shows.
+
+        Trained: of each trainable flat vector the weight slots the current selection uses (all of it
+        before planning), and every other trainable parameter (the head). The total counts the base
+        model as loaded: neither the flat vectors nor the modules_to_save copies.
+        """
+        trainable = total = 0
+        for name, param in self.named_parameters():
+            if name.startswith("medyate_values."):
+                adapter = name.removeprefix("medyate_values.")
+                if param.requires_grad:
+                    trainable += self._used_slots(adapter) if self.is_planned(adapter) else param.numel()
+                continue
+            trainable += param.numel() if param.requires_grad else 0
+            total += 0 if ".modules_to_save." in f".{name}" else param.numel()
+        return trainable, total
+
+    def _used_slots(self, adapter_name: str) -> int:
+        return sum(layer.live[adapter_name][1].numel for layer in self.medyate_layers().values()
+                   if adapter_name in layer.live)
+
     def memory_report(
         self,
         *args: Any,
