@@ -524,6 +524,9 @@ def _attention_eager(module: nn.Module) -> Callable | None:
     uses_interface = code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
     if not uses_interface or not hasattr(module, "config") or isinstance(module.config, _LeanAttentionConfig):
         return None
+    # Flash/flex/paged cores take differently laid out inputs, and models branch on their names: left alone.
+    if getattr(module.config, "_attn_implementation", None) not in ("eager", "sdpa"):
+        return None
     return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
 

@@ -83,6 +83,10 @@ class MeDyateConfig(PeftConfig):
             Keep BatchNorm running statistics frozen (outside `modules_to_save`) so the base model stays intact.
         lean_backward (`bool`, defaults to `True`):
             Save no activations for frozen layers on the backward path.
+        lean_recompute (`bool`, defaults to `False`):
+            With `lean_backward`, keep the smaller input of the frozen Conv2d/Linear below a smooth activation
+            or gated MLP instead of the activation's input, and rerun that layer in backward (less memory,
+            one extra forward of those layers).
         detect_anomalies (`bool`, defaults to `True`):
             Raise, naming the layer, on a NaN/inf gradient of a selected channel or trained value at resample.
             Set it to `False` under fp16 with a GradScaler, which skips such steps itself.
