@@ -22,11 +22,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .atomic import atomic_write_json
 from .budget import LayerCost, activation_slots_of_input, layer_cost, model_batch_size
 from .candidates import default_targets, detect_head, linear_layout
+from .progress import progress as show_progress
 
 RANKING_FORMAT = "medyate-layer-ranking"
 RANKING_VERSION = 1
@@ -232,8 +232,8 @@ def rank_layers(
     stats = GradientStats()
     loss_fn = loss_fn or default_loss
     try:
-        for batch in tqdm(itertools.islice(itertools.cycle(dataloader), steps), total=steps,
-                          desc="ranking layers", disable=not progress):
+        for batch in show_progress(itertools.islice(itertools.cycle(dataloader), steps), "ranking layers",
+                                   total=steps, disable=not progress):
             loss = loss_fn(work, _to_device(batch, device))
             work.zero_grad(set_to_none=True)
             loss.backward()
