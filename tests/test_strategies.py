@@ -242,7 +242,8 @@ def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path, ranking_batc
         trainer(resumed, out, callback).train(resume_from_checkpoint=str(checkpoint))
         got = resumed.state_dict()
         assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
-        assert snapshot(resumed) == snapshot(whole) and resumed.base_model.plans["default"].epoch == 3
+        # the budgeted ranking takes its first 12 batches (12 slices of the budget), so 1 resample trains
+        assert snapshot(resumed) == snapshot(whole) and resumed.base_model.plans["default"].epoch == 1
 
     (checkpoint / TRAINING_STATE_NAME).unlink()  # a checkpoint without it: said, not silent
     with pytest.warns(UserWarning, match="sampler starts afresh"):
@@ -271,7 +272,7 @@ def test_trainer_fp16_skips_overflowing_ranking_batches(tmp_path):
     x, y = batches(1, size=24)[0]
     dataset = [{"x": x[i], "labels": y[i]} for i in range(24)]
     config = MeDyateConfig(budget_kb=BUDGET_KB, input_size=INPUT, strategy="medyate", ranking_batches=3,
-                           modules_to_save=["net.classifier"])
+                           ranking_mode="dense", modules_to_save=["net.classifier"])
     model = get_peft_model(OverflowsOnce(), config)
     assert model.peft_config["default"].detect_anomalies
     args = TrainingArguments(
@@ -300,7 +301,7 @@ def test_dense_gradient_probe_strict_names_the_layer_lenient_skips_the_batch():
 
     def train(strict: bool, losses: list[float]) -> nn.Module:
         config = MeDyateConfig(budget_kb=BUDGET_KB, input_size=INPUT, strategy="medyate", ranking_batches=len(losses),
-                               detect_anomalies=strict)
+                               detect_anomalies=strict, ranking_mode="dense")
         model = get_peft_model(net(), config)
         for scale in [*losses, 1.0]:  # one more forward closes the probe
             (F.cross_entropy(model(x), y) * scale).backward()

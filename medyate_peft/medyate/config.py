@@ -49,11 +49,29 @@ class MeDyateConfig(PeftConfig):
             "ranking strategy: computed from the first `ranking_batches` training batches (dense backward)."
         },
     )
+    use_shipped_ranking: bool = field(
+        default=True,
+        metadata={
+            "help": "With no layer_ranking, take the ranking that ships with medyate-peft for this architecture "
+            "(MCU nets, EfficientNet-Lite0, all-MiniLM-L6-v2; matched by layer names and weight shapes) if any."
+        },
+    )
+    ranking_mode: str = field(
+        default="budgeted",
+        metadata={
+            "help": "How the first training batches rank the layers when no layer_ranking is given (and none "
+            "ships for the architecture): 'budgeted' measures a budget-sized slice of channels per batch "
+            "through the channel-sparse backward, rotating through all of them, so no batch holds more than "
+            "a training step; 'dense' takes dense gradients of every layer (the memory of full fine-tuning). "
+            "The oracle strategies (det_rgn, static_det_rgn, prob_raw) always measure dense gradients."
+        },
+    )
     ranking_batches: int = field(
         default=3,
         metadata={
-            "help": "Training batches whose dense gradients rank the layers (or seed an oracle) when no "
-            "layer_ranking is given; they hold the memory of full fine-tuning and train only the head."
+            "help": "Training batches that rank the layers (or seed an oracle) when no layer_ranking is given; "
+            "they train only the head. 'budgeted': at least this many, rounded up to whole rotations through "
+            "the channels (each channel is measured once per rotation); 'dense': exactly this many."
         },
     )
     alpha_opt: float = field(default=0.2, metadata={"help": "MeDyate's K rule: smallest K with B / M_K <= alpha_opt."})
@@ -96,6 +114,8 @@ class MeDyateConfig(PeftConfig):
             raise ValueError(f"alpha_opt must be in (0, 1], got {self.alpha_opt}")
         if not 0 < self.rgn_coverage <= 1:
             raise ValueError(f"rgn_coverage must be in (0, 1], got {self.rgn_coverage}")
+        if self.ranking_mode not in ("budgeted", "dense"):
+            raise ValueError(f"ranking_mode must be 'budgeted' or 'dense', got {self.ranking_mode!r}")
         if self.ranking_batches < 1:
             raise ValueError(f"ranking_batches must be >= 1, got {self.ranking_batches}")
         if self.input_size is not None:
