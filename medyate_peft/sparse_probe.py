@@ -27,7 +27,6 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
-from functools import partial
 from typing import Any
 
 import torch
@@ -80,6 +79,10 @@ def unmeasurable(costs: list[LayerCost], budget: int, reserve: Reserve | None = 
     return [c.name for c in costs if c.channel_slots + (reserve(c.name) if reserve else 0) > budget]
 
 
+def _ignore(norms: torch.Tensor) -> None:
+    """The layers' own per-channel norms: the probe reads them from its vector's gradient instead."""
+
+
 class SparseGradientProbe:
     """Measures channel norms of every candidate channel over the next training batches, a slice per batch.
 
@@ -110,18 +113,23 @@ class SparseGradientProbe:
         weight = next(iter(self.layers.values())).get_base_layer().weight
         size = max(sum((b - a) * slots[n] for n, a, b in s) for s in self.slices)
         self.values = nn.Parameter(torch.zeros(size, dtype=weight.dtype, device=weight.device))
-        self._hook = self.values.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+        self._segments: list[tuple[str, int, int]] = []  # (layer, offset, numel) of the live slice in `values`
+        self._hook = self.values.register_post_accumulate_grad_hook(self._read)
 
     def __len__(self) -> int:
         return len(self.slices)
 
     # -- one batch ------------------------------------------------------------------------------
-    def _read(self, name: str, norms: torch.Tensor) -> None:
-        norms = norms.detach().to(device="cpu", dtype=torch.float64)
-        if self.strict and not bool(torch.isfinite(norms).all()):
-            raise NonFiniteError(f"non-finite channel gradient in layer {name!r} during layer-ranking batch "
-                                 f"{self.batches}. {HINT}")
-        self._reads[name] = norms
+    def _read(self, values: torch.Tensor) -> None:
+        """The slice's compact gradient, once per backward: per-channel norms of each layer's segment, then dropped."""
+        grad, values.grad = values.grad, None
+        for name, offset, numel in self._segments:
+            part = grad[offset : offset + numel]
+            norms = part.view(-1, math.prod(self.layers[name].slice_shape)).norm(dim=1).to("cpu", torch.float64)
+            if self.strict and not bool(torch.isfinite(norms).all()):
+                raise NonFiniteError(f"non-finite channel gradient in layer {name!r} during layer-ranking batch "
+                                     f"{self.batches}. {HINT}")
+            self._reads[name] = self._reads[name] + norms if name in self._reads else norms
 
     def _release(self) -> None:
         """Take the slice out of the layers, and the all-zero delta rows that making it live stored for its channels."""
@@ -132,7 +140,7 @@ class SparseGradientProbe:
             layer.set_delta(self.adapter, index[~drop], delta[~drop])
         for layer in self.layers.values():
             layer.set_live(self.adapter, self.values, None)
-        self._current = None
+        self._current, self._segments = None, []
 
     def _settle(self) -> None:
         """Count the finished batch's norms (a layer the loss did not reach: zeros); a non-finite batch is redone."""
@@ -164,7 +172,8 @@ class SparseGradientProbe:
             idx = torch.arange(start, end, device=device)
             numel = (end - start) * math.prod(layer.slice_shape)
             layer.set_live(self.adapter, self.values,
-                           Selection(idx=idx, offset=offset, numel=numel, record=partial(self._read, name)))
+                           Selection(idx=idx, offset=offset, numel=numel, record=_ignore))
+            self._segments.append((name, offset, numel))
             offset += numel
 
     def done(self) -> bool:

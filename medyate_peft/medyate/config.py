@@ -25,6 +25,23 @@ class MeDyateConfig(PeftConfig):
 
     budget_kb: float = field(default=256.0, metadata={"help": "Training memory budget in kB (KiB)."})
     bytes_per_slot: int = field(default=4, metadata={"help": "Bytes per counted element (4 = fp32, as the papers)."})
+    budget_scope: str = field(
+        default="selection",
+        metadata={
+            "help": "What budget_kb bounds. 'selection' (the papers' accounting): weight gradients and stored "
+            "input activations of the selected channels. 'step': everything one training step holds that grows "
+            "with the method, per sample: also what back-propagation through the frozen layers keeps (masks, "
+            "recomputation inputs, the head's input, measured on the first batch), the head's gradients and "
+            "optimizer_slots of optimizer state per trained element. memory_report shows both."
+        },
+    )
+    optimizer_slots: int = field(
+        default=0,
+        metadata={
+            "help": "Optimizer state tensors per trained element, charged under budget_scope='step': 0 plain SGD "
+            "(the papers), 1 SGD with momentum, 2 Adam/AdamW."
+        },
+    )
     input_size: list[int] | None = field(
         default=None,
         metadata={
@@ -105,6 +122,11 @@ class MeDyateConfig(PeftConfig):
             raise TypeError(f"budget_kb must be a number of kB, got {self.budget_kb!r}")
         if not math.isfinite(self.budget_kb) or self.budget_kb <= 0:
             raise ValueError(f"budget_kb must be a positive finite number of kB, got {self.budget_kb}")
+        if self.budget_scope not in ("selection", "step"):
+            raise ValueError(f"budget_scope must be 'selection' (the papers' accounting) or 'step', got "
+                             f"{self.budget_scope!r}")
+        if isinstance(self.optimizer_slots, bool) or not isinstance(self.optimizer_slots, int) or self.optimizer_slots < 0:
+            raise ValueError(f"optimizer_slots must be an int >= 0 (0 SGD, 1 momentum, 2 Adam), got {self.optimizer_slots!r}")
         if self.bytes_per_slot <= 0:
             raise ValueError(f"bytes_per_slot must be positive (4 for fp32), got {self.bytes_per_slot}")
         get_strategy(self.strategy)

@@ -44,6 +44,7 @@ from ..sampling import (
     weighted_order,
 )
 from ..sparse_probe import SparseGradientProbe
+from ..step_budget import StepCosts, measure_frozen_path, step_costs
 from ..strategies import get_strategy
 from .config import MeDyateConfig
 from .layer import Conv2d, Linear, MeDyateLayer
@@ -76,6 +77,7 @@ class AdapterPlan:
     epoch: int = 0
     probe: DenseGradientProbe | SparseGradientProbe | None = None  # open while the first batches rank layers
     full_norms: torch.Tensor | None = None  # oracles: n(i, c) of every pool channel from a full gradient
+    step: StepCosts | None = None  # budget_scope="step": the frozen path and head charged beside the channels
 
 
 class MeDyateModel(BaseTuner):
@@ -272,6 +274,26 @@ class MeDyateModel(BaseTuner):
             self._observing = False
             for module, mode in modes.items():
                 module.training = mode
+        self._measure_step_costs(args, kwargs)
+
+    def _measure_step_costs(self, args: tuple, kwargs: dict) -> None:
+        """For adapters with budget_scope="step": measure what the frozen path keeps, per lowest trained layer."""
+        strict = [a for a, c in self.peft_config.items() if getattr(c, "budget_scope", "") == "step" and a in self.plans]
+        if not strict:
+            return
+        modes = {m: m.training for m in self.model.modules()}
+        try:
+            self._observing = True
+            self.train()
+            frozen, order = measure_frozen_path(self.model, self.medyate_layers(), args, kwargs, owner=self)
+        finally:
+            self._observing = False
+            for module, mode in modes.items():
+                module.training = mode
+        head = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("medyate_values")]
+        for adapter in strict:
+            config = self.peft_config[adapter]
+            self.plans[adapter].step = step_costs(frozen, order, head, config.optimizer_slots, config.bytes_per_slot)
 
     # -- planning and sampling ------------------------------------------------------------------
     def is_planned(self, adapter_name: str) -> bool:
@@ -309,6 +331,8 @@ class MeDyateModel(BaseTuner):
                 "MeDyate could not learn any layer's activation shape: pass input_size=[...] (one sample's shape) "
                 "in MeDyateConfig, or run a training forward pass first"
             )
+        if plan.step is not None:  # says the smallest budget a whole step fits in
+            plan.step.check(costs, plan.budget, config.budget_kb, config.bytes_per_slot)
         smallest = min(c.channel_slots for c in costs)
         if smallest > plan.budget:
             raise ValueError(
@@ -340,6 +364,8 @@ class MeDyateModel(BaseTuner):
                 f"strategy {config.strategy!r} pre-selected; their cheapest channel needs {pool_smallest} slots: use "
                 f"budget_kb >= {_kb_up(pool_smallest, config.bytes_per_slot)}"
             )
+        if plan.step is not None:
+            plan.step.check(pool_costs, plan.budget, config.budget_kb, config.bytes_per_slot)
         plan.pool = ChannelPool.build(pool_costs)
         plan.tracker = NormTracker(len(plan.pool))
         plan.full_norms = stats.pool_vector(pool_costs) if strategy.needs_full_gradient else None
@@ -380,7 +406,10 @@ class MeDyateModel(BaseTuner):
             order = weighted_order(plan.tracker.norms, plan.generator)
         else:
             order = uniform_order(len(plan.pool), plan.generator)
-        plan.selected = greedy_fill(order, plan.pool.slots, plan.budget)
+        if plan.step is not None:
+            plan.selected = plan.step.fill(order, plan.pool, plan.budget)
+        else:
+            plan.selected = greedy_fill(order, plan.pool.slots, plan.budget)
         self._apply_selection(adapter_name)
 
     def _full_gradient(self, closure: FullGradient) -> GradientStats:
@@ -518,6 +547,7 @@ class MeDyateModel(BaseTuner):
             "layers": layers,
             "pool": None,
             "probe": None if plan.probe is None else plan.probe.state_dict(),
+            "step": None if plan.step is None else dataclasses.asdict(plan.step),
         }
         if plan.pool is not None:
             state["pool"] = [dataclasses.asdict(c) for c in plan.pool.costs]
@@ -558,6 +588,8 @@ class MeDyateModel(BaseTuner):
             values.copy_(state["values"])
         plan.epoch = state["epoch"]
         plan.generator.set_state(state["generator"])
+        if state.get("step") is not None:
+            plan.step = StepCosts(**{**state["step"], "order": tuple(state["step"]["order"])})
         if state.get("probe") is not None:  # saved while the first batches' dense gradients were measured
             if plan.probe is None:
                 costs = [LayerCost(**c) for c in state["probe"].get("costs", ())]
@@ -636,8 +668,11 @@ class MeDyateModel(BaseTuner):
             return DenseGradientProbe(self.medyate_layers(), strict=config.detect_anomalies,
                                       batches_needed=config.ranking_batches)
         layers = self.medyate_layers()
+        step = self.plans[adapter_name].step
+        reserve = None if step is None else (lambda name: step.fixed + step.layer_reserve(name))
         return SparseGradientProbe({c.name: layers[c.name] for c in costs}, costs, self.plans[adapter_name].budget,
-                                   adapter_name, min_batches=config.ranking_batches, strict=config.detect_anomalies)
+                                   adapter_name, min_batches=config.ranking_batches, strict=config.detect_anomalies,
+                                   reserve=reserve)
 
     def _finish_probe(self, adapter_name: str) -> None:
         plan = self.plans[adapter_name]
