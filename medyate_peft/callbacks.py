@@ -32,9 +32,10 @@ Accelerate (also DDP: every rank calls it, and all ranks draw the same channels)
 The dynamic oracles (det_rgn, prob_raw) also need a full gradient at each boundary:
 `model.resample(optimizer, full_gradient=lambda: F.cross_entropy(unwrapped(x), y))`.
 
-Without a `layer_ranking`, the first `ranking_batches` batches measure dense gradients and leave
-the channel vector unused, which plain DDP rejects: pass a ranking (`rank_layers`) or wrap with
-`find_unused_parameters=True` (Accelerate: `DistributedDataParallelKwargs(find_unused_parameters=True)`).
+Without a `layer_ranking` (and none shipped for the architecture), the first training batches rank
+the layers and leave the channel vector unused, which plain DDP rejects: pass a ranking
+(`rank_layers`) or wrap with `find_unused_parameters=True` (Accelerate:
+`DistributedDataParallelKwargs(find_unused_parameters=True)`).
 """
 
 from __future__ import annotations

@@ -250,8 +250,8 @@ def rank_layers(
     if isinstance(work, PeftModel):
         work = work.merge_and_unload()
     if budget_kb is not None:
-        return _rank_within_budget(work, dataloader, steps, loss_fn or default_loss, lr, progress, budget_kb,
-                                   bytes_per_slot)
+        return rank_in_tuner(work, dataloader, steps, loss_fn or default_loss, lr, progress, budget_kb,
+                             bytes_per_slot)
     work.train()
     layers = _candidate_layers(work)
     if not layers:
@@ -289,22 +289,23 @@ def rank_layers(
     return with_architecture(ranking, candidate_shapes(work))
 
 
-def _rank_within_budget(work: nn.Module, dataloader: Iterable[Any], steps: int, loss_fn: LossFn, lr: float,
-                        progress: bool, budget_kb: float, bytes_per_slot: int) -> dict[str, Any]:
-    """The tuner's own ranking path (its first training batches) run to completion on a copy of the model."""
+def rank_in_tuner(work: nn.Module, dataloader: Iterable[Any], steps: int, loss_fn: LossFn, lr: float,
+                  progress: bool, budget_kb: float, bytes_per_slot: int = 4, mode: str = "budgeted") -> dict[str, Any]:
+    """The tuner's own ranking path (its first training batches, `mode` as MeDyateConfig.ranking_mode) run to
+    completion on `work`, which it wraps (pass a copy)."""
     from peft import get_peft_model
 
     from .medyate.config import MeDyateConfig  # the probe runs in the tuner's layers; imported only here
 
     config = MeDyateConfig(budget_kb=budget_kb, bytes_per_slot=bytes_per_slot, strategy="medyate",
-                           ranking_batches=steps, use_shipped_ranking=False)
+                           ranking_batches=steps, use_shipped_ranking=False, ranking_mode=mode)
     peft_model = get_peft_model(work, config)
     peft_model.train()
     tuner = peft_model.base_model
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr) if lr > 0 and params else None
     device = next(work.parameters()).device
-    bar = tqdm(desc="ranking layers within the budget", disable=not progress)
+    bar = tqdm(desc=f"ranking layers ({mode})", disable=not progress)
     for batch in itertools.cycle(dataloader):
         loss = loss_fn(peft_model, _to_device(batch, device))
         if tuner.is_planned("default"):  # this forward closed the probe: every channel was measured

@@ -1,6 +1,7 @@
 """Layer ranking within the budget against the dense one, on the shipped backbones (results/budgeted_ranking.md).
 
-Usage: `python scripts/bench_budgeted_ranking.py [network ...]`. The dense reference is the shipped
+Usage: `python scripts/bench_budgeted_ranking.py [--smallest] [network ...]` (--smallest: each
+network's smallest budget only, the most slices). The dense reference is the shipped
 ranking (medyate_peft/rankings/, made by scripts/make_shipped_rankings.py: 50 dense SGD steps, lr 0.01,
 batch 32, on CIFAR-10 at 128x128 or AG News). The budgeted ranking sees the same batch sequence (cycled
 until every channel was measured once per rotation; text padded to the 64 tokens the budget counts)
@@ -11,7 +12,9 @@ re-normalised to the same costs), and the alpha-rule pool (alpha_opt 0.2) of eac
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,6 +27,8 @@ from medyate_peft.budget import activation_slots_of_input, layer_cost
 from medyate_peft.ranking import (
     _candidate_layers,
     candidate_shapes,
+    default_loss,
+    rank_in_tuner,
     rank_layers,
     scores_for_costs,
     select_by_alpha,
@@ -64,7 +69,7 @@ def pool_difference(a: list[str], b: list[str]) -> int:
     return len(set(a) ^ set(b))
 
 
-def main(networks: list[str]) -> None:
+def main(networks: list[str], smallest: bool = False) -> None:
     torch.set_num_threads(1)
     rows = []
     for network in networks or NETWORKS:
@@ -89,23 +94,35 @@ def main(networks: list[str]) -> None:
             loss_fn = None
         costs = costs_of(model, batches[0])
         dense_lara, dense_rgn = scores_for_costs(dense, costs)
-        for budget in budgets:
+        for budget in budgets[:1] if smallest else budgets:
             start = time.perf_counter()
             kwargs = {"loss_fn": loss_fn} if loss_fn else {}
             budgeted = rank_layers(model, batches, steps=1, lr=recipe.get("ranking_lr", 0.01), progress=False,
                                    budget_kb=budget * 4 / 1024, **kwargs)
             seconds = time.perf_counter() - start
             lara, rgn = scores_for_costs(budgeted, costs)
+            # the same estimation, dense: the tuner's dense probe over the same batches (frozen BatchNorm,
+            # head-only SGD), every layer measured on every batch
+            probe_batches = int(re.search(r"(\d+) training batch", budgeted["source"]).group(1))
+            in_tuner = rank_in_tuner(copy.deepcopy(model), batches, probe_batches, loss_fn or default_loss,
+                                     recipe.get("ranking_lr", 0.01),
+                                     False, budget * 4 / 1024, mode="dense")
+            tuner_lara, tuner_rgn = scores_for_costs(in_tuner, costs)
             left_out = [n for n, v in budgeted["lara"].items() if v == 0]  # no channel fits the budget
             names = [c.name for c in costs if c.name not in left_out]
             rho_lara = spearman([dense_lara[n] for n in names], [lara[n] for n in names])
             rho_rgn = spearman([dense_rgn[n] for n in names], [rgn[n] for n in names])
             pool_dense = select_by_alpha(costs, dense_lara, budget, 0.2)
             pool_budgeted = select_by_alpha(costs, lara, budget, 0.2)
+            pool_tuner = select_by_alpha(costs, tuner_lara, budget, 0.2)
             rows.append({
                 "network": network, "budget_slots": budget, "layers": len(names), "left_out": len(left_out), "batches": budgeted["source"],
                 "spearman_lara": rho_lara, "spearman_rgn": rho_rgn, "pool_dense": len(pool_dense),
                 "pool_budgeted": len(pool_budgeted), "pool_difference": pool_difference(pool_dense, pool_budgeted),
+                "spearman_lara_vs_dense_probe": spearman([tuner_lara[n] for n in names], [lara[n] for n in names]),
+                "spearman_rgn_vs_dense_probe": spearman([tuner_rgn[n] for n in names], [rgn[n] for n in names]),
+                "pool_dense_probe": len(pool_tuner), "pool_difference_vs_dense_probe": pool_difference(pool_tuner, pool_budgeted),
+                "spearman_lara_dense_probe_vs_shipped": spearman([dense_lara[n] for n in names], [tuner_lara[n] for n in names]),
                 "seconds": seconds,
             })
             print(json.dumps(rows[-1]), flush=True)
@@ -113,7 +130,40 @@ def main(networks: list[str]) -> None:
     old = json.loads(out.read_text()) if out.exists() else []
     keep = [r for r in old if (r["network"], r["budget_slots"]) not in {(x["network"], x["budget_slots"]) for x in rows}]
     out.write_text(json.dumps(keep + rows, indent=1) + "\n")
+    write_markdown(keep + rows)
+
+
+def write_markdown(rows: list[dict]) -> None:
+    lines = [
+        "# Layer ranking within the budget against the dense ranking", "",
+        "Command: `python scripts/bench_budgeted_ranking.py [network ...]` (torch "
+        f"{torch.__version__}, 1 thread; batch 32, CIFAR-10 at 128x128 or AG News padded to 64 tokens).", "",
+        "*budgeted*: `rank_layers(budget_kb=...)`, one batch per budget-sized slice of channels, every channel "
+        "measured once (one rotation), the head trained with SGD lr 0.01. Two dense references: *dense probe*, "
+        "the tuner's `ranking_mode='dense'` over the same batches (same frozen BatchNorm, same head training, "
+        "every layer measured on every batch: the estimator's own difference), and *shipped*, the shipped "
+        "ranking (`rank_layers`: 50 dense SGD steps, lr 0.01, all weights trained, BatchNorm in train mode). "
+        "rho: Spearman over the layers the budget can train (*left out*: a layer with one channel larger than "
+        "the budget ranks last); *pool diff.*: layers in one alpha-rule pool (alpha_opt 0.2) and not the "
+        "other.", "",
+        "| network | budget slots | batches | left out | rho LaRa vs dense probe | rho RGN vs dense probe | "
+        "pool diff. vs dense probe | rho LaRa vs shipped | rho RGN vs shipped | pool diff. vs shipped | "
+        "rho LaRa dense probe vs shipped |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        batches = re.search(r"(\d+) training batch", r["batches"]).group(1)
+        lines.append(
+            f"| {r['network']} | {r['budget_slots']:,} | {batches} | {r['left_out']} | "
+            f"{r['spearman_lara_vs_dense_probe']:.3f} | {r['spearman_rgn_vs_dense_probe']:.3f} | "
+            f"{r['pool_difference_vs_dense_probe']} of {r['pool_dense_probe']} | {r['spearman_lara']:.3f} | "
+            f"{r['spearman_rgn']:.3f} | {r['pool_difference']} of {r['pool_dense']} | "
+            f"{r['spearman_lara_dense_probe_vs_shipped']:.3f} |")
+    (REPO / "results" / "budgeted_ranking.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:] == ["--markdown"]:
+        write_markdown(json.loads((REPO / "results" / "budgeted_ranking.json").read_text()))
+    else:
+        main([a for a in sys.argv[1:] if a != "--smallest"], smallest="--smallest" in sys.argv)

@@ -73,7 +73,38 @@ def main(networks: list[str]) -> None:
                     rows.append(measure(network, budget, strategy, scope))
                     print(json.dumps(rows[-1]), flush=True)
         out.write_text(json.dumps(rows, indent=1) + "\n")
+    write_markdown(rows)
+
+
+def write_markdown(rows: list[dict]) -> None:
+    lines = [
+        "# budget_scope='step': the whole training step within the budget", "",
+        f"Command: `python scripts/bench_step_budget.py` (torch {torch.__version__}, 1 thread; one measured step "
+        f"of batch {BATCH}, 128x128 images or 64 tokens, lean backward on, plain SGD: no optimizer state; "
+        "strategies medyate, with the shipped ranking, and full_random, channels anywhere)",
+        "", "Per sample, KiB. *papers*: the papers' slots of the selection; *planned*: what the step scope charged "
+        "(head gradients + frozen path below the lowest trained layer + channels); measured: *sel. act.* "
+        "(x[:, S]), *frozen* (every other saved byte: masks, recomputation inputs, the head's input), "
+        "*W used* (the selection's weight-gradient slots), *W alloc.* (the flat gradient vector this "
+        "version allocates: the whole budget, until the vector follows the selection), *head* (head "
+        "gradients). *step/budget* = (sel. act. + frozen + W used + head) / budget; *alloc./budget* the same "
+        "with W alloc.", "",
+        "| network | budget slots | strategy | scope | papers | planned | sel. act. | frozen | W used | W alloc. "
+        "| head | step/budget | alloc./budget |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        planned = "-" if r["planned_step_kb"] is None else f"{r['planned_step_kb']:.1f}"
+        lines.append(
+            f"| {r['network']} | {r['budget_slots']:,} | {r['strategy']} | {r['scope']} | {r['papers_kb']:.1f} | "
+            f"{planned} | {r['selected_act_kb']:.1f} | {r['frozen_path_kb']:.1f} | {r['w_grad_used_kb']:.1f} | "
+            f"{r['w_grad_allocated_kb']:.1f} | {r['head_grad_kb']:.1f} | {r['step_used_over_budget']:.3f} | "
+            f"{r['step_allocated_over_budget']:.3f} |")
+    (REPO / "results" / "step_budget.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:] == ["--markdown"]:
+        write_markdown(json.loads((REPO / "results" / "step_budget.json").read_text()))
+    else:
+        main(sys.argv[1:])
