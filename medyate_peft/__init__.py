@@ -11,7 +11,7 @@ register()
 from .callbacks import MeDyateCallback  # noqa: E402
 from .medyate import MeDyateConfig, MeDyateLayer, MeDyateModel  # noqa: E402
 from .ranking import load_ranking, rank_layers, save_ranking  # noqa: E402
-from .strategies import STRATEGIES  # noqa: E402
+from .strategies import STRATEGIES, resample_due  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -23,5 +23,6 @@ __all__ = [
     "__version__",
     "load_ranking",
     "rank_layers",
+    "resample_due",
     "save_ranking",
 ]

@@ -29,8 +29,26 @@ Accelerate (also DDP: every rank calls it, and all ranks draw the same channels)
             ...
         accelerator.unwrap_model(model).resample(optimizer)
 
-The dynamic oracles (det_rgn, prob_raw) also need a full gradient at each boundary:
-`model.resample(optimizer, full_gradient=lambda: F.cross_entropy(unwrapped(x), y))`.
+Re-drawing every N optimizer steps instead of every epoch (`MeDyateConfig(resample_every=N)`: a
+1-3 epoch fine-tune then still gets many draws; the callback and `medyate train` honour it). In a
+plain loop, count the steps yourself::
+
+    step = 0
+    for epoch in range(epochs):
+        for x, y in loader:
+            ...
+            optimizer.step()
+            step += 1
+            if medyate_peft.resample_due(config.resample_every, step):
+                model.resample(optimizer)
+        if medyate_peft.resample_due(config.resample_every):  # at epoch ends, with resample_every=None
+            model.resample(optimizer)
+
+The dynamic oracles (det_rgn, lara_det_raw, prob_raw) also need a full gradient at each boundary,
+called `full_gradient_batches` times, each call the loss of the next batch::
+
+    batches = iter(loader)
+    model.resample(optimizer, full_gradient=lambda: loss_of(model, next(batches)))
 
 Without a `layer_ranking` (and none shipped for the architecture), the first training batches rank
 the layers and leave the channel vector unused, which plain DDP rejects: pass a ranking
@@ -40,6 +58,7 @@ the layers and leave the channel vector unused, which plain DDP rejects: pass a 
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -55,7 +74,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .atomic import atomic_save
 from .medyate.model import MeDyateModel
 from .ranking import output_loss
-from .strategies import get_strategy
+from .strategies import get_strategy, resample_due
 
 ModelLoss = Callable[[nn.Module], torch.Tensor]
 TRAINING_STATE_NAME = "medyate_training_state.pt"
@@ -81,10 +100,11 @@ def _batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 
 
 class MeDyateCallback(TrainerCallback):
-    """Calls `resample(optimizer)` at the end of every Trainer epoch, and checkpoints the sampler.
+    """Calls `resample(optimizer)` at the end of every Trainer epoch (or every `resample_every` steps).
 
-    For the dynamic oracles, `full_gradient(model) -> loss` gives the extra dense step; by default
-    the loss of one batch of the Trainer's train dataloader (`model(**batch).loss`).
+    It also checkpoints the sampler. For the dynamic oracles, `full_gradient(model) -> loss` gives
+    the extra dense steps (called `full_gradient_batches` times); by default the losses of the first
+    batches of the Trainer's train dataloader (`model(**batch).loss`).
     A resumed run reads the sampler state from `<output_dir>/checkpoint-<step>`, the folder that
     `resume_from_checkpoint=True` picks; resuming from a folder elsewhere, name it in `resume_from`.
     """
@@ -124,16 +144,29 @@ class MeDyateCallback(TrainerCallback):
         tuner.load_training_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return control
 
+    def on_step_end(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        """With `resample_every`, re-draw every that many optimizer steps (once the channels are planned)."""
+        tuner = find_tuner(model)
+        adapter = tuner.active_adapters[0]
+        if tuner.is_planned(adapter) and resample_due(tuner.peft_config[adapter].resample_every, state.global_step):
+            self._resample(tuner, adapter, model, optimizer, train_dataloader)
+        return control
+
     def on_epoch_end(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         tuner = find_tuner(model)
         adapter = tuner.active_adapters[0]
+        if resample_due(tuner.peft_config[adapter].resample_every):
+            self._resample(tuner, adapter, model, optimizer, train_dataloader)
+        return control
+
+    def _resample(self, tuner: MeDyateModel, adapter: str, model: nn.Module, optimizer, train_dataloader) -> None:
         closure = None
-        strategy = get_strategy(tuner.peft_config[adapter].strategy)
+        config = tuner.peft_config[adapter]
+        strategy = get_strategy(config.strategy)
         if strategy.needs_full_gradient and strategy.dynamic and tuner.is_planned(adapter):
             if self.full_gradient is not None:
                 closure = lambda: self.full_gradient(model)  # noqa: E731
-            else:
-                batch = next(iter(train_dataloader))
-                closure = lambda: _batch_loss(model, batch)  # noqa: E731
+            else:  # the first full_gradient_batches batches of the train loader, one per call
+                batches = itertools.cycle(itertools.islice(train_dataloader, config.full_gradient_batches))
+                closure = lambda: _batch_loss(model, next(batches))  # noqa: E731
         tuner.resample(optimizer, adapter_name=adapter, full_gradient=closure)
-        return control

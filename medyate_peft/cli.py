@@ -32,6 +32,10 @@ def _add_plan(sub: Any) -> None:
     parser.add_argument("--strategy", default=PLAN_STRATEGY, help=f"channel-selection strategy (default {PLAN_STRATEGY})")
     parser.add_argument("--layer-ranking", help="JSON layer ranking, for the medyate / trady strategies")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lara-within-rgn", action="store_true",
+                        help="LaRa pools: the alpha rule inside the RGN-97%% layer set (MeDyateConfig.lara_within_rgn)")
+    parser.add_argument("--max-activation-share", type=float,
+                        help="ranked pools: cap on the pool's stored-activation share (MeDyateConfig.max_activation_share)")
     parser.add_argument("--measure", action="store_true", help="also measure one training step on a zero batch")
     parser.set_defaults(func=plan_command)
 
@@ -88,6 +92,8 @@ def _build_plan_model(args: argparse.Namespace) -> tuple[Any, str]:
         strategy=args.strategy,
         seed=args.seed,
         layer_ranking=args.layer_ranking,
+        lara_within_rgn=args.lara_within_rgn,
+        max_activation_share=args.max_activation_share,
     )
     peft_model = get_peft_model(loaded.model, config)
     if not peft_model.base_model.is_planned(peft_model.active_adapter):
@@ -100,6 +106,7 @@ def _build_plan_model(args: argparse.Namespace) -> tuple[Any, str]:
 
 def plan_command(args: argparse.Namespace) -> int:
     from .budget import slots_to_kb
+    from .pools import summarize_pool
 
     peft_model, described = _build_plan_model(args)
     tuner = peft_model.base_model
@@ -139,6 +146,7 @@ def plan_command(args: argparse.Namespace) -> int:
         f"{used:,} of {plan.budget:,} slots ({slots_to_kb(used, per_slot):.1f} kB); re-drawn every epoch "
         "when the strategy is dynamic"
     )
+    print(summarize_pool(plan.pool.costs, costs).describe())
     if args.measure:
         report = peft_model.memory_report(compare_lean=False)
         print(

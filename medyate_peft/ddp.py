@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 # Config fields that change which channels are drawn (their values are compared and shown).
 SELECTION_FIELDS = (
     "budget_kb", "bytes_per_slot", "strategy", "seed", "input_size", "target_modules", "exclude_modules",
-    "layer_ranking", "alpha_opt", "rgn_coverage",
+    "layer_ranking", "alpha_opt", "rgn_coverage", "lara_within_rgn", "max_activation_share", "draw_weights",
+    "rescale_norms", "resample_every", "full_gradient_batches",
 )
 _SHOWN_CHARS = 60
 

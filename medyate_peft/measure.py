@@ -21,6 +21,7 @@ from torch import nn
 
 from .budget import slots_to_kb
 from .lean import lean_backward
+from .pools import PoolSummary, summarize_pool
 
 if TYPE_CHECKING:
     from .medyate.model import MeDyateModel
@@ -49,6 +50,7 @@ class MemoryReport:
     budget_slots: int
     bytes_per_slot: int
     layers: list[LayerRow]
+    pool: PoolSummary | None = None  # the layers the channels are drawn from (what a dynamic draw can reach)
     batch_size: int | None = None
     measured_selected_saved_bytes: int | None = None  # x[:, S] of the selected layers, whole batch
     measured_frozen_path_saved_bytes: int | None = None  # everything else autograd kept, whole batch
@@ -78,6 +80,11 @@ class MemoryReport:
         return sum(row.slots for row in self.layers)
 
     @property
+    def used_activation_share(self) -> float:
+        """Share of the used slots that is stored activation (the rest trains weights)."""
+        return sum(row.activation_slots for row in self.layers) / self.used_slots if self.layers else 0.0
+
+    @property
     def used_kb(self) -> float:
         return slots_to_kb(self.used_slots, self.bytes_per_slot)
 
@@ -88,7 +95,8 @@ class MemoryReport:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.update(used_slots=self.used_slots, used_kb=self.used_kb, budget_kb=self.budget_kb,
-                   measured_step_bytes_per_sample=self.measured_step_bytes_per_sample)
+                   measured_step_bytes_per_sample=self.measured_step_bytes_per_sample,
+                   used_activation_share=self.used_activation_share)
         return out
 
     def __str__(self) -> str:
@@ -106,8 +114,10 @@ class MemoryReport:
             )
         lines.append(
             f"analytical: {self.used_slots} of {self.budget_slots} slots = {self.used_kb:.1f} of "
-            f"{self.budget_kb:.1f} kB per sample"
+            f"{self.budget_kb:.1f} kB per sample, {self.used_activation_share:.1%} of it stored activation"
         )
+        if self.pool is not None:
+            lines.append(self.pool.describe())
         if self.batch_size is not None:
             per = 1024 * self.batch_size
             lines += [
@@ -288,6 +298,7 @@ def memory_report(
         rows.append(LayerRow(name, len(idx), cost.in_channels, len(idx) * cost.weight_slots,
                              len(idx) * cost.activation_slots))
     report = MemoryReport(adapter, config.strategy, plan.budget, config.bytes_per_slot, rows,
+                          pool=summarize_pool(plan.pool.costs, tuner.layer_costs()),
                           budget_scope=getattr(config, "budget_scope", "selection"))
     if plan.step is not None:
         report.step_slots = plan.step.used(plan.pool, plan.selected)

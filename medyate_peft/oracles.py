@@ -6,8 +6,8 @@ the selected ones. Either way the gradient is dense: activations of every wrappe
 for one backward, i.e. the memory of full fine-tuning. That is why a precomputed ranking
 (`rank_layers`) is the recommended path on a device, and why the oracles are upper bounds only.
 
-- `measure_full_gradient(layers, closure)`: now, from a closure returning a loss (one extra
-  forward+backward; `.grad` of no parameter is touched).
+- `measure_full_gradient(layers, closure, batches)`: now, from a closure returning a loss, called
+  `batches` times (one extra forward+backward each; `.grad` of no parameter is touched).
 - `DenseGradientProbe`: during the user's own next training batches, via hooks on the base weights
   (no extra pass; the flat trainable vector gets no gradient meanwhile).
 """
@@ -37,29 +37,34 @@ def _groups(layer: nn.Module) -> int:
     return getattr(layer.get_base_layer(), "groups", 1)
 
 
-def measure_full_gradient(layers: dict[str, nn.Module], closure: FullGradient) -> GradientStats:
-    """Dense gradients of the wrapped layers' weights for the loss `closure()` returns (one step).
+def measure_full_gradient(layers: dict[str, nn.Module], closure: FullGradient, batches: int = 1) -> GradientStats:
+    """Dense gradients of the wrapped layers' weights, channel norms summed over `batches` calls of `closure`.
 
-    The closure runs a forward of the model being trained and returns a scalar loss, e.g.
-    `lambda: F.cross_entropy(model(x), y)` or `lambda: model(**batch).loss`.
+    Each call runs a forward of the model being trained and returns a scalar loss, that of the next
+    batch, e.g. `lambda: F.cross_entropy(model(*next(it)), ...)` or `lambda: model(**next(it)).loss`;
+    one batch's graph is held at a time. A closure that always returns the same batch's loss gives
+    that batch's norms times `batches`: the same order, for `batches` times the cost.
     """
+    if batches < 1:
+        raise ValueError(f"batches must be >= 1, got {batches}")
     weights = {name: _base_weight(layer) for name, layer in layers.items()}
     flags = {name: w.requires_grad for name, w in weights.items()}
+    stats = GradientStats()
     try:
         for w in weights.values():
             w.requires_grad_(True)
-        loss = closure()
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise TypeError("the full-gradient closure must return a scalar loss tensor")
-        grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+        for _ in range(batches):
+            loss = closure()
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise TypeError("the full-gradient closure must return a scalar loss tensor")
+            grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+            for (name, layer), grad in zip(layers.items(), grads, strict=True):
+                if grad is not None:
+                    stats.add(name, grad, _groups(layer))
+            stats.steps += 1
     finally:
         for name, w in weights.items():
             w.requires_grad_(flags[name])
-    stats = GradientStats()
-    for (name, layer), grad in zip(layers.items(), grads, strict=True):
-        if grad is not None:
-            stats.add(name, grad, _groups(layer))
-    stats.steps = 1
     return stats
 
 

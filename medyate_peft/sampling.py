@@ -99,7 +99,8 @@ class NormTracker:
 
     During an epoch it sums per-step norms of the selected channels; `end_epoch` turns them into the
     mean per-step norm [ours] and applies the exploration rule once (epoch 2: channels never selected
-    get the maximum observed norm).
+    get the maximum observed norm). An "epoch" here is one sampling period: a dataset epoch by
+    default, `resample_every` steps if set.
     """
 
     def __init__(self, size: int) -> None:
@@ -118,16 +119,34 @@ class NormTracker:
         self.epoch_sum.index_add_(0, positions, norms.to(torch.float64))
         self.epoch_count.index_add_(0, positions, torch.ones_like(positions))
 
-    def end_epoch(self, selected: torch.Tensor) -> None:
+    def end_epoch(self, selected: torch.Tensor, rescale: bool = False) -> None:
+        """Fold the epoch's sums into N[c]; `rescale` first brings the older values to this epoch's scale."""
         self.epoch_sum, self.epoch_count = self.epoch_sum.cpu(), self.epoch_count.cpu()
         seen = selected[self.epoch_count[selected] > 0]
-        self.norms[seen] = self.epoch_sum[seen] / self.epoch_count[seen]
+        fresh = self.epoch_sum[seen] / self.epoch_count[seen]
+        if rescale:
+            self.norms *= self.scale_change(seen, fresh)
+        self.norms[seen] = fresh
         self.ever_selected[selected] = True
         self.epochs_done += 1
         if self.epochs_done == 1 and bool(self.ever_selected.any()):
             self.norms[~self.ever_selected] = self.norms[self.ever_selected].max()
         self.epoch_sum.zero_()
         self.epoch_count.zero_()
+
+    def scale_change(self, seen: torch.Tensor, fresh: torch.Tensor) -> float:
+        """How much norms grew since they were last measured: the median of new / old over re-measured channels.
+
+        [ours] Norms grow ~3x in warm-up and from epoch 1 to 2 (spec section 8), so without this a
+        channel measured long ago (or the exploration value) competes at a stale, smaller scale.
+        Channels measured for the first time say nothing about the change; with none re-measured the
+        scale is kept (1.0).
+        """
+        old = self.norms[seen]
+        again = self.ever_selected[seen] & (old > 0) & (fresh > 0)
+        if not bool(again.any()):
+            return 1.0
+        return float((fresh[again] / old[again]).median())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import logging
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from torch import nn
 
 from .atomic import atomic_directory, atomic_write_json
 from .candidates import detect_head
+from .strategies import resample_due
 
 METHODS = ("medyate", "full", "head")
 STATE_FILE = "training_state.pt"
@@ -36,7 +39,7 @@ STATE_FORMAT = 1
 # A resumed run must match these settings, or it would not continue the same training.
 RESUME_KEYS = (
     "model", "weights", "random_init", "dataset", "train_split", "max_train_samples", "method", "budget_kb",
-    "strategy", "seed", "batch_size", "epochs", "lr", "warmup_epochs", "image_size", "max_length",
+    "strategy", "seed", "batch_size", "epochs", "lr", "warmup_epochs", "image_size", "max_length", "resample_every",
 )
 
 
@@ -71,6 +74,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     method.add_argument("--budget-kb", type=float, default=64.0, help="training-memory budget per sample, kB")
     method.add_argument("--strategy", default="medyate", help="channel-selection strategy (medyate_peft.STRATEGIES)")
     method.add_argument("--layer-ranking", help="JSON file with the LaRa / RGN layer ranking")
+    method.add_argument(
+        "--resample-every", type=int, help="re-draw the channels every N optimizer steps (default: at each epoch end)"
+    )
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=10)
@@ -134,6 +140,7 @@ def build_trainable(loaded: Any, args: argparse.Namespace) -> nn.Module:
             strategy=args.strategy,
             seed=args.seed,
             layer_ranking=args.layer_ranking,
+            resample_every=args.resample_every,
         )
         peft_model = get_peft_model(model, config)
         # After get_peft_model, which resets it from the model's `name_or_path` (timm/MCU models have none).
@@ -281,6 +288,12 @@ def _loss_closure(model: nn.Module, batch: dict[str, torch.Tensor], modality: st
     return lambda: batch_loss(model, batch, modality)
 
 
+def _recent_closure(model: nn.Module, recent: deque, modality: str) -> Callable[[], torch.Tensor]:
+    """The oracles' full gradient from the last `full_gradient_batches` training batches, one per call."""
+    batches = itertools.cycle(list(recent))
+    return lambda: batch_loss(model, next(batches), modality)
+
+
 def _plan(model: nn.Module, dataset: Any, batch_size: int, accelerator: Any, modality: str) -> None:
     """Plan before training when the strategy needs a dense gradient (a layer ranking to compute, an oracle).
 
@@ -396,7 +409,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
             disable=args.no_progress or not accelerator.is_local_main_process,
         )
+        recent: deque = deque(maxlen=unwrapped.peft_config[unwrapped.active_adapter].full_gradient_batches
+                              if medyate else 1)
         for step, batch in enumerate(progress):
+            recent.append(batch)
             if step == 0 and is_main:
                 record["memory"] = measure_memory(unwrapped, batch, data.modality)
             logits = _logits(model, batch, data.modality)
@@ -406,16 +422,20 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if medyate and resample_due(args.resample_every, epoch * steps + step + 1):
+                unwrapped.base_model.resample(
+                    optimizer=optimizer.optimizer, full_gradient=_recent_closure(unwrapped, recent, data.modality)
+                )
             n = len(batch["labels"])
             stats += torch.tensor(
                 [loss.item() * n, (logits.argmax(-1) == batch["labels"]).sum().item(), n],
                 dtype=torch.float64, device=accelerator.device,
             )
             progress.set_postfix(loss=f"{loss.item():.3f}")
-        if medyate:
-            # Folds the trained values, syncs norms over ranks, re-draws (oracles: from `batch`'s full gradient).
+        if medyate and resample_due(args.resample_every):
+            # Folds the trained values, syncs norms over ranks, re-draws (oracles: from the last batches' gradient).
             unwrapped.base_model.resample(
-                optimizer=optimizer.optimizer, full_gradient=_loss_closure(unwrapped, batch, data.modality)
+                optimizer=optimizer.optimizer, full_gradient=_recent_closure(unwrapped, recent, data.modality)
             )
         stats = accelerator.reduce(stats, reduction="sum")
         record["train_loss"] = float(stats[0] / stats[2])

@@ -274,11 +274,12 @@ class Setup:
 
 
 def medyate_config(spec: dict, input_size: list[int]) -> Any:
-    """The MeDyateConfig of a run: its budget in fp32 slots, strategy, seed and layer ranking."""
+    """The MeDyateConfig of a run: its budget in fp32 slots, strategy, seed, layer ranking and any further options."""
     from medyate_peft import MeDyateConfig
 
     return MeDyateConfig(budget_kb=spec["budget_slots"] * 4 / 1024, input_size=input_size, strategy=spec["method"],
-                         seed=spec["seed"], layer_ranking=spec.get("ranking_path"), modules_to_save=["classifier"])
+                         seed=spec["seed"], layer_ranking=spec.get("ranking_path"), modules_to_save=["classifier"],
+                         **spec.get("medyate_options", {}))
 
 
 def setup_method(spec: dict, model: nn.Module, task: Task) -> Setup:

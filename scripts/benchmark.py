@@ -130,12 +130,15 @@ def _ensure_ranking(ctx: mp.context.BaseContext, spec: dict, run_timeout: float)
     return process.exitcode == 0 and Path(path).exists()
 
 
-def execute(specs: list[dict], max_minutes: float | None, run_timeout: float, jobs: int) -> None:
-    """Run what has no record yet, `jobs` child processes at a time (each with 1 torch thread)."""
+def execute(
+    specs: list[dict], max_minutes: float | None, run_timeout: float, jobs: int, runs: Path | None = None
+) -> None:
+    """Run what has no record in `runs` (default RUNS) yet, `jobs` child processes at a time (1 torch thread each)."""
+    runs = runs or RUNS
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "peft", "transformers", "timm"])
     start = time.monotonic()
-    todo = [s for s in specs if not (RUNS / f"{s['id']}.json").exists()]
+    todo = [s for s in specs if not (runs / f"{s['id']}.json").exists()]
     print(f"{len(specs) - len(todo)} of {len(specs)} runs already recorded; {len(todo)} to go, "
           f"{jobs} at a time", flush=True)
     running: list[tuple[Any, dict, float]] = []
@@ -150,7 +153,7 @@ def execute(specs: list[dict], max_minutes: float | None, run_timeout: float, jo
             if not _ensure_ranking(ctx, spec, run_timeout):
                 print(f"  ranking failed; skipping {spec['id']}", flush=True)
                 continue
-            process = ctx.Process(target=_child, args=("run_one", spec, str(RUNS / f"{spec['id']}.json")))
+            process = ctx.Process(target=_child, args=("run_one", spec, str(runs / f"{spec['id']}.json")))
             process.start()
             running.append((process, spec, time.monotonic()))
         time.sleep(1)
@@ -164,7 +167,7 @@ def execute(specs: list[dict], max_minutes: float | None, run_timeout: float, jo
             process.join()
             running.remove(entry)
             done += 1
-            record = RUNS / f"{spec['id']}.json"
+            record = runs / f"{spec['id']}.json"
             ok = process.exitcode == 0 and record.exists()
             status = "ok" if ok else ("timeout" if timed_out else f"failed ({process.exitcode})")
             top1 = json.loads(record.read_text())["top1"] if ok else None

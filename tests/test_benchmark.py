@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -71,3 +72,31 @@ def test_method_summary_ratios_against_full_fine_tuning() -> None:
                run("medyate", 2000, 0.45, 1_000, 0.7)]
     rows = [line for line in benchmark.method_summary(records) if line.startswith("| vision |")]
     assert rows == ["| vision | MeDyate | 2 | 0.050-0.100 | 0.60 | -5.00 / +0.00 / +5.00 |"]
+
+
+def test_pilot_reuses_the_benchmark_runs_and_adds_only_the_variant(tmp_path: Path, monkeypatch) -> None:
+    import pilot_cost_aware as pilot
+
+    specs = pilot.specs()
+    assert len(specs) == len(pilot.SEEDS) * len(pilot.METHODS) * len(pilot.BUDGETS)
+    grid = {s["id"]: s for s in benchmark.grid(benchmark.load_config(REPO / "scripts" / "bench_configs" /
+                                                                      "vision.yaml"))}
+    for spec in specs:
+        if spec.get("medyate_options"):
+            assert spec["method"] == "medyate" and f"__{pilot.VARIANT}__" in spec["id"] and spec["id"] not in grid
+        else:
+            assert spec == grid[spec["id"]]  # the benchmark's own run, so its record is reused as it is
+    monkeypatch.setattr(benchmark, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(pilot, "PILOT_RUNS", tmp_path / "pilot")
+    for folder in (tmp_path / "runs", tmp_path / "pilot"):
+        folder.mkdir()
+    for i, spec in enumerate(specs[:-1]):  # one run still missing
+        folder = tmp_path / ("pilot" if spec.get("medyate_options") else "runs")
+        (folder / f"{spec['id']}.json").write_text(json.dumps({"recipe": spec["recipe"], "top1": 0.5 + i / 100}))
+    text = pilot.report(specs)
+    assert "| medyate-ca − trady |" in text and "| trady | 0.78 ± 0.95 (n=2) |" not in text
+    assert f"Not run yet: 1 runs ({specs[-1]['id']})" in text
+    spec = specs[0]
+    (tmp_path / "runs" / f"{spec['id']}.json").write_text(json.dumps({"recipe": {"lr": 1}, "top1": 0.5}))
+    with pytest.raises(ValueError, match="another recipe"):
+        pilot.report(specs)

@@ -46,6 +46,12 @@ def test_plan_mcunet_matches_the_papers_accounting(
     assert 15_936 - min(slots for _, _, slots, _ in rows) < used <= 15_936  # filled up to the cheapest channel
     assert f"selected: {channels:,} of {sum(r[1] for r in rows):,} input channels" in out
     assert f"{used:,} of 15,936 slots" in out
+    # full_random pools every layer: its activation share is that of full fine-tuning, from the table's columns
+    table = [ROW.match(line) for line in out.splitlines() if ROW.match(line)]
+    stored = sum(int(m[3]) * int(m[5]) for m in table)
+    share = f"{stored / 1_309_808:.1%}"
+    assert f"pool: 42 of 42 layers, 1,309,808 slots, {share} of them stored activation; earliest layer " in out
+    assert "(candidate 1 of 42 in network order)" in out
 
 
 def test_plan_timm_model_with_input_size_and_measure(capsys: pytest.CaptureFixture) -> None:
@@ -60,6 +66,30 @@ def test_plan_timm_model_with_input_size_and_measure(capsys: pytest.CaptureFixtu
     assert first_conv[2] == stem.out_channels * stem.kernel_size[0] * stem.kernel_size[1] + 48 * 48
     assert re.search(r"measured \(one step, batch 1, zero input\): saved activations of the selected channels "
                      r"[\d.]+ kB", out)
+
+
+def test_plan_shows_what_the_cost_aware_pools_change(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The papers' fp32 MbV2 at its largest reference budget: the pool line of the alpha rule, then inside RGN-97 %."""
+    from medyate_peft import rank_layers, save_ranking
+
+    model = load_model("zoo:mbv2-w0.35", 10, pretrained=False).model
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(2, 3, 128, 128, generator=g), torch.tensor([1, 2]))]
+    ranking = save_ranking(rank_layers(model, data, steps=1, lr=0.0, progress=False), tmp_path / "r.json")
+    argv = ["plan", "--model", "zoo:mbv2-w0.35", "--num-classes", "10", "--budget-kb", "366", "--strategy",
+            "medyate", "--layer-ranking", str(ranking)]
+    shares = {}
+    for extra in ([], ["--lara-within-rgn"], ["--max-activation-share", "0.4"]):
+        assert main([*argv, *extra]) == 0
+        out = capsys.readouterr().out
+        assert "(1,252,320 slots)" in out and "93,696 slots of 4 bytes" in out
+        match = re.search(r"pool: (\d+) of 52 layers, [\d,]+ slots, ([\d.]+)% of them stored activation; "
+                          r"earliest layer (\S+) \(candidate (\d+) of 52", out)
+        shares[tuple(extra)] = float(match[2])
+    assert shares[("--max-activation-share", "0.4")] <= 40.0
+    assert len(set(shares.values())) == 3  # each option changes the pool
+    assert main([*argv[:-4], "--strategy", "full_random", "--max-activation-share", "0.5"]) == 2
+    assert "pools every layer" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

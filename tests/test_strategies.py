@@ -64,7 +64,7 @@ def expected_det_rgn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict
 
 def test_the_table_has_every_strategy_of_the_papers_with_its_cost():
     assert set(STRATEGIES) == {"medyate", "trady", "topk_random", "full_random", "static_random", "det_rgn",
-                               "static_det_rgn", "prob_raw"}
+                               "static_det_rgn", "prob_raw", "lara_trady", "prev_medyate", "lara_det_raw"}
     assert MeDyateConfig().strategy == "medyate"
     for strategy in STRATEGIES.values():
         assert "\n" not in strategy.summary and ("no extra" in strategy.summary or "dense backward" in strategy.summary)
@@ -101,7 +101,7 @@ def test_each_strategy_draws_from_its_layers_within_the_budget(name, ranking):
         left[plan.selected] = False
         assert used <= plan.budget and int(plan.pool.slots[left].min()) > plan.budget - used  # greedy fill
         assert set(selections[-1]) <= set(pool)
-    if strategy.dynamic and strategy.order != "det_rgn":
+    if strategy.dynamic and strategy.order not in ("det_rgn", "det_raw"):
         assert len({str(s) for s in selections}) > 2, "a dynamic strategy re-draws"
     elif not strategy.dynamic:
         assert all(s == selections[0] for s in selections), "a static strategy keeps its channels"
@@ -120,6 +120,68 @@ def test_det_rgn_takes_the_best_channels_by_full_gradient_rgn(name, ranking):
     moved = expected_det_rgn(model, x2, y2)
     model.resample(optimizer, full_gradient=closure_for(model, x2, y2))
     assert snapshot(model) == (moved if name == "det_rgn" else expected)
+
+
+def test_ablations_swap_one_part_of_medyate_and_trady():
+    """MeDyate's Fig. 8: LaRa TraDy = MeDyate's pool with TraDy's draws; Prev MeDyate = TraDy's pool, MeDyate's draws."""
+    medyate, trady = STRATEGIES["medyate"], STRATEGIES["trady"]
+    assert (STRATEGIES["lara_trady"].layers, STRATEGIES["lara_trady"].order) == (medyate.layers, trady.order)
+    assert (STRATEGIES["prev_medyate"].layers, STRATEGIES["prev_medyate"].order) == (trady.layers, medyate.order)
+    assert STRATEGIES["lara_det_raw"].layers == "lara" and STRATEGIES["lara_det_raw"].needs_full_gradient
+
+
+def expected_det_raw(model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, list[int]]:
+    """LaRa DetRaw from scratch: raw channel norms summed over the batches, in the LaRa pool, best first."""
+    tuner = model.base_model
+    plan = tuner.plans["default"]
+    merged = copy.deepcopy(model).merge_and_unload().requires_grad_(True)
+    modules = dict(merged.named_modules())
+    scores = torch.zeros(len(plan.pool), dtype=torch.float64)
+    for x, y in data:
+        merged.zero_grad()
+        F.cross_entropy(merged(x), y).backward()
+        scores += torch.cat([channel_norms(modules[c.name].weight.grad, getattr(modules[c.name], "groups", 1)).double()
+                             for c in plan.pool.costs])
+    taken = greedy_fill(torch.argsort(scores, descending=True, stable=True), plan.pool.slots, plan.budget)
+    return {k: v.tolist() for k, v in plan.pool.to_selection(taken).items()}
+
+
+def test_lara_det_raw_takes_the_top_raw_norms_of_several_batches(ranking):
+    model = get_peft_model(net(), MeDyateConfig(budget_kb=BUDGET_KB, input_size=INPUT, strategy="lara_det_raw",
+                                                layer_ranking=ranking, full_gradient_batches=3))
+    first = batches(3, size=8)
+    calls = iter(first)
+    model.base_model.plan(full_gradient=lambda: _loss(model, next(calls)))
+    assert snapshot(model) == expected_det_raw(model, first)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    train_epoch(model, optimizer, epoch=1)
+    later = batches(3, size=5)
+    expected = expected_det_raw(model, later)
+    calls = iter(later)
+    model.resample(optimizer, full_gradient=lambda: _loss(model, next(calls)))
+    assert snapshot(model) == expected
+    with pytest.raises(StopIteration):  # exactly full_gradient_batches calls were made
+        next(calls)
+
+
+def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def test_full_gradient_of_several_batches_is_the_sum_of_their_norms(ranking):
+    from medyate_peft.oracles import measure_full_gradient
+
+    model = make("det_rgn", ranking).eval()  # eval: no lazy planning from these forwards
+    layers = model.base_model.medyate_layers()
+    data = batches(2, size=8)
+    single = [measure_full_gradient(layers, lambda b=b: _loss(model, b)) for b in data]
+    calls = iter(data)
+    both = measure_full_gradient(layers, lambda: _loss(model, next(calls)), batches=2)
+    assert both.steps == 2
+    for name in layers:
+        torch.testing.assert_close(both.channel[name], single[0].channel[name] + single[1].channel[name])
+    with pytest.raises(ValueError, match="full_gradient_batches must be an int >= 1"):
+        MeDyateConfig(strategy="det_rgn", full_gradient_batches=0)
 
 
 def test_prob_raw_draws_measured_channels_first(ranking):
@@ -203,11 +265,49 @@ def test_trainer_callback_resamples_at_every_epoch(strategy, ranking, tmp_path):
         assert not first and norms[0] is not None and not torch.equal(norms[0], norms[-1])
 
 
-@pytest.mark.parametrize(("ranking_batches", "step"), [(1, 8), (3, 2)], ids=["after-resample", "mid-ranking"])
-def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path, ranking_batches, step):
+def test_trainer_callback_resamples_every_n_steps(ranking, tmp_path):
+    """resample_every=3 over 2 epochs of 4 steps: draws after steps 3 and 6 only, none at the epoch ends;
+    the oracle's full gradient then sums full_gradient_batches train batches."""
+    from transformers import Trainer, TrainingArguments
+
+    x, y = batches(1, size=16)[0]
+    dataset = [{"x": x[i], "labels": y[i]} for i in range(16)]
+    config = MeDyateConfig(budget_kb=BUDGET_KB, input_size=INPUT, strategy="det_rgn", ranking_batches=1,
+                           modules_to_save=["net.classifier"], resample_every=3, full_gradient_batches=2)
+    model = get_peft_model(Wrapped(), config)
+    tuner = model.base_model
+    args = TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=4, learning_rate=0.5,
+        optim="sgd", lr_scheduler_type="constant", report_to=[], save_strategy="no", logging_strategy="no",
+        use_cpu=True, disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+    )
+    steps, full_gradient_batches = [], []
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[MeDyateCallback()])
+    original_resample, original_full = tuner.resample, tuner._full_gradient
+
+    def spy(*a, **kw):
+        steps.append(trainer.state.global_step)
+        original_resample(*a, **kw)
+
+    def full_spy(closure, batches=1):
+        stats = original_full(closure, batches)
+        full_gradient_batches.append(stats.steps)
+        return stats
+
+    tuner.resample, tuner._full_gradient = spy, full_spy
+    trainer.train()
+    assert steps == [3, 6] and tuner.plans["default"].epoch == 2
+    assert full_gradient_batches == [2, 2]
+
+
+@pytest.mark.parametrize(("ranking_batches", "step", "every", "mode"),
+                         [(1, 8, None, "dense"), (3, 2, None, "dense"), (1, 6, 4, "dense"), (3, 2, None, "budgeted")],
+                         ids=["after-resample", "mid-ranking", "every-4-steps", "mid-budgeted-ranking"])
+def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path, ranking_batches, step, every, mode):
     """An interrupted Trainer run resumed mid-epoch ends with the same weights, deltas and channels.
 
-    Also from a checkpoint taken while the first batches' dense gradients were still being measured.
+    Also from a checkpoint taken while the first batches' dense gradients were still being measured,
+    and with draws every 4 steps (not at epoch ends), from a checkpoint inside a sampling period.
     """
     from transformers import Trainer, TrainingArguments
 
@@ -219,7 +319,8 @@ def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path, ranking_batc
     def make() -> nn.Module:
         torch.manual_seed(0)
         config = MeDyateConfig(budget_kb=BUDGET_KB, input_size=INPUT, strategy="medyate",
-                               ranking_batches=ranking_batches, modules_to_save=["net.classifier"])
+                               ranking_batches=ranking_batches, modules_to_save=["net.classifier"],
+                               resample_every=every, ranking_mode=mode)
         return get_peft_model(Wrapped(), config)
 
     def trainer(model: nn.Module, out: Path, callback: MeDyateCallback | None = None) -> Trainer:
@@ -242,8 +343,10 @@ def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path, ranking_batc
         trainer(resumed, out, callback).train(resume_from_checkpoint=str(checkpoint))
         got = resumed.state_dict()
         assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
-        # the budgeted ranking takes its first 12 batches (12 slices of the budget), so 1 resample trains
-        assert snapshot(resumed) == snapshot(whole) and resumed.base_model.plans["default"].epoch == 1
+        draws = 3 if every is None else 4  # 18 steps: at 3 epoch ends, or after steps 4, 8, 12, 16
+        if mode == "budgeted":
+            draws = 1  # its ranking takes the first 12 batches (12 slices of the budget): the 3rd epoch end draws
+        assert snapshot(resumed) == snapshot(whole) and resumed.base_model.plans["default"].epoch == draws
 
     (checkpoint / TRAINING_STATE_NAME).unlink()  # a checkpoint without it: said, not silent
     with pytest.warns(UserWarning, match="sampler starts afresh"):

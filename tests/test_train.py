@@ -43,9 +43,14 @@ def _run(*argv: str) -> dict:
     return train(parse_args(list(argv)))
 
 
-def test_resume_continues_identically(image_folder: Path, tmp_path: Path) -> None:
-    """2 epochs in one go == 1 epoch, then --resume for the 2nd: same adapter bits, same log."""
-    common = [*TINY, "--dataset", str(image_folder), "--epochs", "2", "--strategy", "medyate"]
+@pytest.mark.parametrize("every", [None, 4], ids=["per-epoch", "every-4-steps"])
+def test_resume_continues_identically(image_folder: Path, tmp_path: Path, every: int | None) -> None:
+    """2 epochs in one go == 1 epoch, then --resume for the 2nd: same adapter bits, same log.
+
+    Also with draws every 4 steps (6 steps an epoch: the checkpoint falls inside a sampling period).
+    """
+    cadence = [] if every is None else ["--resample-every", str(every)]
+    common = [*TINY, "--dataset", str(image_folder), "--epochs", "2", "--strategy", "medyate", *cadence]
     full = _run(*common, "--output-dir", str(tmp_path / "a"), "--save-total-limit", "2")
     first = tmp_path / "a" / "checkpoint-epoch001"
     assert sorted(p.name for p in first.iterdir()) == [
@@ -69,6 +74,8 @@ def test_resume_continues_identically(image_folder: Path, tmp_path: Path) -> Non
         assert 0 < memory["counted_kb"] <= memory["budget_kb"] == 16
         assert memory["selected_activation_kb_per_sample"] > 0 and memory["selected_grad_kb"] > 0
         assert 0 <= record["eval_accuracy"] <= 1 and np.isfinite(record["train_loss"])
+    last = torch.load(tmp_path / "a" / "checkpoint-epoch002" / STATE_FILE, weights_only=False)
+    assert last["medyate"]["epoch"] == (2 if every is None else 12 // every)  # draws made
     card = ModelCard.load(tmp_path / "a" / "adapter" / "README.md")
     assert card.data.library_name == "peft" and card.data.eval_results[0].metric_value == log[-1]["eval_accuracy"]
 

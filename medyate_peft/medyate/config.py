@@ -9,7 +9,7 @@ from typing import Any
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ..strategies import get_strategy
+from ..strategies import DRAW_WEIGHTS, STRATEGIES, Strategy, get_strategy
 
 # Bumped when the adapter file layout changes; loading a newer one fails with a clear message.
 FORMAT_VERSION = 1
@@ -93,6 +93,48 @@ class MeDyateConfig(PeftConfig):
     )
     alpha_opt: float = field(default=0.2, metadata={"help": "MeDyate's K rule: smallest K with B / M_K <= alpha_opt."})
     rgn_coverage: float = field(default=0.97, metadata={"help": "TraDy's K rule: share of cumulative RGN kept."})
+    lara_within_rgn: bool = field(
+        default=False,
+        metadata={
+            "help": "[ours] LaRa-pool strategies: apply the alpha rule inside TraDy's RGN-coverage layer set only, "
+            "which keeps the pool off the early layers whose channels are almost all stored activation."
+        },
+    )
+    max_activation_share: float | None = field(
+        default=None,
+        metadata={
+            "help": "[ours] Ranked-pool strategies: skip layers (in ranking order) that would lift the pool's share "
+            "of stored-activation slots above this, e.g. 0.5. None: the papers' rules."
+        },
+    )
+    draw_weights: str = field(
+        default="norm",
+        metadata={
+            "help": "Measured-norm draws (medyate, prev_medyate): 'norm' (the papers: P ∝ N[c]) or 'norm_per_cost' "
+            "[ours] (P ∝ N[c] / cost(i, c), which does not lean towards expensive early-layer channels)."
+        },
+    )
+    rescale_norms: bool = field(
+        default=False,
+        metadata={
+            "help": "[ours] Measured-norm draws: at each re-draw, bring the norms of channels measured earlier (and "
+            "the exploration value) to the current scale (median growth of the re-measured channels)."
+        },
+    )
+    resample_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "Re-draw every this many optimizer steps instead of at each epoch end (the papers' cadence, "
+            "None): a 1-3 epoch fine-tune then still gets many draws. Honoured by MeDyateCallback and `medyate train`."
+        },
+    )
+    full_gradient_batches: int = field(
+        default=1,
+        metadata={
+            "help": "Batches summed into each full gradient taken from a closure (the oracles' resample, "
+            "plan(full_gradient=...)): the closure is called this many times, each call the next batch's loss."
+        },
+    )
     freeze_bn_stats: bool = field(
         default=True, metadata={"help": "Keep BatchNorm running statistics frozen so the base model stays intact."}
     )
@@ -129,7 +171,8 @@ class MeDyateConfig(PeftConfig):
             raise ValueError(f"optimizer_slots must be an int >= 0 (0 SGD, 1 momentum, 2 Adam), got {self.optimizer_slots!r}")
         if self.bytes_per_slot <= 0:
             raise ValueError(f"bytes_per_slot must be positive (4 for fp32), got {self.bytes_per_slot}")
-        get_strategy(self.strategy)
+        strategy = get_strategy(self.strategy)
+        self._check_strategy_options(strategy)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int (the same on every DDP rank), got {self.seed!r}")
         if not 0 < self.alpha_opt <= 1:
@@ -138,6 +181,10 @@ class MeDyateConfig(PeftConfig):
             raise ValueError(f"rgn_coverage must be in (0, 1], got {self.rgn_coverage}")
         if self.ranking_mode not in ("budgeted", "dense"):
             raise ValueError(f"ranking_mode must be 'budgeted' or 'dense', got {self.ranking_mode!r}")
+        for name, optional in (("full_gradient_batches", False), ("resample_every", True)):
+            value = getattr(self, name)
+            if not (optional and value is None) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {value!r}")
         if self.ranking_batches < 1:
             raise ValueError(f"ranking_batches must be >= 1, got {self.ranking_batches}")
         if self.input_size is not None:
@@ -151,3 +198,27 @@ class MeDyateConfig(PeftConfig):
                 raise ValueError(f"input_size must be a non-empty list of positive sizes, got {self.input_size}")
         if isinstance(self.target_modules, (list, set, tuple)):
             self.target_modules = sorted(self.target_modules)
+
+    def _check_strategy_options(self, strategy: Strategy) -> None:
+        """Options that only some strategies use: set for another, they would silently do nothing."""
+        if self.draw_weights not in DRAW_WEIGHTS:
+            raise ValueError(f"draw_weights must be one of {DRAW_WEIGHTS}, got {self.draw_weights!r}")
+        weighted = [n for n, s in STRATEGIES.items() if s.order == "weighted"]
+        if (self.draw_weights != "norm" or self.rescale_norms) and strategy.order != "weighted":
+            raise ValueError(
+                f"draw_weights={self.draw_weights!r} / rescale_norms={self.rescale_norms} act on measured-norm draws, "
+                f"which strategy {strategy.name!r} does not make; use them with strategy in {weighted}"
+            )
+        if self.lara_within_rgn and strategy.layers != "lara":
+            lara = [n for n, s in STRATEGIES.items() if s.layers == "lara"]
+            raise ValueError(
+                f"lara_within_rgn applies the alpha rule, which strategy {strategy.name!r} does not use; use it "
+                f"with strategy in {lara}"
+            )
+        if self.max_activation_share is not None:
+            if strategy.layers == "all":
+                raise ValueError(
+                    f"max_activation_share caps a ranked layer pool, and strategy {strategy.name!r} pools every layer"
+                )
+            if not 0 < self.max_activation_share <= 1:
+                raise ValueError(f"max_activation_share must be in (0, 1], got {self.max_activation_share}")

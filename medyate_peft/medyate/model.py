@@ -23,29 +23,21 @@ from ..ddp import check_ranks_agree, fingerprint
 from ..kernels import Selection
 from ..lean import apply_lean_backward, remove_lean_backward
 from ..oracles import DenseGradientProbe, FullGradient, measure_full_gradient
+from ..pools import preselect
 from ..ranking import (
     GradientStats,
     candidate_shapes,
     check_architecture,
     load_ranking,
     scores_for_costs,
-    select_by_alpha,
-    select_by_rgn,
     shipped_ranking,
     with_architecture,
 )
 from ..rollback import restored_on_error
-from ..sampling import (
-    ChannelPool,
-    NormTracker,
-    deterministic_order,
-    greedy_fill,
-    uniform_order,
-    weighted_order,
-)
+from ..sampling import ChannelPool, NormTracker, greedy_fill
 from ..sparse_probe import SparseGradientProbe
 from ..step_budget import StepCosts, measure_frozen_path, step_costs
-from ..strategies import get_strategy
+from ..strategies import channel_order, get_strategy
 from .config import MeDyateConfig
 from .layer import Conv2d, Linear, MeDyateLayer
 
@@ -309,7 +301,8 @@ class MeDyateModel(BaseTuner):
         """Build the channel pool (pre-selected layers) and draw the first selection.
 
         If `needs_dense_gradient`, the dense gradient comes from `full_gradient` (a closure returning
-        the loss of one batch, e.g. `lambda: F.cross_entropy(model(x), y)`) or, without it, from the
+        the loss of one batch, e.g. `lambda: F.cross_entropy(model(x), y)`, called
+        `full_gradient_batches` times, each call the next batch) or, without it, from the
         next `ranking_batches` training batches: planning then waits for them (logged).
         """
         adapter_name = adapter_name or self.active_adapters[0]
@@ -319,7 +312,7 @@ class MeDyateModel(BaseTuner):
                 logger.info("MeDyate: planning of %r waits for dense gradients of its first training batches",
                             adapter_name)
                 return
-            stats = self._full_gradient(full_gradient)
+            stats = self._full_gradient(full_gradient, self.peft_config[adapter_name].full_gradient_batches)
         self._build_plan(adapter_name, stats)
 
     def _build_plan(self, adapter_name: str, stats: GradientStats | None, source: str | None = None) -> None:
@@ -379,44 +372,33 @@ class MeDyateModel(BaseTuner):
 
     def _preselect(self, config: MeDyateConfig, costs: list[LayerCost], budget: int) -> list[LayerCost]:
         strategy = get_strategy(config.strategy)
-        if strategy.layers == "all":
-            return costs
-        ranking = load_ranking(config.layer_ranking)
-        layers = self.medyate_layers()
-        check_architecture(ranking, {c.name: list(layers[c.name].get_base_layer().weight.shape) for c in costs})
-        lara, rgn = scores_for_costs(ranking, costs)
-        if strategy.layers == "lara":
-            names = select_by_alpha(costs, lara, budget, config.alpha_opt)
-        else:
-            names = select_by_rgn(costs, rgn, config.rgn_coverage)
-        chosen = set(names)
-        return [c for c in costs if c.name in chosen]
+        ranking = None
+        if strategy.layers != "all":
+            ranking = load_ranking(config.layer_ranking)
+            layers = self.medyate_layers()
+            check_architecture(ranking, {c.name: list(layers[c.name].get_base_layer().weight.shape) for c in costs})
+            lara, rgn = scores_for_costs(ranking, costs)
+            ranking = {**ranking, "lara": lara, "rgn": rgn}
+        return preselect(strategy, costs, ranking, budget, config.alpha_opt, config.rgn_coverage,
+                         config.lara_within_rgn, config.max_activation_share)
 
     def _draw(self, adapter_name: str) -> None:
         config: MeDyateConfig = self.peft_config[adapter_name]
         plan = self.plans[adapter_name]
-        strategy = get_strategy(config.strategy)
-        if strategy.needs_full_gradient and plan.full_norms is None:
-            raise RuntimeError(f"strategy {config.strategy!r} draws from a full gradient, and none was measured")
-        if strategy.order == "det_rgn":
-            order = deterministic_order(plan.full_norms / plan.pool.slots)
-        elif strategy.order == "prob_raw":
-            order = weighted_order(plan.full_norms, plan.generator)
-        elif strategy.order == "weighted" and plan.tracker.epochs_done > 0:
-            order = weighted_order(plan.tracker.norms, plan.generator)
-        else:
-            order = uniform_order(len(plan.pool), plan.generator)
+        measured = plan.tracker.norms if plan.tracker.epochs_done > 0 else None
+        order = channel_order(get_strategy(config.strategy), plan.pool.slots, plan.generator, measured,
+                              plan.full_norms, config.draw_weights)
         if plan.step is not None:
             plan.selected = plan.step.fill(order, plan.pool, plan.budget)
         else:
             plan.selected = greedy_fill(order, plan.pool.slots, plan.budget)
         self._apply_selection(adapter_name)
 
-    def _full_gradient(self, closure: FullGradient) -> GradientStats:
-        """Dense gradients of every wrapped layer for one closure call (no lazy planning inside it)."""
+    def _full_gradient(self, closure: FullGradient, batches: int = 1) -> GradientStats:
+        """Dense gradients of every wrapped layer, summed over `batches` closure calls (no lazy planning inside)."""
         observing, self._observing = self._observing, True
         try:
-            return measure_full_gradient(self.medyate_layers(), closure)
+            return measure_full_gradient(self.medyate_layers(), closure, batches)
         finally:
             self._observing = observing
 
@@ -463,8 +445,9 @@ class MeDyateModel(BaseTuner):
 
         Pass the optimizer so that its state for the flat vector (momentum, Adam moments) is reset,
         since its slots now belong to other channels. Static strategies keep their selection. The
-        dynamic oracles (det_rgn, prob_raw) need `full_gradient`: a closure returning one batch's loss
-        (under DDP, computed with the unwrapped model), costing one dense forward+backward.
+        dynamic oracles (det_rgn, lara_det_raw, prob_raw) need `full_gradient`: a closure returning the
+        next batch's loss (under DDP, computed with the unwrapped model), called `full_gradient_batches`
+        times, each a dense forward+backward.
         """
         adapter_name = adapter_name or self.active_adapters[0]
         config: MeDyateConfig = self.peft_config[adapter_name]
@@ -491,12 +474,12 @@ class MeDyateModel(BaseTuner):
                     guards.check_trained_values(name, live, plan.epoch)
         check_ranks_agree(fingerprint(config, plan), f"resample() of adapter {adapter_name!r}, epoch {plan.epoch}")
         self._sync_norms(plan.tracker)
-        plan.tracker.end_epoch(plan.selected)
+        plan.tracker.end_epoch(plan.selected, rescale=config.rescale_norms)
         plan.epoch += 1
         if not strategy.dynamic:
             return
         if strategy.needs_full_gradient:
-            stats = self._full_gradient(full_gradient)
+            stats = self._full_gradient(full_gradient, config.full_gradient_batches)
             stats.all_reduce(list(plan.pool.costs))
             plan.full_norms = stats.pool_vector(plan.pool.costs)
         values = self.medyate_values[adapter_name]
