@@ -1,7 +1,8 @@
 """Layer ranking within the budget against the dense one, on the shipped backbones (results/budgeted_ranking.md).
 
-Usage: `python scripts/bench_budgeted_ranking.py [--smallest] [network ...]` (--smallest: each
-network's smallest budget only, the most slices). The dense reference is the shipped
+Usage: `python scripts/bench_budgeted_ranking.py [--smallest] [--no-dense-probe] [network ...]`
+(--smallest: each network's smallest budget only, the most slices; --no-dense-probe: only against
+the shipped ranking). The dense reference is the shipped
 ranking (medyate_peft/rankings/, made by scripts/make_shipped_rankings.py: 50 dense SGD steps, lr 0.01,
 batch 32, on CIFAR-10 at 128x128 or AG News). The budgeted ranking sees the same batch sequence (cycled
 until every channel was measured once per rotation; text padded to the 64 tokens the budget counts)
@@ -69,7 +70,7 @@ def pool_difference(a: list[str], b: list[str]) -> int:
     return len(set(a) ^ set(b))
 
 
-def main(networks: list[str], smallest: bool = False) -> None:
+def main(networks: list[str], smallest: bool = False, dense_probe: bool = True) -> None:
     torch.set_num_threads(1)
     rows = []
     for network in networks or NETWORKS:
@@ -104,25 +105,29 @@ def main(networks: list[str], smallest: bool = False) -> None:
             # the same estimation, dense: the tuner's dense probe over the same batches (frozen BatchNorm,
             # head-only SGD), every layer measured on every batch
             probe_batches = int(re.search(r"(\d+) training batch", budgeted["source"]).group(1))
-            in_tuner = rank_in_tuner(copy.deepcopy(model), batches, probe_batches, loss_fn or default_loss,
-                                     recipe.get("ranking_lr", 0.01),
-                                     False, budget * 4 / 1024, mode="dense")
-            tuner_lara, tuner_rgn = scores_for_costs(in_tuner, costs)
+            if dense_probe:
+                in_tuner = rank_in_tuner(copy.deepcopy(model), batches, probe_batches, loss_fn or default_loss,
+                                         recipe.get("ranking_lr", 0.01), False, budget * 4 / 1024, mode="dense")
+                tuner_lara, tuner_rgn = scores_for_costs(in_tuner, costs)
             left_out = [n for n, v in budgeted["lara"].items() if v == 0]  # no channel fits the budget
             names = [c.name for c in costs if c.name not in left_out]
             rho_lara = spearman([dense_lara[n] for n in names], [lara[n] for n in names])
             rho_rgn = spearman([dense_rgn[n] for n in names], [rgn[n] for n in names])
             pool_dense = select_by_alpha(costs, dense_lara, budget, 0.2)
             pool_budgeted = select_by_alpha(costs, lara, budget, 0.2)
-            pool_tuner = select_by_alpha(costs, tuner_lara, budget, 0.2)
+            pool_tuner = select_by_alpha(costs, tuner_lara, budget, 0.2) if dense_probe else None
             rows.append({
                 "network": network, "budget_slots": budget, "layers": len(names), "left_out": len(left_out), "batches": budgeted["source"],
                 "spearman_lara": rho_lara, "spearman_rgn": rho_rgn, "pool_dense": len(pool_dense),
                 "pool_budgeted": len(pool_budgeted), "pool_difference": pool_difference(pool_dense, pool_budgeted),
-                "spearman_lara_vs_dense_probe": spearman([tuner_lara[n] for n in names], [lara[n] for n in names]),
-                "spearman_rgn_vs_dense_probe": spearman([tuner_rgn[n] for n in names], [rgn[n] for n in names]),
-                "pool_dense_probe": len(pool_tuner), "pool_difference_vs_dense_probe": pool_difference(pool_tuner, pool_budgeted),
-                "spearman_lara_dense_probe_vs_shipped": spearman([dense_lara[n] for n in names], [tuner_lara[n] for n in names]),
+                **({
+                    "spearman_lara_vs_dense_probe": spearman([tuner_lara[n] for n in names], [lara[n] for n in names]),
+                    "spearman_rgn_vs_dense_probe": spearman([tuner_rgn[n] for n in names], [rgn[n] for n in names]),
+                    "pool_dense_probe": len(pool_tuner),
+                    "pool_difference_vs_dense_probe": pool_difference(pool_tuner, pool_budgeted),
+                    "spearman_lara_dense_probe_vs_shipped": spearman([dense_lara[n] for n in names],
+                                                                     [tuner_lara[n] for n in names]),
+                } if dense_probe else {}),
                 "seconds": seconds,
             })
             print(json.dumps(rows[-1]), flush=True)
@@ -153,12 +158,14 @@ def write_markdown(rows: list[dict]) -> None:
     ]
     for r in rows:
         batches = re.search(r"(\d+) training batch", r["batches"]).group(1)
+        probe = (f"{r['spearman_lara_vs_dense_probe']:.3f} | {r['spearman_rgn_vs_dense_probe']:.3f} | "
+                 f"{r['pool_difference_vs_dense_probe']} of {r['pool_dense_probe']}"
+                 if "pool_dense_probe" in r else "- | - | -")
+        versus = f"{r['spearman_lara_dense_probe_vs_shipped']:.3f}" if "pool_dense_probe" in r else "-"
         lines.append(
-            f"| {r['network']} | {r['budget_slots']:,} | {batches} | {r['left_out']} | "
-            f"{r['spearman_lara_vs_dense_probe']:.3f} | {r['spearman_rgn_vs_dense_probe']:.3f} | "
-            f"{r['pool_difference_vs_dense_probe']} of {r['pool_dense_probe']} | {r['spearman_lara']:.3f} | "
-            f"{r['spearman_rgn']:.3f} | {r['pool_difference']} of {r['pool_dense']} | "
-            f"{r['spearman_lara_dense_probe_vs_shipped']:.3f} |")
+            f"| {r['network']} | {r['budget_slots']:,} | {batches} | {r['left_out']} | {probe} | "
+            f"{r['spearman_lara']:.3f} | {r['spearman_rgn']:.3f} | {r['pool_difference']} of {r['pool_dense']} | "
+            f"{versus} |")
     (REPO / "results" / "budgeted_ranking.md").write_text("\n".join(lines) + "\n")
 
 
@@ -166,4 +173,6 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--markdown"]:
         write_markdown(json.loads((REPO / "results" / "budgeted_ranking.json").read_text()))
     else:
-        main([a for a in sys.argv[1:] if a != "--smallest"], smallest="--smallest" in sys.argv)
+        flags = ("--smallest", "--no-dense-probe")
+        main([a for a in sys.argv[1:] if a not in flags], smallest="--smallest" in sys.argv,
+             dense_probe="--no-dense-probe" not in sys.argv)
