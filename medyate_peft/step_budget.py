@@ -11,8 +11,9 @@ state of what is trained. Under this scope the planner charges all of it before 
 
 `reserve` is measured, not modelled: one forward (train mode, the RNG and buffers restored) in
 which the input of the first wrapped layer requires grad, with autograd's saved tensors recorded in
-execution order; reserve(L) is what was saved from L's forward on. Ops after L that do not depend on
-L are counted too, so the estimate errs on the safe side. Measured per-sample bytes of a step are in
+execution order; reserve(L) is what was saved from L's forward on, plus the loss's share (twice the
+model output's bytes: cross-entropy keeps its log-softmax and the targets). Ops after L that do not
+depend on L are counted too, so the estimate errs on the safe side. Measured per-sample bytes of a step are in
 `measure.memory_report`.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,6 +103,16 @@ def _batch_size(args: tuple, kwargs: dict) -> int:
     return 1
 
 
+def _logits(output: Any) -> torch.Tensor:
+    """The model's output scores: a tensor, `.logits` / ["logits"] of a model output, or the first of a tuple."""
+    if isinstance(output, Mapping):
+        output = output.get("logits", next(iter(output.values()), None))
+    output = getattr(output, "logits", output)
+    if isinstance(output, (tuple, list)):
+        output = output[0] if output else None
+    return output if isinstance(output, torch.Tensor) else torch.zeros(0)
+
+
 def measure_frozen_path(model: nn.Module, layers: Mapping[str, nn.Module], args: tuple, kwargs: dict,
                         owner: nn.Module) -> tuple[dict[str, float], tuple[str, ...]]:
     """Bytes per sample autograd saves from each wrapped layer's forward on, if it is the lowest trained one.
@@ -134,6 +146,7 @@ def measure_frozen_path(model: nn.Module, layers: Mapping[str, nn.Module], args:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 output = model(*args, **kwargs)
+            loss_bytes = 2 * _logits(output).nbytes  # cross-entropy keeps its log-softmax and the targets
             del output
     finally:
         for hook in hooks:
@@ -142,7 +155,7 @@ def measure_frozen_path(model: nn.Module, layers: Mapping[str, nn.Module], args:
             for buffer, value in buffers:
                 buffer.copy_(value)
     batch = _batch_size(args, kwargs)
-    total = sum(saved)
+    total = sum(saved) + loss_bytes
     order = tuple(sorted(starts, key=starts.get))
     return {name: (total - sum(saved[: starts[name]])) / batch for name in order}, order
 

@@ -148,13 +148,11 @@ def test_the_minilm_ranking_ships_and_is_picked_up_without_a_ranking_run():
     assert shipped_ranking(candidate_shapes(small)) is None
 
 
-def test_every_shipped_ranking_fits_its_backbone(shared_assets):
+def test_every_shipped_ranking_fits_its_backbone(shared_assets, monkeypatch):
     """The five shipped rankings are those of the five shipped loaders' architectures, heads excluded."""
-    import os
-
     from medyate_peft.backbones import MCU_MODELS, load_efficientnet_lite0, load_mcu_model
 
-    os.environ.setdefault("MEDYATE_MCU_DIR", str(shared_assets / "models" / "mcu"))
+    monkeypatch.setenv("MEDYATE_MCU_DIR", str(shared_assets / "models" / "mcu"))
     models = [load_mcu_model(name, num_classes=7) for name in MCU_MODELS] + [load_efficientnet_lite0(num_classes=7)]
     found = {shipped_ranking(candidate_shapes(m))["source"].split(" on ")[0] for m in models}
     assert found == {*MCU_MODELS, "efficientnet-lite0"}
