@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .candidates import linear_features
+
 
 @dataclass(frozen=True)
 class LayerCost:
@@ -55,16 +57,40 @@ def weight_slots_per_channel(layer: nn.Module) -> int:
     """C^W from the weight shape alone (no activation shape needed)."""
     if isinstance(layer, nn.Conv2d):
         return (layer.out_channels // layer.groups) * layer.kernel_size[0] * layer.kernel_size[1]
-    if isinstance(layer, nn.Linear):
-        return layer.out_features
+    features = linear_features(layer)
+    if features is not None:
+        return features[1]
     raise TypeError(f"unsupported layer type {type(layer).__name__}")
 
 
-def activation_slots_of_input(layer: nn.Module, x: torch.Tensor) -> int:
-    """C^A for one sample from an observed input batch: H_in*W_in (conv) or tokens (linear)."""
+def activation_positions(layer: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(positions of one input channel in the whole observed input, the layer's leading dim).
+
+    Positions are N*H_in*W_in (conv) or every token (linear); the leading dim is the batch only if
+    the layer sees the model's samples unchanged (Swin's window attention sees windows*B).
+    """
     if isinstance(layer, nn.Conv2d):
-        return int(x.shape[-1] * x.shape[-2])
-    return int(math.prod(x.shape[1:-1])) if x.dim() > 2 else 1
+        return x.numel() // x.shape[-3], (x.shape[0] if x.dim() == 4 else 1)
+    return x.numel() // x.shape[-1], (x.shape[0] if x.dim() > 1 else 1)
+
+
+def activation_slots_of_input(layer: nn.Module, x: torch.Tensor, batch_size: int | None = None) -> int:
+    """C^A for one sample: the input's positions per channel over the model's batch (default: the leading dim)."""
+    positions, leading = activation_positions(layer, x)
+    return per_sample(positions, batch_size or leading)
+
+
+def model_batch_size(args: tuple, kwargs: dict, main_input: str | None = None) -> int | None:
+    """Samples in a model call: the leading dim of its main input (else of its first tensor); None: no tensor."""
+    for value in (kwargs.get(main_input or ""), *args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
+
+
+def per_sample(positions: int, batch_size: int) -> int:
+    """Positions of a whole batch per sample, rounded up so that the plan never undercounts."""
+    return max(1, math.ceil(positions / batch_size))
 
 
 def layer_cost(name: str, layer: nn.Module, activation_slots: int) -> LayerCost:
@@ -78,12 +104,13 @@ def layer_cost(name: str, layer: nn.Module, activation_slots: int) -> LayerCost:
             kernel_elems=layer.kernel_size[0] * layer.kernel_size[1],
             activation_slots=activation_slots,
         )
-    if isinstance(layer, nn.Linear):
+    features = linear_features(layer)
+    if features is not None:
         return LayerCost(
             name=name,
             kind="linear",
-            in_channels=layer.in_features,
-            out_channels=layer.out_features,
+            in_channels=features[0],
+            out_channels=features[1],
             groups=1,
             kernel_elems=1,
             activation_slots=activation_slots,

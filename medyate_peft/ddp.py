@@ -28,16 +28,31 @@ SELECTION_FIELDS = (
 _SHOWN_CHARS = 60
 
 
+def _canonical(value: Any) -> Any:
+    """JSON-ready and independent of set order and hash seed (PEFT turns long target lists into sets)."""
+    if isinstance(value, (set, frozenset)):
+        return sorted((_canonical(v) for v in value), key=_json)
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    return value
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def _digest(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         data = value.detach().cpu().contiguous().numpy().tobytes()
     else:
-        data = json.dumps(value, sort_keys=True, default=str).encode()
+        data = _json(_canonical(value)).encode()
     return hashlib.sha256(data).hexdigest()[:12]
 
 
 def _shown(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
+    text = _json(_canonical(value))
     return text if len(text) <= _SHOWN_CHARS else f"<digest {_digest(value)}>"
 
 

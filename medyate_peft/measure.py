@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .budget import slots_to_kb
+from .budget import model_batch_size, slots_to_kb
 from .lean import lean_backward
 from .pools import PoolSummary, summarize_pool
 
@@ -199,10 +199,10 @@ def _scalar_loss(output: Any) -> torch.Tensor:
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int:
-    for value in [*args, *kwargs.values()]:
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return int(value.shape[0])
-    raise ValueError("memory_report needs a batch of tensors to measure a training step")
+    batch = model_batch_size(args, kwargs)
+    if batch is None:
+        raise ValueError("memory_report needs a batch of tensors to measure a training step")
+    return batch
 
 
 def measure_training_step(

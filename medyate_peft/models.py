@@ -41,6 +41,7 @@ from .backbones.minilm import MINILM_HUB_NAME
 MINILM_NAMES = ("all-MiniLM-L6-v2", "minilm", MINILM_HUB_NAME)
 MCU_INPUT = 128  # Lin et al.'s resolution
 DEFAULT_MAX_LENGTH = 128
+DEFAULT_CROP_SCALE = (0.08, 1.0)  # torchvision's and timm's RandomResizedCrop default
 
 
 @dataclass
@@ -59,31 +60,32 @@ class LoadedModel:
     def modality(self) -> str:
         return "text" if self.kind == "hf" else "image"
 
-    def transform(self, train: bool) -> Callable:
-        """PIL image -> normalised tensor at `input_size`, as the network was pretrained."""
+    def transform(
+        self, train: bool, crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE, hflip: bool = True
+    ) -> Callable:
+        """PIL image -> normalised tensor at `input_size`, as the network was pretrained.
+
+        Training adds the same augmentation for every network: a random resized crop over `crop_scale`
+        of the area and, if `hflip`, a horizontal flip (no colour jitter, unlike timm's default).
+        """
         if self.modality != "image":
             raise TypeError(f"{self.spec} is a text model: it takes a tokenizer, not image transforms")
+        low, high = crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop scale {low:g}-{high:g}: need 0 < MIN <= MAX <= 1 (--crop-scale MIN MAX)")
         size = self.input_size[-1]
         if self.kind == "mcu":
-            return mcu_transform(train) if size == MCU_INPUT else _mcu_transform_at(size, train)
+            return mcu_transform(train, size, crop_scale=tuple(crop_scale), hflip=hflip)
         if self.kind == "zoo":
-            return zoo_transform(size, train)
+            return zoo_transform(size, train, crop_scale=tuple(crop_scale), hflip=hflip)
         from timm.data import create_transform
 
         config = {**self.data_config, "input_size": tuple(self.input_size)}
-        return create_transform(**config, is_training=train)
-
-
-def _mcu_transform_at(size: int, train: bool) -> Callable:
-    """mcu_transform's recipe (crop ratio 128/147, pixels to [-1, 1]) at another resolution."""
-    from torchvision import transforms
-
-    normalise = [transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
-    if train:
-        return transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), *normalise])
-    return transforms.Compose(
-        [transforms.Resize(round(size * 147 / MCU_INPUT)), transforms.CenterCrop(size), *normalise]
-    )
+        if not train:
+            return create_transform(**config, is_training=False)
+        return create_transform(
+            **config, is_training=True, scale=tuple(crop_scale), hflip=0.5 if hflip else 0.0, color_jitter=None
+        )
 
 
 def _is_transformers_dir(path: Path) -> bool:

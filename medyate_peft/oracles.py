@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .candidates import linear_layout
 from .guards import HINT, NonFiniteError
 from .ranking import GradientStats
 
@@ -60,7 +61,7 @@ def measure_full_gradient(layers: dict[str, nn.Module], closure: FullGradient, b
             grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
             for (name, layer), grad in zip(layers.items(), grads, strict=True):
                 if grad is not None:
-                    stats.add(name, grad, _groups(layer))
+                    stats.add(name, linear_layout(layer.get_base_layer(), grad), _groups(layer))
             stats.steps += 1
     finally:
         for name, w in weights.items():
@@ -93,15 +94,17 @@ class DenseGradientProbe:
         for name, layer in layers.items():
             weight = self._weights[name]
             weight.requires_grad_(True)
-            self._hooks.append(weight.register_post_accumulate_grad_hook(self._reader(name, _groups(layer))))
+            self._hooks.append(weight.register_post_accumulate_grad_hook(self._reader(name, layer)))
 
-    def _reader(self, name: str, groups: int) -> Callable[[torch.Tensor], None]:
+    def _reader(self, name: str, layer: nn.Module) -> Callable[[torch.Tensor], None]:
+        base, groups = layer.get_base_layer(), _groups(layer)
+
         def read(weight: torch.Tensor) -> None:
             if self.strict and not bool(torch.isfinite(weight.grad).all()):
                 raise NonFiniteError(
                     f"non-finite dense gradient in layer {name!r} during layer-ranking batch {self.batches}. {HINT}"
                 )
-            self._batch.add(name, weight.grad, groups)
+            self._batch.add(name, linear_layout(base, weight.grad), groups)
             weight.grad = None
 
         return read

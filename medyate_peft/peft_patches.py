@@ -124,6 +124,18 @@ def _cannot_swap(target: Path) -> str | None:
     return None
 
 
+def _targets_embedding_layer(model: nn.Module) -> bool:
+    """Whether a MeDyate layer sits on a module PEFT treats as an embedding layer (lm_head, embed_tokens)."""
+    from peft.utils.other import EMBEDDING_LAYER_NAMES
+
+    from .medyate.layer import MeDyateLayer
+
+    return any(
+        isinstance(m, MeDyateLayer) and name.rpartition(".")[2] in EMBEDDING_LAYER_NAMES
+        for name, m in model.named_modules()
+    )
+
+
 def _is_model_spec(model_id: str | None) -> bool:
     """A loader spec such as 'mcu:mcunet-5fps' or 'timm:...': neither a folder nor a Hub id."""
     return bool(model_id) and ":" in model_id and not os.path.exists(model_id)
@@ -140,6 +152,11 @@ def _wrap_save_pretrained(original: Callable) -> Callable:
         if bound.arguments["save_embedding_layers"] == "auto" and all(map(_is_model_spec, names)):
             # PEFT would look the spec up on the Hub for a vocabulary check and warn that it cannot;
             # MeDyate trains no embedding, and without a config PEFT saves none either.
+            bound.arguments["save_embedding_layers"] = False
+        if bound.arguments["save_embedding_layers"] == "auto" and _targets_embedding_layer(self):
+            # PEFT saves the whole base weight of a targeted lm_head/embed_tokens (LoRA users often
+            # resized it); MeDyate leaves base weights untouched and stores the channel deltas, so
+            # only a resized vocabulary needs it: pass save_embedding_layers=True then.
             bound.arguments["save_embedding_layers"] = False
         reason = _cannot_swap(Path(os.path.realpath(directory)))
         if reason:

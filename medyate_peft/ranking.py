@@ -28,8 +28,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write_json
-from .budget import LayerCost, activation_slots_of_input, layer_cost
-from .candidates import detect_head, is_candidate_type, unsupported_reason
+from .budget import LayerCost, activation_slots_of_input, layer_cost, model_batch_size
+from .candidates import default_targets, detect_head, is_candidate_type, linear_layout
 
 RANKING_FORMAT = "medyate-layer-ranking"
 RANKING_VERSION = 1
@@ -154,14 +154,9 @@ class GradientStats:
 # -- preliminary fine-tuning ----------------------------------------------------------------------
 def _candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers MeDyate would wrap with target_modules=None: supported Conv2d/Linear outside the head."""
-    heads = tuple(detect_head(model) or ())
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if is_candidate_type(module)
-        and not any(name == h or name.startswith(h + ".") for h in heads)
-        and unsupported_reason(name, module, model) is None
-    }
+    names, _ = default_targets(model, detect_head(model))
+    modules = dict(model.named_modules())
+    return {name: modules[name] for name in names}
 
 
 def candidate_shapes(model: nn.Module) -> dict[str, list[int]]:
@@ -170,16 +165,17 @@ def candidate_shapes(model: nn.Module) -> dict[str, list[int]]:
     A tuner layer (anything with `get_base_layer`) counts as its base layer, so a model gives the same
     shapes before and after `get_peft_model`.
     """
-    heads = tuple(detect_head(model) or ())
+    heads = detect_head(model)
+    plain = set(default_targets(model, heads)[0])
     shapes: dict[str, list[int]] = {}
     wrapped: list[str] = []
     for name, module in model.named_modules():
-        if any(name == h or name.startswith(h + ".") for h in (*heads, *wrapped)):
+        if any(name == h or name.startswith(h + ".") for h in (*(heads or ()), *wrapped)):
             continue
         if hasattr(module, "get_base_layer") and is_candidate_type(module.get_base_layer()):
             wrapped.append(name)
             shapes[name] = list(module.get_base_layer().weight.shape)
-        elif is_candidate_type(module) and unsupported_reason(name, module, model) is None:
+        elif name in plain:
             shapes[name] = list(module.weight.shape)
     return shapes
 
@@ -255,17 +251,22 @@ def rank_layers(
     work.train()
     layers = _candidate_layers(work)
     if not layers:
-        raise ValueError("the model has no nn.Conv2d/nn.Linear layer outside its classifier to rank")
+        raise ValueError("the model has no nn.Conv2d/nn.Linear/Conv1D layer outside its classifier to rank")
     params = [p for p in work.parameters() if p.is_floating_point()]
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.SGD(params, lr=lr) if lr > 0 else None
     activation: dict[str, int] = {}
+    samples: list[int | None] = [None]  # of the model call; a layer's leading dim need not be it
+
+    def observe_batch(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        samples[0] = model_batch_size(args, kwargs, getattr(module, "main_input_name", None))
 
     def observe(name: str, module: nn.Module, args: tuple) -> None:
-        activation[name] = activation_slots_of_input(module, args[0])
+        activation[name] = activation_slots_of_input(module, args[0], samples[0])
 
     hooks = [module.register_forward_pre_hook(partial(observe, name)) for name, module in layers.items()]
+    hooks.append(work.register_forward_pre_hook(observe_batch, with_kwargs=True))
     device = next(iter(params)).device
     stats = GradientStats()
     loss_fn = loss_fn or default_loss
@@ -277,7 +278,7 @@ def rank_layers(
             loss.backward()
             for name, module in layers.items():
                 if module.weight.grad is not None:
-                    stats.add(name, module.weight.grad, getattr(module, "groups", 1))
+                    stats.add(name, linear_layout(module, module.weight.grad), getattr(module, "groups", 1))
             stats.steps += 1
             if optimizer is not None:
                 optimizer.step()

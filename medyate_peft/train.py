@@ -1,9 +1,11 @@
 """Fine-tune a classifier with MeDyate under a memory budget, with Accelerate (1..N processes, CPU or GPU).
 
 `medyate train ...` and `python scripts/train.py ...` run `main`; `accelerate launch -m medyate_peft.cli
-train ...` runs it under DDP. Full fine-tuning and classifier-only training (`--method full|head`)
-share the loop, as baselines. Recipe defaults are the papers': SGD without momentum or weight
-decay, lr 0.125, cosine schedule with warm-up.
+train ...` runs it under DDP. Full fine-tuning, classifier-only training and PEFT's LoRA with its rank
+matched to the budget (`--method full|head|lora`) share the loop, as baselines. Recipe defaults are
+those of scripts/bench_configs/vision.yaml (the papers' SGD without momentum or weight decay, lr
+0.125, cosine schedule with warm-up; random resized crops over 25-100 % of the image, horizontal
+flips, gradient-norm clipping at 1.0); the run prints the recipe it uses.
 
 Every epoch writes `checkpoint-epochNNN/` (the adapter + `training_state.pt`) atomically; `--resume`
 continues a run exactly: the MeDyate sampler state, optimizer and schedule are restored, and the
@@ -32,7 +34,7 @@ from .atomic import atomic_directory, atomic_write_json
 from .candidates import detect_head
 from .strategies import resample_due
 
-METHODS = ("medyate", "full", "head")
+METHODS = ("medyate", "full", "head", "lora")
 STATE_FILE = "training_state.pt"
 CHECKPOINT_PREFIX = "checkpoint-epoch"
 STATE_FORMAT = 1
@@ -40,7 +42,9 @@ STATE_FORMAT = 1
 RESUME_KEYS = (
     "model", "weights", "random_init", "dataset", "train_split", "max_train_samples", "method", "budget_kb",
     "strategy", "seed", "batch_size", "epochs", "lr", "warmup_epochs", "image_size", "max_length", "resample_every",
+    "crop_scale", "hflip", "clip_grad_norm", "lora_r",
 )
+DEFAULT_CROP_SCALE = (0.25, 1.0)  # scripts/bench_configs/vision.yaml's augmentation
 
 
 def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,27 +69,48 @@ def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-workers", type=int, default=1, help="data loader processes (image decoding off the training threads)"
     )
 
+    augment = parser.add_argument_group("augmentation (images, training split only)")
+    augment.add_argument(
+        "--crop-scale", type=float, nargs=2, default=list(DEFAULT_CROP_SCALE), metavar=("MIN", "MAX"),
+        help="random resized crop: share of the image area kept (default 0.25 1.0; 1 1 keeps whole images)",
+    )
+    augment.add_argument(
+        "--hflip", action=argparse.BooleanOptionalAction, default=True,
+        help="random horizontal flips (default on); --no-hflip for traffic signs, text, digits, where a "
+        "mirrored image is another class",
+    )
+
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The training options (shared by `medyate train` and scripts/train.py)."""
     add_model_and_data_arguments(parser)
     method = parser.add_argument_group("method")
-    method.add_argument("--method", choices=METHODS, default="medyate", help="medyate, or a baseline: full, head")
+    method.add_argument(
+        "--method", choices=METHODS, default="medyate", help="medyate, or a baseline: full, head, lora (PEFT LoRA)"
+    )
     method.add_argument("--budget-kb", type=float, default=64.0, help="training-memory budget per sample, kB")
     method.add_argument("--strategy", default="medyate", help="channel-selection strategy (medyate_peft.STRATEGIES)")
     method.add_argument("--layer-ranking", help="JSON file with the LaRa / RGN layer ranking")
+    method.add_argument(
+        "--lora-r", type=int,
+        help="LoRA rank (default: matched to --budget-kb, as many trainable values as MeDyate's; see lora_baseline)",
+    )
     method.add_argument(
         "--resample-every", type=int, help="re-draw the channels every N optimizer steps (default: at each epoch end)"
     )
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=10)
-    optim.add_argument("--batch-size", type=int, default=64, help="per process")
+    optim.add_argument("--batch-size", type=int, default=32, help="per process")
     optim.add_argument("--eval-batch-size", type=int, default=128)
     optim.add_argument(
         "--lr", type=float, default=0.125, help="the papers' 0.125; short runs of fp32 MCU nets want ~0.02"
     )
     optim.add_argument("--warmup-epochs", type=float, default=1.0)
+    optim.add_argument(
+        "--clip-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this (0: no clipping)"
+    )
+    optim.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's own choice)")
     optim.add_argument("--seed", type=int, default=0)
     optim.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
 
@@ -124,8 +149,25 @@ def _head_names(model: nn.Module) -> list[str]:
     return head
 
 
+def _lora_model(loaded: Any, args: argparse.Namespace, head: list[str]) -> nn.Module:
+    """PEFT's LoRA on the pointwise layers, r matched to --budget-kb (medyate_peft.lora_baseline), head trained."""
+    from peft import LoraConfig, get_peft_model
+
+    from .budget import budget_slots
+    from .lora_baseline import lora_rank, lora_targets
+
+    if args.lora_r is not None and args.lora_r < 1:
+        raise ValueError(f"--lora-r must be at least 1, got {args.lora_r}")
+    targets = lora_targets(loaded.model)
+    r = args.lora_r or lora_rank(loaded.model, targets, budget_slots(args.budget_kb, 4))
+    config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets, modules_to_save=head)
+    peft_model = get_peft_model(loaded.model, config)
+    peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = loaded.spec
+    return peft_model
+
+
 def build_trainable(loaded: Any, args: argparse.Namespace) -> nn.Module:
-    """The model to train: a MeDyate PeftModel, or the base model with all / head parameters trainable."""
+    """The model to train: a MeDyate or LoRA PeftModel, or the base model with all / head parameters trainable."""
     model = loaded.model
     if args.method == "medyate":
         from peft import get_peft_model
@@ -147,6 +189,8 @@ def build_trainable(loaded: Any, args: argparse.Namespace) -> nn.Module:
         peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = loaded.spec
         return peft_model
     head = _head_names(model)
+    if args.method == "lora":
+        return _lora_model(loaded, args, head)
     for name, param in model.named_parameters():
         param.requires_grad = args.method == "full" or any(name.startswith(h + ".") for h in head)
     return model
@@ -214,6 +258,49 @@ def _selection_stats(model: nn.Module) -> dict[str, int]:
     }
 
 
+# -- recipe ---------------------------------------------------------------------------------------
+def _check_recipe(args: argparse.Namespace) -> None:
+    if args.clip_grad_norm < 0:
+        raise ValueError(f"--clip-grad-norm must be >= 0 (0: no clipping), got {args.clip_grad_norm:g}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+
+
+_NOT_AUGMENTATION = ("ToTensor", "MaybeToTensor", "Normalize")
+
+
+def describe_augmentation(args: argparse.Namespace, loaded: Any) -> str:
+    """The training transforms before tensor conversion, as torchvision / timm print them."""
+    if loaded.modality != "image":
+        return f"none (text: {args.max_length} tokens, padded)"
+    transform = loaded.transform(True, crop_scale=args.crop_scale, hflip=args.hflip)
+    steps = [t for t in transform.transforms if type(t).__name__ not in _NOT_AUGMENTATION]
+    described = ", ".join(" ".join(repr(t).split()) for t in steps)
+    return described + ("" if args.hflip else ", no horizontal flip")
+
+
+def describe_recipe(args: argparse.Namespace, model: nn.Module, augmentation: str, processes: int) -> str:
+    """Two lines saying what the run uses: method and optimisation, then the augmentation."""
+    if args.method == "medyate":
+        method = f"MeDyate, budget {args.budget_kb:g} kB per sample, strategy {args.strategy}"
+    elif args.method == "lora":
+        from peft.tuners.lora import LoraLayer
+
+        layers = sum(isinstance(m, LoraLayer) for m in model.modules())
+        rule = "--lora-r" if args.lora_r else f"matched to {args.budget_kb:g} kB"
+        method = f"LoRA r={model.peft_config[model.active_adapter].r} ({rule}) on {layers} pointwise layers"
+    else:
+        method = {"full": "full fine-tuning", "head": "classifier only"}[args.method]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    clip = f"gradient-norm clip {args.clip_grad_norm:g}" if args.clip_grad_norm else "no gradient clipping"
+    return (
+        f"recipe: {method}, {trainable:,} trainable values; SGD lr {args.lr:g} (no momentum, no weight decay), "
+        f"cosine, {args.warmup_epochs:g} warm-up epochs, {args.epochs} epochs, batch {args.batch_size} x "
+        f"{processes} process(es); {clip}; {torch.get_num_threads()} torch threads\n"
+        f"augmentation: {augmentation}"
+    )
+
+
 # -- the run --------------------------------------------------------------------------------------
 def _format_record(record: dict[str, Any], epochs: int) -> str:
     parts = [
@@ -271,7 +358,8 @@ def load_data_and_model(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     if loaded.modality != data.modality:
         raise ValueError(f"{args.model} is a {loaded.modality} model but {args.dataset} holds {data.modality} data")
     if data.modality == "image":
-        train_set = data.train.with_transform(image_batches(data.input_column, data.label_column, loaded.transform(True)))
+        augment = loaded.transform(True, crop_scale=args.crop_scale, hflip=args.hflip)
+        train_set = data.train.with_transform(image_batches(data.input_column, data.label_column, augment))
         eval_set = data.eval.with_transform(image_batches(data.input_column, data.label_column, loaded.transform(False)))
     else:
         batches = text_batches(data.input_column, data.label_column, loaded.tokenizer, args.max_length)
@@ -328,6 +416,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.push_to_hub and args.method != "medyate":
         raise ValueError("--push-to-hub uploads a MeDyate adapter; it needs --method medyate")
+    _check_recipe(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     datasets.disable_progress_bars()
     accelerator = Accelerator(
         cpu=args.cpu or not torch.cuda.is_available(),
@@ -350,6 +441,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     with accelerator.main_process_first():  # the first load converts the files into the datasets cache
         data, loaded, train_set, eval_set = load_data_and_model(args)
     model = build_trainable(loaded, args)
+    augmentation = describe_augmentation(args, loaded)
+    accelerator.print(describe_recipe(args, model, augmentation, accelerator.num_processes))
     if args.method == "medyate" and accelerator.scaler is not None:
         # fp16 with a GradScaler: overflowing steps are expected and skipped by the scaler, not errors
         model.peft_config[model.active_adapter].detect_anomalies = False
@@ -390,6 +483,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "epochs": args.epochs,
             "batch size": f"{args.batch_size} per process x {accelerator.num_processes} processes",
             "optimizer": f"SGD (no momentum, no weight decay), lr {args.lr}, cosine with {args.warmup_epochs} warm-up epochs",
+            "gradient clipping": f"global norm {args.clip_grad_norm:g}" if args.clip_grad_norm else "none",
+            "augmentation": augmentation,
             "training samples": len(data.train),
             "evaluation": f"{len(data.eval)} samples of split {data.eval_split}",
             "input size": loaded.input_size,
@@ -418,6 +513,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             logits = _logits(model, batch, data.modality)
             loss = F.cross_entropy(logits, batch["labels"])
             accelerator.backward(loss)
+            if args.clip_grad_norm:
+                if accelerator.scaler is not None:  # clip the true gradients; scaler.step then skips overflows
+                    accelerator.scaler.unscale_(optimizer.optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad_norm)
             record["lr"] = scheduler.get_last_lr()[0]  # the rate of this step; the epoch logs its last one
             optimizer.step()
             scheduler.step()
@@ -454,6 +553,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             with atomic_directory(output_dir / "adapter") as tmp:
                 unwrapped.save_pretrained(tmp, save_embedding_layers=False)
                 write_model_card(unwrapped, tmp, **card)  # after save_pretrained, so PEFT's card is replaced
+        elif args.method == "lora":
+            with atomic_directory(output_dir / "adapter") as tmp:
+                unwrapped.save_pretrained(tmp, save_embedding_layers=False)
         else:
             from safetensors.torch import save_file
 

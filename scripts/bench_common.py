@@ -32,6 +32,7 @@ from torch import nn  # noqa: E402
 
 import medyate_peft  # noqa: E402, F401  (registers the MEDYATE peft type)
 from medyate_peft.atomic import atomic_write_json  # noqa: E402
+from medyate_peft.lora_baseline import lora_rank, lora_targets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("MEDYATE_DATA_DIR", REPO.parent / "shared" / "assets" / "data"))
@@ -236,28 +237,6 @@ def candidate_costs(model: nn.Module, batch: Any) -> list:
     return costs
 
 
-def lora_targets(model: nn.Module, kind: str) -> list[str]:
-    """Vision: the pointwise (1x1, ungrouped) convs; text: every encoder Linear (they are the pointwise layers)."""
-    names = []
-    for name, m in model.named_modules():
-        if name.startswith("classifier"):
-            continue
-        if kind == "image" and isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1:
-            names.append(name)
-        if kind == "text" and isinstance(m, nn.Linear):
-            names.append(name)
-    return names
-
-
-def lora_rank(model: nn.Module, kind: str, weight_slots: int) -> int:
-    """r with r * sum(in + out) over the LoRA targets closest to `weight_slots` (at least 1)."""
-    per_rank = 0
-    for name in lora_targets(model, kind):
-        m = model.get_submodule(name)
-        per_rank += (m.in_channels + m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features + m.out_features)
-    return max(1, round(weight_slots / per_rank))
-
-
 def freeze_bn_stats(model: nn.Module) -> None:
     """BatchNorm running statistics stay the pretrained ones (as MeDyate keeps them)."""
     for m in model.modules():
@@ -301,8 +280,9 @@ def setup_method(spec: dict, model: nn.Module, task: Task) -> Setup:
     from peft import LoraConfig, get_peft_model
 
     if method == "lora":
-        r = lora_rank(model, task.kind, spec["lora_weight_slots"])
-        config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=lora_targets(model, task.kind),
+        targets = lora_targets(model)
+        r = lora_rank(model, targets, spec["lora_weight_slots"])
+        config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets,
                             modules_to_save=["classifier"])
         peft_model = get_peft_model(model, config)
 

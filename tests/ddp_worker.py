@@ -2,7 +2,8 @@
 
 Run by tests/test_ddp.py as `python tests/ddp_worker.py OUT_DIR`. Per strategy and epoch it records
 the selection, the trainable values, the norm vector, the ranking and the rank-local (pre-sync)
-norm sums, so the test can check that ranks agree although their local measurements differ.
+norm sums, so the test can check that ranks agree although their local measurements differ; and
+the pool after one rank trained on longer sequences than planned (`grow`).
 """
 
 from __future__ import annotations
@@ -67,10 +68,36 @@ def train(rank: int, strategy: str) -> list[dict]:
     return history
 
 
+def grow(rank: int) -> dict:
+    """Rank 1 trains on 4x longer sequences than planned: both ranks re-plan alike at resample()."""
+    from peft import get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from medyate_peft import MeDyateConfig
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, num_labels=2)
+    model = get_peft_model(BertForSequenceClassification(config),
+                           MeDyateConfig(task_type="SEQ_CLS", budget_kb=4, input_size=[8], strategy="full_random"))
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ids = torch.randint(0, 50, (2, 8 if rank == 0 else 32), generator=torch.Generator().manual_seed(rank))
+    ddp.train()
+    optimizer.zero_grad()
+    ddp(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()
+    optimizer.step()
+    model.resample(optimizer)
+    tuner = model.base_model
+    return {"costs": [(c.name, c.activation_slots) for c in tuner.plans["default"].pool.costs],
+            "selection": {k: v.tolist() for k, v in tuner.selection().items()}}
+
+
 def worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     results = {strategy: train(rank, strategy) for strategy in STRATEGIES}
+    results["growth"] = grow(rank)
     # Each DDP reducer holds the group and lives on in reference cycles; a group freed at interpreter exit
     # instead of here can abort the process (gloo threads outliving Python).
     gc.collect()

@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import nn
 
+from medyate_peft.candidates import linear_layout
 from medyate_peft.kernels import gather_channels
 from medyate_peft.medyate.layer import MeDyateLayer
 
@@ -24,14 +25,17 @@ def selected_values_grad(peft_model, adapter: str = "default") -> dict[str, torc
 
 
 def dense_reference(base: nn.Module, forward_loss, names: list[str]) -> dict[str, torch.Tensor]:
-    """Full weight gradients of the named layers from plain autograd on a copy of the base model."""
+    """Full weight gradients of the named layers from plain autograd on a copy of the base model.
+
+    In nn.Linear's (out, in) layout, also for transformers' Conv1D (stored (in, out)).
+    """
     dense = copy.deepcopy(base)
     dense.eval()
     for p in dense.parameters():
         p.requires_grad_(True)
     forward_loss(dense).backward()
     modules = dict(dense.named_modules())
-    return {name: modules[name].weight.grad for name in names}
+    return {name: linear_layout(modules[name], modules[name].weight.grad) for name in names}
 
 
 def assert_grads_match(peft_model, base: nn.Module, forward_loss, atol: float = 1e-5, rtol: float = 1e-4) -> int:

@@ -239,3 +239,19 @@ def test_minilm_loads_encoder_and_embeds_meaningfully() -> None:
     similar = torch.cosine_similarity(guitar, paraphrase, dim=0)
     unrelated = torch.cosine_similarity(guitar, stocks, dim=0)
     assert similar > unrelated + 0.3
+
+
+def test_mcu_names_load_from_the_embedded_copy_unless_overridden(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No setting: the package's own files; $MEDYATE_MCU_DIR wins when it holds the model, else a warning."""
+    monkeypatch.delenv(mcu.MCU_DIR_ENV, raising=False)
+    assert mcu.resolve_mcu_files("mcunet-5fps") == mcu.EMBEDDED_DIR / "mcunet-5fps"
+    assert (mcu.EMBEDDED_DIR / "LICENSE").read_text().startswith("MIT License")
+    monkeypatch.setenv(mcu.MCU_DIR_ENV, str(tmp_path))
+    with caplog.at_level("WARNING", logger="medyate_peft.backbones.mcu"):
+        assert mcu.resolve_mcu_files("mcunet-5fps") == mcu.EMBEDDED_DIR / "mcunet-5fps"
+    assert f"{mcu.MCU_DIR_ENV}={tmp_path} holds no mcunet-5fps.json" in caplog.text
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(mcu.EMBEDDED_DIR / f"mcunet-5fps{suffix}", tmp_path / f"mcunet-5fps{suffix}")
+    assert mcu.resolve_mcu_files("mcunet-5fps") == tmp_path.resolve() / "mcunet-5fps"

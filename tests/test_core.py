@@ -11,6 +11,7 @@ from helpers import assert_grads_match
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import medyate_peft  # noqa: F401  (registers the method)
 from medyate_peft import MeDyateConfig
@@ -331,7 +332,7 @@ def test_batchnorm_statistics_stay_frozen_so_reload_reproduces_outputs(tmp_path)
 
 def test_unsupported_explicit_target_is_rejected_clearly():
     base = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
-    with pytest.raises(TypeError, match="BatchNorm2d.*Conv2d and nn.Linear layers only"):
+    with pytest.raises(TypeError, match="BatchNorm2d.*Conv2d, nn.Linear and transformers. Conv1D layers only"):
         get_peft_model(base, MeDyateConfig(budget_kb=4.0, target_modules=["1"], input_size=INPUT))
 
 
@@ -358,3 +359,61 @@ def test_memory_report_counts_optimizer_state():
     report = model.memory_report(x, optimizer=adam)
     assert report.optimizer_state_bytes == 2 * 4 * sum(p.numel() for p in params)  # exp_avg + exp_avg_sq
     assert "optimizer state" in str(report)
+
+
+class TinyGPT2Block(nn.Module):
+    """GPT-2's MLP and attention projections are transformers' Conv1D: weights stored (in, out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_attn = Conv1D(24, 8)
+        self.c_fc = Conv1D(16, 24)
+        self.c_proj = Conv1D(8, 16)
+        self.score = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.c_fc(self.c_attn(x)))
+        return self.score(self.c_proj(x).mean(1))
+
+
+def make_conv1d(budget_kb: float = 64.0, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    base = TinyGPT2Block()
+    reference = copy.deepcopy(base)
+    config = MeDyateConfig(budget_kb=budget_kb, input_size=[5, 8], strategy="full_random", seed=seed)
+    return get_peft_model(base, config), reference
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_conv1d_is_a_candidate_and_its_gradients_equal_dense_autograd(seed):
+    model, reference = make_conv1d(seed=seed)
+    layers = model.base_model.medyate_layers()
+    assert set(layers) == {"c_attn", "c_fc", "c_proj"}
+    assert all(layer.fan_in_fan_out and layer.slice_shape == (layer.out_features, 1) for layer in layers.values())
+    assert [layers[n].in_features for n in ("c_attn", "c_fc", "c_proj")] == [8, 24, 16]
+    x = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(seed))
+    y = torch.tensor([0, 1, 2, 0])
+    assert assert_grads_match(model, reference, ce_loss(x, y)) == 3
+
+
+def test_conv1d_trains_merges_and_reloads_exactly(tmp_path):
+    model, reference = make_conv1d(budget_kb=1.0)
+    x = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2, 0])
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        assert not torch.allclose(expected, reference(x))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, atol=1e-6, rtol=1e-6)
+        merged = model.merge_and_unload()
+        assert isinstance(merged.c_fc, Conv1D) and merged.c_fc.weight.shape == (24, 16)
+        torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)

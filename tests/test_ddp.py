@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import signal
 import subprocess
@@ -49,3 +52,40 @@ def test_ranks_agree_on_ranking_selection_norms_and_weights(ranks, strategy):
     assert len({str(h["selection"]) for h in first}) > 1, "the selection never changed"
     if strategy == "medyate":
         assert first[-1]["norms"].max() > 0  # weighted draws from measured norms happened
+
+
+
+@pytest.mark.ddp
+def test_ranks_replan_alike_for_the_longest_inputs_of_any_rank(ranks):
+    first, second = ranks[0]["growth"], ranks[1]["growth"]
+    assert first == second
+    slots = dict(first["costs"])
+    assert slots["bert.encoder.layer.0.attention.self.query"] == 32  # rank 1's length, planned at 8
+
+
+_FINGERPRINT = """
+import json, sys
+import torch
+from medyate_peft import MeDyateConfig
+from medyate_peft.ddp import fingerprint
+from medyate_peft.medyate.model import AdapterPlan
+config = MeDyateConfig(budget_kb=4)
+config.target_modules = {f"layer{i}.{kind}" for i in range(8) for kind in ("query", "key", "value")}
+config.layer_ranking = {"lara": {f"layer{i}": float(i) for i in range(8)}, "tags": {"a", "b", "c", "d"}}
+plan = AdapterPlan(budget=10, generator=torch.Generator().manual_seed(0))
+json.dump({"fingerprint": fingerprint(config, plan), "set_order": str(config.target_modules)}, sys.stdout)
+"""
+
+
+def test_fingerprint_is_independent_of_hash_seed_and_set_order():
+    """PEFT keeps a long target list as a set; its printed order differs per process, the fingerprint must not."""
+    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
+    proc = subprocess.run([sys.executable, "-c", _FINGERPRINT], env={**os.environ, "PYTHONHASHSEED": seed},
+                          capture_output=True, text=True, timeout=120, check=True)
+    other = json.loads(proc.stdout)
+    namespace: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()) as here:
+        exec(_FINGERPRINT, namespace)
+    local = json.loads(here.getvalue())
+    assert local["set_order"] != other["set_order"], "both processes iterate the set alike: the test is void"
+    assert local["fingerprint"] == other["fingerprint"]

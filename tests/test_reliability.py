@@ -130,7 +130,7 @@ def test_budget_over_the_whole_model_trains_every_channel_and_says_so(caplog) ->
     [
         ({"target_modules": ["0", "conv_typo"]}, "target_modules ['conv_typo'] match no module of the model"),
         ({"target_modules": "features\\..*"}, "target_modules ['features\\\\..*'] match no module"),
-        ({"target_modules": ["1"]}, "is a ReLU; MeDyate trains input channels of nn.Conv2d and nn.Linear"),
+        ({"target_modules": ["1"]}, "is a ReLU; MeDyate trains input channels of nn.Conv2d, nn.Linear and"),
         ({"modules_to_save": ["classifier"]}, "modules_to_save ['classifier'] match no module"),
         ({"input_size": [5, 8, 8]}, "input_size=[5, 8, 8] does not fit the model"),
     ],

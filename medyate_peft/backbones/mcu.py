@@ -1,13 +1,15 @@
 """The MCU networks of Lin et al. (MCUNet, MobileNetV2-w0.35, ProxylessNAS-w0.3) as fp32 PyTorch models.
 
-The weights ship as int8 + per-channel scales (tiny-training's format, re-packaged as json +
-safetensors; see ``shared/assets/models/mcu/README.md``). Fine-tuning them needs plain float
-``nn.Conv2d`` / ``nn.Linear`` modules, so they are dequantised here once, at load time.
+The weights ship inside the package (``medyate_peft/assets/mcu/``, 1.7 MB, MIT licence and
+attribution beside them) as int8 + per-channel scales: tiny-training's format, re-packaged as json +
+safetensors (see the README there). Fine-tuning them needs plain float ``nn.Conv2d`` / ``nn.Linear``
+modules, so they are dequantised here once, at load time.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,12 @@ from torch import nn
 
 MCU_MODELS = ("mcunet-5fps", "mbv2-w0.35", "proxyless-w0.3")
 MCU_DIR_ENV = "MEDYATE_MCU_DIR"
+EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "assets" / "mcu"
 IMAGENET_CLASSES = 1000
 _ACTIVATIONS = ("relu6", "exact")
 _RELU_ZERO_POINT = -128  # an int8 output with this zero point has lo = 0: a (clipped) ReLU
+
+logger = logging.getLogger(__name__)
 
 
 class Clamp(nn.Module):
@@ -88,12 +93,9 @@ class MCUNetwork(nn.Module):
 
 
 def _search_dirs() -> list[Path]:
-    """Where a bare model name is looked up: the env var, then ``shared/`` beside or inside the checkout."""
-    dirs = [Path(os.environ[MCU_DIR_ENV])] if os.environ.get(MCU_DIR_ENV) else []
-    repo_root = Path(__file__).resolve().parents[2]
-    for base in (Path.cwd(), repo_root):
-        dirs += [base / "../shared/assets/models/mcu", base / "shared/assets/models/mcu"]
-    return list(dict.fromkeys(d.resolve() for d in dirs))  # cwd is often the repo root: drop repeats
+    """Where a bare model name is looked up: ``$MEDYATE_MCU_DIR`` (to override), then the embedded copy."""
+    dirs = [Path(os.environ[MCU_DIR_ENV]).resolve()] if os.environ.get(MCU_DIR_ENV) else []
+    return [*dirs, EMBEDDED_DIR]
 
 
 def _strip_suffix(path: str) -> str:
@@ -114,6 +116,11 @@ def resolve_mcu_files(name_or_path: str) -> Path:
         candidates = [d / name_or_path for d in _search_dirs()]
         for stem in candidates:
             if _has_files(stem):
+                if os.environ.get(MCU_DIR_ENV) and stem.parent == EMBEDDED_DIR:
+                    logger.warning(
+                        "%s=%s holds no %s.json + .safetensors: using the embedded copy in %s",
+                        MCU_DIR_ENV, os.environ[MCU_DIR_ENV], name_or_path, EMBEDDED_DIR,
+                    )
                 return stem
         looked = ", ".join(str(c.parent) for c in candidates)
         raise FileNotFoundError(
@@ -240,13 +247,18 @@ def load_mcu_model(name_or_path: str, num_classes: int | None = None, activation
     return model
 
 
-def mcu_transform(train: bool):
-    """tiny-training's preprocessing at 128x128; the network sees ``pixel / 127.5 - 1``."""
+def mcu_transform(
+    train: bool, size: int = 128, crop_scale: tuple[float, float] = (0.08, 1.0), hflip: bool = True
+):
+    """tiny-training's preprocessing (128x128, evaluation crop 128/147); the network sees ``pixel / 127.5 - 1``.
+
+    Training: a random resized crop covering `crop_scale` of the image area, and a horizontal flip
+    unless `hflip` is False (mirrored signs, text or digits are other classes).
+    """
     from torchvision import transforms  # lazy: keeps ``import medyate_peft.backbones`` light
 
     normalise = [transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
     if train:
-        return transforms.Compose(
-            [transforms.RandomResizedCrop(128), transforms.RandomHorizontalFlip(), *normalise]
-        )
-    return transforms.Compose([transforms.Resize(147), transforms.CenterCrop(128), *normalise])
+        flip = [transforms.RandomHorizontalFlip()] if hflip else []
+        return transforms.Compose([transforms.RandomResizedCrop(size, scale=crop_scale), *flip, *normalise])
+    return transforms.Compose([transforms.Resize(round(size * 147 / 128)), transforms.CenterCrop(size), *normalise])

@@ -210,13 +210,17 @@ def _zoo_files(name: str, weights_dir: str | os.PathLike | None) -> tuple[Path, 
     return files
 
 
-def zoo_transform(size: int, train: bool):
-    """The zoo's ImageNet preprocessing (mean/std normalisation, 0.875 centre crop) at `size` pixels."""
+def zoo_transform(size: int, train: bool, crop_scale: tuple[float, float] = (0.08, 1.0), hflip: bool = True):
+    """The zoo's ImageNet preprocessing (mean/std normalisation, 0.875 centre crop) at `size` pixels.
+
+    Training: a random resized crop over `crop_scale` of the area and, if `hflip`, a horizontal flip.
+    """
     from torchvision import transforms  # lazy: keeps ``import medyate_peft.backbones`` light
 
     normalise = [transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
     if train:
-        return transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), *normalise])
+        flip = [transforms.RandomHorizontalFlip()] if hflip else []
+        return transforms.Compose([transforms.RandomResizedCrop(size, scale=crop_scale), *flip, *normalise])
     return transforms.Compose([transforms.Resize(round(size / 0.875)), transforms.CenterCrop(size), *normalise])
 
 

@@ -1,5 +1,5 @@
 from .config import MeDyateConfig
-from .layer import Conv2d, Linear, MeDyateLayer
+from .layer import Conv1D, Conv2d, Linear, MeDyateLayer
 from .model import MeDyateModel
 
-__all__ = ["Conv2d", "Linear", "MeDyateConfig", "MeDyateLayer", "MeDyateModel"]
+__all__ = ["Conv1D", "Conv2d", "Linear", "MeDyateConfig", "MeDyateLayer", "MeDyateModel"]

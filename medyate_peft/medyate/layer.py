@@ -1,4 +1,4 @@
-"""Conv2d and Linear layers that carry MeDyate channel deltas.
+"""Conv2d, Linear and Conv1D layers that carry MeDyate channel deltas.
 
 Per adapter a layer stores the channels it has ever trained (`medyate_index`) and the delta slices
 of those channels (`medyate_delta`, frozen). The channels trained in the current epoch take their
@@ -20,7 +20,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..budget import activation_slots_of_input
+from ..budget import activation_positions
 from ..kernels import ChannelSparseConv2d, ChannelSparseLinear, ConvSpec, Selection, add_to_channels
 
 
@@ -37,22 +37,39 @@ class MeDyateLayer(BaseTunerLayer):
         self.merged_adapters = []
         self.live: dict[str, tuple[nn.Parameter, Selection]] = {}
         self.lean_backward = True
-        self.activation_slots: int | None = None
+        # (positions of one input channel in the last input, its leading dim): the tuner divides by the
+        # model input's batch, since the leading dim need not be the batch (window attention).
+        self.activation_positions: tuple[int, int] | None = None
         self.kwargs = kwargs
 
     # -- layout -------------------------------------------------------------------------------
+    fan_in_fan_out = False  # True where the base weight is stored (in, out): transformers' Conv1D
+
+    def _base_weight(self) -> torch.Tensor:
+        """The base weight in (C', C/g, ...) layout: a transposed view for a fan_in_fan_out layer."""
+        weight = self.get_base_layer().weight
+        return weight.t() if self.fan_in_fan_out else weight
+
     @property
     def groups(self) -> int:
         return getattr(self.get_base_layer(), "groups", 1)
 
     @property
     def in_channels(self) -> int:
-        return self.get_base_layer().weight.shape[1] * self.groups
+        return self._base_weight().shape[1] * self.groups
+
+    @property
+    def in_features(self) -> int:
+        return self.in_channels
+
+    @property
+    def out_features(self) -> int:
+        return self._base_weight().shape[0]
 
     @property
     def slice_shape(self) -> tuple[int, int]:
         """Shape (C'/g, kh*kw) of one input channel's weight slice."""
-        weight = self.get_base_layer().weight
+        weight = self._base_weight()
         return weight.shape[0] // self.groups, weight[0, 0].numel()
 
     def update_layer(self, adapter_name: str, lean_backward: bool = True) -> None:
@@ -114,12 +131,12 @@ class MeDyateLayer(BaseTunerLayer):
 
     # -- effective weight ---------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        weight = self.get_base_layer().weight
-        dense = torch.zeros_like(weight)
+        """The adapter's dense weight delta, in the base weight's own layout and dtype."""
+        dense = torch.zeros_like(self._base_weight(), memory_format=torch.contiguous_format)
         index, delta = self.folded_delta(adapter_name)
         if len(index):
             add_to_channels(dense, self.groups, index, delta)
-        return dense
+        return dense.t() if self.fan_in_fan_out else dense
 
     def _contributing_adapters(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.medyate_delta]
@@ -130,11 +147,11 @@ class MeDyateLayer(BaseTunerLayer):
         Live values are folded into the stored delta before the single addition to the base weight,
         so a reloaded adapter (which stores the folded delta) gives bit-identical outputs.
         """
-        weight = self.get_base_layer().weight.detach()
+        weight = self._base_weight().detach()
         adapters = [a for a in self._contributing_adapters() if len(self.medyate_index[a])]
         if not adapters:
             return weight
-        weight = weight.clone()
+        weight = weight.clone(memory_format=torch.contiguous_format)
         for adapter in adapters:
             index, delta = self.folded_delta(adapter)
             add_to_channels(weight, self.groups, index, delta)
@@ -179,9 +196,9 @@ class MeDyateLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        self.activation_slots = activation_slots_of_input(self.get_base_layer(), x)
+        self.activation_positions = activation_positions(self.get_base_layer(), x)
         trainable = self._trainable_selection() if torch.is_grad_enabled() else None
-        base_weight = self.get_base_layer().weight
+        base_weight = self._base_weight()
         if base_weight.requires_grad:
             # The user unfroze the base weight: plain autograd keeps its gradient.
             return self._dense(x, base_weight + (self.effective_weight() - base_weight.detach()))
@@ -275,3 +292,9 @@ class Linear(_WrappedLayer):
 
     def _sparse(self, x: torch.Tensor, values: nn.Parameter | None, sel: Selection | None) -> torch.Tensor:
         return ChannelSparseLinear.apply(x, values, self.get_base_layer().bias, self.effective_weight, sel)
+
+
+class Conv1D(Linear):
+    """MeDyate on transformers' Conv1D (GPT-2): a Linear whose weight is stored (in, out)."""
+
+    fan_in_fan_out = True

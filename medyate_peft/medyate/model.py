@@ -17,9 +17,26 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import guards
-from ..budget import LayerCost, budget_slots, layer_cost, slots_to_kb, weight_slots_per_channel
-from ..candidates import detect_head, is_candidate_type, unsupported_reason
+from ..budget import (
+    LayerCost,
+    budget_slots,
+    layer_cost,
+    model_batch_size,
+    per_sample,
+    slots_to_kb,
+    weight_slots_per_channel,
+)
+from ..candidates import (
+    default_targets,
+    detect_head,
+    in_modules_to_save,
+    is_candidate_type,
+    is_fan_in_fan_out,
+    output_head_name,
+    unsupported_reason,
+)
 from ..ddp import check_ranks_agree, fingerprint
+from ..growth import GrowthWatch
 from ..kernels import Selection
 from ..lean import apply_lean_backward, remove_lean_backward
 from ..oracles import DenseGradientProbe, FullGradient, measure_full_gradient
@@ -39,7 +56,7 @@ from ..sparse_probe import SparseGradientProbe
 from ..step_budget import StepCosts, measure_frozen_path, step_costs
 from ..strategies import channel_order, get_strategy
 from .config import MeDyateConfig
-from .layer import Conv2d, Linear, MeDyateLayer
+from .layer import Conv1D, Conv2d, Linear, MeDyateLayer
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +67,11 @@ def _unmatched_targets(targets: list[str] | str | None, names: list[str]) -> lis
     if isinstance(targets, str):
         return [] if any(re.fullmatch(targets, n) for n in names) else [targets]
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def _strict_budget(config: MeDyateConfig) -> bool:
+    """Whether the budget must hold as a hard bound (`budget_scope="step"`, where the config has that field)."""
+    return getattr(config, "budget_scope", None) == "step"
 
 
 def _kb_up(slots: int, bytes_per_slot: int) -> float:
@@ -70,6 +92,8 @@ class AdapterPlan:
     probe: DenseGradientProbe | SparseGradientProbe | None = None  # open while the first batches rank layers
     full_norms: torch.Tensor | None = None  # oracles: n(i, c) of every pool channel from a full gradient
     step: StepCosts | None = None  # budget_scope="step": the frozen path and head charged beside the channels
+    growth: GrowthWatch | None = None  # live activation sizes of the pool's layers against the plan's
+    growth_layers: list[MeDyateLayer] = field(default_factory=list)  # the pool's layers, in pool order
 
 
 class MeDyateModel(BaseTuner):
@@ -105,32 +129,27 @@ class MeDyateModel(BaseTuner):
         if unmatched:
             layers = [n for n, m in model.named_modules() if is_candidate_type(m)]
             raise ValueError(
-                f"target_modules {unmatched} match no module of the model (its Conv2d/Linear layers: {layers[:8]}"
+                f"target_modules {unmatched} match no module of the model (its Conv2d/Linear/Conv1D layers: {layers[:8]}"
                 f"{' ...' if len(layers) > 8 else ''}); leave target_modules=None to take every supported layer"
             )
         if peft_config.modules_to_save is None:
             peft_config.modules_to_save = detect_head(model)
-            if peft_config.modules_to_save is None:
+            if peft_config.modules_to_save is None and output_head_name(model) is None:
                 logger.warning("MeDyate: no classifier head found; pass modules_to_save=[...] to train one in full")
         if peft_config.target_modules is not None:
             return
-        saved = tuple(peft_config.modules_to_save or ())
         wrapped = [n for n, m in model.named_modules() if isinstance(m, MeDyateLayer)]
-        names = []
-        for name, module in model.named_modules():
-            if any(name.startswith(w + ".") for w in wrapped):
-                continue  # the base_layer inside an existing MeDyate layer
-            if isinstance(module, MeDyateLayer):
-                names.append(name)
-                continue
-            if not is_candidate_type(module) or any(name == s or name.startswith(s + ".") for s in saved):
-                continue
-            reason = unsupported_reason(name, module, model)
-            if reason:
-                logger.info("MeDyate: skipping %s: %s", name, reason)
-                continue
-            names.append(name)
-        peft_config.target_modules = names
+        names, skipped = default_targets(model, peft_config.modules_to_save)
+        for name, reason in skipped.items():
+            logger.info("MeDyate: skipping %s: %s", name, reason)
+        if not names and not wrapped:
+            why = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:4]) or "it has no Conv2d/Linear layer"
+            raise ValueError(
+                f"MeDyate found no layer to train in {type(model).__name__} outside modules_to_save ({why}); "
+                "name the layers in target_modules"
+            )
+        # An existing MeDyate layer takes the new adapter too; the base_layer inside it is not a target.
+        peft_config.target_modules = wrapped + [n for n in names if not any(n.startswith(w + ".") for w in wrapped)]
 
     def _create_and_replace(
         self,
@@ -148,17 +167,31 @@ class MeDyateModel(BaseTuner):
         if not is_candidate_type(target):
             raise TypeError(
                 f"target module {current_key!r} is a {type(target).__name__}; MeDyate trains input channels of "
-                "nn.Conv2d and nn.Linear layers only. Remove it from target_modules (or leave target_modules=None "
-                "to take every supported layer)."
+                "nn.Conv2d, nn.Linear and transformers' Conv1D layers only. Remove it from target_modules (or leave "
+                "target_modules=None to take every supported layer)."
             )
         reason = unsupported_reason(current_key, target, self.model)
         if reason:
             raise TypeError(f"target module {current_key!r} cannot be wrapped: {reason}. Remove it from target_modules.")
-        layer_cls = Conv2d if isinstance(target, nn.Conv2d) else Linear
+        if in_modules_to_save(current_key, peft_config.modules_to_save):
+            raise ValueError(
+                f"target module {current_key!r} is also matched by modules_to_save={peft_config.modules_to_save} "
+                "(PEFT matches those by name suffix, and trains them in full): remove it from target_modules"
+            )
+        layer_cls = Conv2d if isinstance(target, nn.Conv2d) else Conv1D if is_fan_in_fan_out(target) else Linear
         new_module = layer_cls(target, adapter_name, lean_backward=peft_config.lean_backward)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Swap the module in, as LoRA's tuner does (MeDyate layers are made on their base layer's device).
+
+        BaseTuner's default also copies `child.weight` onto a new module without a base layer, which is
+        what unloading hands back for a modules_to_save head: a head without a weight of its own
+        (RoBERTa's and Electra's classification heads) made `merge_and_unload` and `unload` fail.
+        """
+        setattr(parent, child_name, new_module)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         """Wrap the layers, then observe shapes and plan; on any error the model is put back as it was."""
@@ -173,6 +206,9 @@ class MeDyateModel(BaseTuner):
             self._observing = False
             # PeftModel calls the inner model directly, so lazy planning hooks into that model.
             self._plan_hook = model.register_forward_pre_hook(self._plan_before_forward, with_kwargs=True)
+            self._growth_hook = model.register_forward_hook(self._watch_input_sizes)
+            self._input_batch: int | None = None  # samples of the last completed model call
+            self._pending_batch: int | None = None
         super().inject_adapter(model, adapter_name, **kwargs)
         self._take_shipped_ranking(config)
         if config.lean_backward:
@@ -238,11 +274,19 @@ class MeDyateModel(BaseTuner):
         """Spec costs of every wrapped layer whose input shape has been observed."""
         costs = []
         for name, module in self.medyate_layers().items():
-            if module.activation_slots is None:
+            slots = self._live_activation_slots(module)
+            if slots is None:
                 logger.info("MeDyate: %s was not reached by the forward pass; it is not a candidate", name)
                 continue
-            costs.append(layer_cost(name, module.get_base_layer(), module.activation_slots))
+            costs.append(layer_cost(name, module.get_base_layer(), slots))
         return costs
+
+    def _live_activation_slots(self, layer: MeDyateLayer) -> int | None:
+        """Per-sample activation slots of the layer's last input, per sample of the model's batch."""
+        if layer.activation_positions is None:
+            return None
+        positions, leading = layer.activation_positions
+        return per_sample(positions, self._input_batch or leading)
 
     def dummy_inputs(self, config: MeDyateConfig, batch_size: int = 1) -> tuple[tuple, dict]:
         """(args, kwargs) of a zero batch of `input_size`, as the model's forward expects it."""
@@ -360,6 +404,7 @@ class MeDyateModel(BaseTuner):
         if plan.step is not None:
             plan.step.check(pool_costs, plan.budget, config.budget_kb, config.bytes_per_slot)
         plan.pool = ChannelPool.build(pool_costs)
+        self._watch_pool(plan)
         plan.tracker = NormTracker(len(plan.pool))
         plan.full_norms = stats.pool_vector(pool_costs) if strategy.needs_full_gradient else None
         total = sum(c.layer_slots for c in pool_costs)
@@ -476,9 +521,10 @@ class MeDyateModel(BaseTuner):
         self._sync_norms(plan.tracker)
         plan.tracker.end_epoch(plan.selected, rescale=config.rescale_norms)
         plan.epoch += 1
-        if not strategy.dynamic:
+        overshoots = self._recost_for_growth(adapter_name)
+        if not strategy.dynamic and not overshoots:
             return
-        if strategy.needs_full_gradient:
+        if strategy.dynamic and strategy.needs_full_gradient:
             stats = self._full_gradient(full_gradient, config.full_gradient_batches)
             stats.all_reduce(list(plan.pool.costs))
             plan.full_norms = stats.pool_vector(plan.pool.costs)
@@ -584,6 +630,7 @@ class MeDyateModel(BaseTuner):
         if state["pool"] is None:
             return
         plan.pool = ChannelPool.build([LayerCost(**c) for c in state["pool"]])
+        self._watch_pool(plan)
         plan.tracker = NormTracker(len(plan.pool))
         plan.tracker.load_state_dict(state["tracker"])
         plan.selected = state["selected"].clone()
@@ -592,6 +639,7 @@ class MeDyateModel(BaseTuner):
     # -- lazy planning ------------------------------------------------------------------------
     def _plan_before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """At the first training forward of an unplanned, trainable adapter: learn shapes, then plan."""
+        self._pending_batch = model_batch_size(args, kwargs, getattr(module, "main_input_name", None))
         if self._observing or not (module.training and torch.is_grad_enabled()):
             return
         for adapter_name in self.active_adapters:
@@ -604,6 +652,63 @@ class MeDyateModel(BaseTuner):
                 logger.info("MeDyate: learning activation shapes from the first training batch")
                 self._observe_shapes(args, kwargs)
                 self.plan(adapter_name)
+
+    def _watch_input_sizes(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """After a training forward: record the live activation sizes; warn once (or refuse) on overshoot."""
+        self._input_batch = self._pending_batch
+        if self._observing or not (module.training and torch.is_grad_enabled()):
+            return
+        for adapter_name in self.active_adapters:
+            plan = self.plans.get(adapter_name)
+            if plan is None or plan.growth is None or not self.medyate_values[adapter_name].requires_grad:
+                continue
+            before = plan.growth.observe([self._live_activation_slots(layer) for layer in plan.growth_layers])
+            if before is not None and not plan.growth.warned:
+                self._check_overshoot(adapter_name, before)
+
+    def _watch_pool(self, plan: AdapterPlan) -> None:
+        """Start watching the live activation sizes of the pool's layers against its costs."""
+        layers = self.medyate_layers()
+        plan.growth = GrowthWatch.for_pool(plan.pool)
+        plan.growth_layers = [layers[c.name] for c in plan.pool.costs]
+
+    def _check_overshoot(self, adapter_name: str, peaks_before: list[int]) -> None:
+        """Warn once if the selection overshoots the budget at the new sizes; a strict budget refuses the batch."""
+        config: MeDyateConfig = self.peft_config[adapter_name]
+        plan = self.plans[adapter_name]
+        live, planned = plan.growth.selection_slots(plan.pool, plan.selected)
+        if live <= plan.budget:
+            return
+        grown = plan.growth.largest_growth()
+        kb = partial(_kb_up, bytes_per_slot=config.bytes_per_slot)
+        message = (
+            f"MeDyate: training inputs are larger than those adapter {adapter_name!r} was planned on (e.g. "
+            f"{plan.pool.costs[grown].name} stores {plan.growth.peak[grown]} activation slots per sample "
+            f"and channel, planned {plan.growth.planned[grown]}): the selected channels hold {kb(live)} kB "
+            f"per sample against budget_kb={config.budget_kb} (planned {kb(planned)} kB, "
+            f"{live / plan.budget - 1:+.0%} over)"
+        )
+        if _strict_budget(config):
+            plan.growth.peak = peaks_before  # the batch is refused: the next one of this size is refused too
+            raise ValueError(
+                f"{message}. The strict budget refuses this batch: plan on the largest inputs (input_size=[...], "
+                "or a first training batch of the largest size), or pad/crop inputs to the planned size"
+            )
+        plan.growth.warned = True
+        logger.warning("%s; the next resample() re-plans for the larger inputs", message)
+
+    def _recost_for_growth(self, adapter_name: str) -> bool:
+        """At resample: re-cost the pool at the largest inputs seen; True if the selection no longer fits."""
+        plan = self.plans[adapter_name]
+        plan.growth.sync()  # a collective under DDP: every rank calls it at every resample
+        if not plan.growth.grown():
+            return False
+        live, _ = plan.growth.selection_slots(plan.pool, plan.selected)
+        plan.pool = ChannelPool.build(plan.growth.grown_costs(plan.pool.costs))  # same channels, same positions
+        self._watch_pool(plan)
+        logger.info("MeDyate: re-planned adapter %r for the larger training inputs seen (channel costs "
+                    "re-measured%s)", adapter_name, "; the selection is re-drawn" if live > plan.budget else "")
+        return live > plan.budget
 
     def _probe_training_batch(self, adapter_name: str, args: tuple, kwargs: dict) -> None:
         """Rank layers (or seed an oracle) from the first training batches, then plan (at the next one)."""
@@ -668,6 +773,7 @@ class MeDyateModel(BaseTuner):
         model = super()._unload_and_optionally_merge(*args, **kwargs)
         remove_lean_backward(model)
         self._plan_hook.remove()
+        self._growth_hook.remove()
         return model
 
     # -- save / load ----------------------------------------------------------------------------
