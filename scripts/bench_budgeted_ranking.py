@@ -168,10 +168,9 @@ def write_markdown(rows: list[dict]) -> None:
             f"{versus} |")
     lines += [
         "", "-: not measured against the dense probe (those rows come from an earlier run of this script, "
-        "before that reference was added; the 2-core machine had no time left for the rest). MiniLM: not "
-        "measured yet for the same reason.", "",
+        "before that reference was added; the 2-core machine had no time left for the rest).", "",
         "Reading: against the dense probe of the same batches the budgeted estimate keeps Spearman >= 0.9 "
-        "(LaRa 0.91-0.97, RGN 0.98) but the alpha-rule pool moves by 2-6 layers: the pool's edge is decided "
+        "(LaRa 0.91-0.99, RGN 0.98-0.99) but the alpha-rule pool moves by 2-6 layers: the pool's edge is decided "
         "by layers whose LaRa differ by less than one batch's noise, and the budgeted estimate has one "
         "measurement per layer where the dense one has one per batch (more rotations, "
         "`ranking_batches`, average it down). The shipped rankings differ from both on EfficientNet-Lite0 "
