@@ -129,6 +129,14 @@ def _merge_old_entries(old: Path, new: Path) -> None:
             _link_or_copy(entry, target)
 
 
+def _set_file_modes(new: Path, old: Path) -> None:
+    """Files written into `new` take the mode of the file they replace in `old`, new ones the umask's
+    (as `atomic_path`): some writers create theirs 0600 (safetensors' adapter_model.safetensors)."""
+    for file in new.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, _final_mode(old / file.relative_to(new), 0o666))
+
+
 def _fsync_tree(root: Path) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
@@ -194,6 +202,7 @@ def atomic_directory(path: str | os.PathLike, seed_files: Iterable[str] = ()) ->
             if (path / name).is_file():
                 shutil.copy2(path / name, tmp / name)
         yield tmp
+        _set_file_modes(tmp, path)
         _fsync_tree(tmp)
         if path.is_dir():
             _merge_old_entries(path, tmp)

@@ -86,8 +86,8 @@ def summarize_model(model: Any, adapter: str = "default") -> AdapterSummary:
             continue
         total += module.in_channels
         count += 1
-        index, delta = module.folded_delta(adapter)
-        changed = int((delta.flatten(1).abs().amax(dim=1) > 0).sum()) if len(index) else 0
+        index, delta = module.saved_delta(adapter)
+        changed = len(index)
         if changed:
             per_channel = delta[0].numel()
             layers.append(LayerSummary(name, changed, module.in_channels, changed * per_channel))

@@ -37,11 +37,23 @@ def gather_channels(weight: torch.Tensor, groups: int, idx: torch.Tensor) -> tor
 
 
 def add_to_channels(weight: torch.Tensor, groups: int, idx: torch.Tensor, values: torch.Tensor) -> None:
-    """In place: weight[:, c] += values[j] for c = idx[j] (idx unique; weight contiguous)."""
+    """In place: weight[:, c] += values[j] for c = idx[j] (idx unique; weight contiguous).
+
+    Summed in the wider dtype, then rounded once to the weight's (fp32 deltas on a bf16 base).
+    """
     in_per_group = weight.shape[1]
     grouped = _grouped(weight, groups)
     rows, cols = idx // in_per_group, idx % in_per_group
-    grouped[rows, :, cols] = grouped[rows, :, cols] + values.view(len(idx), grouped.shape[1], -1)
+    wide = torch.promote_types(weight.dtype, values.dtype)
+    summed = grouped[rows, :, cols].to(wide) + values.view(len(idx), grouped.shape[1], -1).to(wide)
+    grouped[rows, :, cols] = summed.to(weight.dtype)
+
+
+def set_channels(weight: torch.Tensor, groups: int, idx: torch.Tensor, values: torch.Tensor) -> None:
+    """In place: weight[:, c] = values[j] for c = idx[j] (idx unique; weight contiguous)."""
+    in_per_group = weight.shape[1]
+    grouped = _grouped(weight, groups)
+    grouped[idx // in_per_group, :, idx % in_per_group] = values.view(len(idx), grouped.shape[1], -1).to(weight.dtype)
 
 
 @dataclass

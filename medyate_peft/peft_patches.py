@@ -8,7 +8,9 @@ adapters (and only for those) they are wrapped so that:
   model, and a load that fails later (an adapter for another base model) puts the model back as it
   was (`rollback.ModuleSnapshot`) instead of leaving it half-wrapped;
 - a save whose base model is named by a loader spec (`mcu:...`, `timm:...`), which is neither a
-  folder nor a Hub id, skips PEFT's Hub lookup for a vocabulary check (and its warning).
+  folder nor a Hub id, skips PEFT's Hub lookup for a vocabulary check (and its warning);
+- `print_trainable_parameters` counts the values trained (the selection's weight slots, the head)
+  against the base model's own parameters (`MeDyateModel.trainable_parameter_counts`).
 A local path that does not exist (which cannot be a hub id either) is reported as such. Everything
 else (arguments, files written, errors for other PEFT methods) is PEFT's behaviour.
 """
@@ -207,14 +209,25 @@ def _wrap_load_adapter(original: Callable) -> Callable:
     return load_adapter
 
 
+def _wrap_trainable_counts(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def get_nb_trainable_parameters(self: PeftModel) -> tuple[int, int]:
+        if not _is_medyate_model(self):
+            return original(self)
+        return self.base_model.trainable_parameter_counts()
+
+    return get_nb_trainable_parameters
+
+
 def install() -> None:
-    """Wrap PeftModel's save/load entry points once (idempotent)."""
+    """Wrap PeftModel's save/load entry points and parameter counts once (idempotent)."""
     if getattr(PeftModel.save_pretrained, "_medyate_wrapped", False):
         return
     from_pretrained = PeftModel.__dict__["from_pretrained"].__func__
     wrappers = {
         "save_pretrained": _wrap_save_pretrained(PeftModel.save_pretrained),
         "load_adapter": _wrap_load_adapter(PeftModel.load_adapter),
+        "get_nb_trainable_parameters": _wrap_trainable_counts(PeftModel.get_nb_trainable_parameters),
     }
     for name, wrapper in wrappers.items():
         wrapper._medyate_wrapped = True

@@ -25,11 +25,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .atomic import atomic_write_json
 from .budget import LayerCost, activation_slots_of_input, layer_cost, model_batch_size
 from .candidates import default_targets, detect_head, is_candidate_type, linear_layout
+from .progress import progress as show_progress
 
 RANKING_FORMAT = "medyate-layer-ranking"
 RANKING_VERSION = 1
@@ -271,8 +271,8 @@ def rank_layers(
     stats = GradientStats()
     loss_fn = loss_fn or default_loss
     try:
-        for batch in tqdm(itertools.islice(itertools.cycle(dataloader), steps), total=steps,
-                          desc="ranking layers", disable=not progress):
+        for batch in show_progress(itertools.islice(itertools.cycle(dataloader), steps), "ranking layers",
+                                   total=steps, disable=not progress):
             loss = loss_fn(work, _to_device(batch, device))
             work.zero_grad(set_to_none=True)
             loss.backward()
@@ -306,8 +306,7 @@ def rank_in_tuner(work: nn.Module, dataloader: Iterable[Any], steps: int, loss_f
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr) if lr > 0 and params else None
     device = next(work.parameters()).device
-    bar = tqdm(desc=f"ranking layers ({mode})", disable=not progress)
-    for batch in itertools.cycle(dataloader):
+    for batch in show_progress(itertools.cycle(dataloader), f"ranking layers ({mode})", disable=not progress):
         loss = loss_fn(peft_model, _to_device(batch, device))
         if tuner.is_planned("default"):  # this forward closed the probe: every channel was measured
             break
@@ -315,8 +314,6 @@ def rank_in_tuner(work: nn.Module, dataloader: Iterable[Any], steps: int, loss_f
         loss.backward()
         if optimizer is not None:
             optimizer.step()
-        bar.update()
-    bar.close()
     ranking = dict(config.layer_ranking)
     ranking["source"] = f"rank_layers(budget_kb={budget_kb}, steps={steps}, lr={lr}): {ranking['source']}"
     return ranking

@@ -47,17 +47,32 @@ def check_entry(name: str, layer: MeDyateLayer, index: torch.Tensor, delta: torc
         raise ValueError(f"{name}: delta values must be finite floating-point numbers; the adapter file is corrupt")
 
 
-def install_deltas(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> dict:
-    """Install the MeDyate entries of a loaded state dict; return the other entries untouched."""
+def adapter_entries(state_dict: dict, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer name, the (channel indices, delta slices) entries of an adapter in a model state dict."""
+    suffix = f".{DELTA_KEY}.{adapter_name}"
+    return {
+        key.removesuffix(suffix): (state_dict[f"{key.removesuffix(suffix)}.{INDEX_KEY}.{adapter_name}"], delta)
+        for key, delta in state_dict.items()
+        if key.endswith(suffix)
+    }
+
+
+def complete_for_load(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> dict:
+    """A loaded adapter file's entries, validated and keyed as the model's state dict, for `load_state_dict`.
+
+    Every entry is checked against the model before anything is installed. Layers the file leaves
+    out (nothing changed there) get empty entries and the flat trainable vector zeros, so that PEFT
+    reports no key as missing and a meta-device (low_cpu_mem_usage) adapter gets real tensors.
+    """
     layers = _layers_by_key_name(model)
     entries: dict[str, dict[str, torch.Tensor]] = {}
-    rest = {}
+    out = {}
     for key, value in state_dict.items():
         name, _, kind = key.rpartition(".")
         if kind in (INDEX_KEY, DELTA_KEY):
             entries.setdefault(name, {})[kind] = value
         else:
-            rest[key] = value
+            out[key] = value
     for name, entry in entries.items():
         if name not in layers:
             raise ValueError(
@@ -68,24 +83,16 @@ def install_deltas(model: nn.Module, adapter_name: str, state_dict: dict[str, to
             missing = {INDEX_KEY, DELTA_KEY} - set(entry)
             raise ValueError(f"{name}: the adapter file lacks {sorted(missing)}; it is truncated or corrupt")
         check_entry(name.removeprefix(PEFT_PREFIX), layers[name], entry[INDEX_KEY], entry[DELTA_KEY])
-    for name, entry in entries.items():
-        layer = layers[name]
-        if adapter_name not in layer.medyate_delta:
-            layer.update_layer(adapter_name, layer.lean_backward)
-        layer.set_delta(adapter_name, entry[INDEX_KEY].long(), entry[DELTA_KEY])
-    return {**rest, **_current_adapter_tensors(model, adapter_name)}
-
-
-def _current_adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """Every MeDyate tensor of the adapter under its model key, so PEFT reports no key as missing.
-
-    Layers absent from the file (nothing changed there) keep their empty deltas; the flat
-    trainable vector starts at zero, as it does after every resample.
-    """
-    out = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if name.endswith(f".{INDEX_KEY}.{adapter_name}") or name.endswith(f".{DELTA_KEY}.{adapter_name}"):
-            out[name] = tensor.detach()
-        elif name.endswith(f"medyate_values.{adapter_name}"):
-            out[name] = torch.zeros_like(tensor)
+    saved = {id(layers[name]): entry for name, entry in entries.items()}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, MeDyateLayer) or adapter_name not in layer.medyate_delta:
+            continue
+        stored = layer.medyate_delta[adapter_name]
+        empty = {INDEX_KEY: torch.zeros(0, dtype=torch.long), DELTA_KEY: stored.new_zeros(0, *layer.slice_shape)}
+        for kind, tensor in saved.get(id(layer), empty).items():
+            out[f"{name}.{kind}.{adapter_name}"] = tensor
+    for name, values in model.named_parameters():
+        if name.endswith(f"medyate_values.{adapter_name}"):
+            device = next(iter(layers.values())).get_base_layer().weight.device
+            out[name] = torch.zeros_like(values, device=device)
     return out

@@ -409,10 +409,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
     from .hub import push_adapter_to_hub, write_model_card
+    from .progress import progress
 
     if args.push_to_hub and args.method != "medyate":
         raise ValueError("--push-to-hub uploads a MeDyate adapter; it needs --method medyate")
@@ -500,13 +500,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if medyate:
             record.update(_selection_stats(unwrapped))
         model.train()
-        progress = tqdm(
-            train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+        bar = progress(
+            train_loader, desc=f"epoch {epoch + 1}/{args.epochs}",
             disable=args.no_progress or not accelerator.is_local_main_process,
         )
         recent: deque = deque(maxlen=unwrapped.peft_config[unwrapped.active_adapter].full_gradient_batches
                               if medyate else 1)
-        for step, batch in enumerate(progress):
+        for step, batch in enumerate(bar):
             recent.append(batch)
             if step == 0 and is_main:
                 record["memory"] = measure_memory(unwrapped, batch, data.modality)
@@ -530,7 +530,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 [loss.item() * n, (logits.argmax(-1) == batch["labels"]).sum().item(), n],
                 dtype=torch.float64, device=accelerator.device,
             )
-            progress.set_postfix(loss=f"{loss.item():.3f}")
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss.item():.3f}")
         if medyate and resample_due(args.resample_every):
             # Folds the trained values, syncs norms over ranks, re-draws (oracles: from the last batches' gradient).
             unwrapped.base_model.resample(

@@ -50,7 +50,7 @@ def assert_grads_match(peft_model, base: nn.Module, forward_loss, atol: float = 
     for name, grad in compact.items():
         layer: MeDyateLayer = layers[name]
         _, sel = layer.live["default"]
-        expected = gather_channels(reference[name], layer.groups, sel.idx)
+        expected = gather_channels(reference[name], layer.groups, sel.idx).to(grad.dtype)  # fp32 adapter, half base
         torch.testing.assert_close(grad, expected, atol=atol, rtol=rtol, msg=f"gradient mismatch in {name}")
     return len(compact)
 

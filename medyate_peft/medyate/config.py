@@ -13,14 +13,89 @@ from ..strategies import DRAW_WEIGHTS, STRATEGIES, Strategy, get_strategy
 
 # Bumped when the adapter file layout changes; loading a newer one fails with a clear message.
 FORMAT_VERSION = 1
+BIAS_OPTIONS = ("none", "all", "medyate_only")
 
 
 @dataclass
 class MeDyateConfig(PeftConfig):
-    """Configuration of a MeDyate (or TraDy, or baseline-strategy) sparse adapter.
+    """Configuration of a MeDyate (or TraDy, or baseline-strategy) sparse adapter: a [`MeDyateModel`].
 
     Memory is counted as in the papers: per training sample, weight-gradient plus stored
     input-activation elements of the selected input channels, `bytes_per_slot` bytes each.
+
+    Args:
+        budget_kb (`float`, defaults to 256.0):
+            Training memory budget in kB (KiB): weight gradients plus stored activations of the selected input
+            channels, per training sample.
+        bytes_per_slot (`int`, defaults to 4):
+            Bytes per counted element (4 = fp32, as the papers).
+        input_size (`Optional[List[int]]`):
+            Shape of one input sample without the batch dim, e.g. `[3, 224, 224]` or `[128]` (tokens). With it,
+            activation shapes are probed with a zero batch (in the model's dtype and device) at `get_peft_model`;
+            `None` learns them from the first training batch.
+        target_modules (`Optional[Union[List[str], str]]`):
+            The candidate layers, by PEFT's rules: a string is a regex matched against the full module name, a
+            list holds names or name suffixes. `None`: every supported `nn.Conv2d`, `nn.Linear` and transformers
+            `Conv1D` outside `modules_to_save`.
+        exclude_modules (`Optional[Union[List[str], str]]`):
+            Layers never trained, by the same rules as `target_modules`.
+        modules_to_save (`Optional[List[str]]`):
+            Modules trained in full and saved with the adapter (the classifier). `None`: the model's head if one
+            is found (timm's declared classifier, else `classifier`, `score`, `head` or `fc`).
+        strategy (`str`, defaults to `"medyate"`):
+            Channel-selection strategy, one of `medyate_peft.STRATEGIES` (MeDyate, TraDy and the papers'
+            baselines and oracles).
+        seed (`int`, defaults to 0):
+            Seed of the channel draws; the same on every DDP rank.
+        layer_ranking (`Optional[Union[str, dict]]`):
+            LaRa/RGN layer ranking: a JSON path or a dict from `medyate_peft.rank_layers`. `None` with a strategy
+            that ranks layers: computed from the first `ranking_batches` training batches (dense backward).
+        ranking_batches (`int`, defaults to 3):
+            Training batches whose dense gradients rank the layers (or seed an oracle) when no `layer_ranking` is
+            given; they hold the memory of full fine-tuning and train only the head.
+        alpha_opt (`float`, defaults to 0.2):
+            MeDyate's K rule: the smallest number K of top-ranked layers with budget / M_K <= alpha_opt.
+        rgn_coverage (`float`, defaults to 0.97):
+            TraDy's K rule: the share of the cumulative RGN the selected layers keep.
+        lara_within_rgn (`bool`, defaults to `False`):
+            [ours] LaRa-pool strategies: apply the alpha rule inside TraDy's RGN-coverage layer set only, which
+            keeps the pool off the early layers whose channels are almost all stored activation.
+        max_activation_share (`Optional[float]`):
+            [ours] Ranked-pool strategies: skip layers (in ranking order) that would lift the pool's share of
+            stored-activation slots above this, e.g. 0.5. `None`: the papers' rules.
+        draw_weights (`str`, defaults to `"norm"`):
+            Measured-norm draws (medyate, prev_medyate): `"norm"` (the papers: P ∝ N[c]) or `"norm_per_cost"`
+            [ours] (P ∝ N[c] / cost(i, c)).
+        rescale_norms (`bool`, defaults to `False`):
+            [ours] Measured-norm draws: at each re-draw, bring the norms of channels measured earlier (and the
+            exploration value) to the current scale (median growth of the re-measured channels).
+        resample_every (`Optional[int]`):
+            Re-draw every this many optimizer steps instead of at each epoch end (the papers' cadence, `None`).
+            Honoured by MeDyateCallback and `medyate train`; plain loops use `medyate_peft.resample_due`.
+        full_gradient_batches (`int`, defaults to 1):
+            Batches summed into each full gradient taken from a closure (the oracles' resample,
+            `plan(full_gradient=...)`): the closure is called this many times, each call the next batch's loss.
+        bias (`str`, defaults to `"none"`):
+            Biases trained in full, as LoRA's `bias`: `"none"`, `"all"`, or `"medyate_only"` (those of the wrapped
+            layers). They are saved with the adapter and, like the head, not counted in the budget; disabling
+            the adapter does not undo them (PEFT warns).
+        freeze_bn_stats (`bool`, defaults to `True`):
+            Keep BatchNorm running statistics frozen (outside `modules_to_save`) so the base model stays intact.
+        lean_backward (`bool`, defaults to `True`):
+            Save no activations for frozen layers on the backward path.
+        lean_recompute (`bool`, defaults to `False`):
+            With `lean_backward`, keep the smaller input of the frozen Conv2d/Linear below a smooth activation
+            or gated MLP instead of the activation's input, and rerun that layer in backward (less memory,
+            one extra forward of those layers).
+        detect_anomalies (`bool`, defaults to `True`):
+            Raise, naming the layer, on a NaN/inf gradient of a selected channel or trained value at resample.
+            Set it to `False` under fp16 with a GradScaler, which skips such steps itself.
+        init_weights (`bool`, defaults to `True`):
+            `True`: the adapter starts as the identity (no channel changed). `False`: random non-zero deltas on
+            about half of each layer's input channels, for tests (as PEFT's `init_lora_weights=False`).
+        format_version (`int`):
+            Version of the adapter file layout this config was written with; a newer one than this release
+            understands is refused.
     """
 
     budget_kb: float = field(default=256.0, metadata={"help": "Training memory budget in kB (KiB)."})
@@ -135,11 +210,26 @@ class MeDyateConfig(PeftConfig):
             "plan(full_gradient=...)): the closure is called this many times, each call the next batch's loss."
         },
     )
+    bias: str = field(
+        default="none",
+        metadata={
+            "help": "Biases trained in full, as LoRA's `bias`: 'none', 'all', or 'medyate_only' (those of the wrapped "
+            "layers). They are saved with the adapter and, like the head, not counted in the budget."
+        },
+    )
     freeze_bn_stats: bool = field(
         default=True, metadata={"help": "Keep BatchNorm running statistics frozen so the base model stays intact."}
     )
     lean_backward: bool = field(
         default=True, metadata={"help": "Save no activations for frozen layers on the backward path."}
+    )
+    lean_recompute: bool = field(
+        default=False,
+        metadata={
+            "help": "With lean_backward: keep a smooth activation's (GELU, SiLU, ...) smaller frozen Conv2d/Linear "
+            "input instead of the activation's and re-run that layer in backward: less memory, more compute "
+            "(+14 % FLOPs on a BERT step)."
+        },
     )
     detect_anomalies: bool = field(
         default=True,
@@ -147,6 +237,13 @@ class MeDyateConfig(PeftConfig):
             "help": "Raise, naming the layer, on a NaN/inf gradient of a selected channel (checked on the norms the "
             "sparse backward computes anyway) or trained value at resample. False under fp16 with a GradScaler, "
             "which skips such steps itself: their norms are then left out of the channel statistics."
+        },
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the adapter starts as the identity (no channel changed). False: random non-zero deltas on "
+            "about half of each layer's input channels, for tests (as PEFT's init_lora_weights=False)."
         },
     )
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Adapter file format version."})
@@ -185,6 +282,8 @@ class MeDyateConfig(PeftConfig):
             value = getattr(self, name)
             if not (optional and value is None) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {value!r}")
+        if self.bias not in BIAS_OPTIONS:
+            raise ValueError(f"bias must be one of {BIAS_OPTIONS} (which biases train in full), got {self.bias!r}")
         if self.ranking_batches < 1:
             raise ValueError(f"ranking_batches must be >= 1, got {self.ranking_batches}")
         if self.input_size is not None:

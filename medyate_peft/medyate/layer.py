@@ -1,9 +1,15 @@
 """Conv2d, Linear and Conv1D layers that carry MeDyate channel deltas.
 
 Per adapter a layer stores the channels it has ever trained (`medyate_index`) and the delta slices
-of those channels (`medyate_delta`, frozen). The channels trained in the current epoch take their
-values from a segment of the tuner's flat trainable vector (a `Selection`); `resample()` folds them
-into the stored deltas. The base weight is never touched until `merge`.
+of those channels (`medyate_delta`). Both are buffers, not parameters: autograd never trains them.
+The channels trained in the current epoch take their values from a segment of the tuner's flat
+trainable vector (a `Selection`); `resample()` folds them into the stored deltas. The base weight is
+never touched until `merge`.
+
+`state_dict()` shows each adapter as `save_pretrained` writes it: live values folded in, only the
+channels whose delta is non-zero (the tuner reports its flat vector as zeros, as after a resample).
+`load_state_dict` accepts that form for any number of channels, so a state dict round-trips through
+saving and loading as PEFT expects.
 """
 
 from __future__ import annotations
@@ -21,26 +27,37 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..budget import activation_positions
-from ..kernels import ChannelSparseConv2d, ChannelSparseLinear, ConvSpec, Selection, add_to_channels
+from ..kernels import (
+    ChannelSparseConv2d,
+    ChannelSparseLinear,
+    ConvSpec,
+    Selection,
+    add_to_channels,
+    gather_channels,
+    set_channels,
+)
 
 
 class MeDyateLayer(BaseTunerLayer):
-    adapter_layer_names = ("medyate_delta",)
-    other_param_names = ("medyate_index",)
+    # No per-layer trainable parameter: the trained values live in the tuner's flat vector.
+    adapter_layer_names = ()
+    other_param_names = ("medyate_delta", "medyate_index")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
-        self.medyate_delta = nn.ParameterDict({})
+        self.medyate_delta = BufferDict({}, persistent=True)
         self.medyate_index = BufferDict({}, persistent=True)
-        self.frozen_peft_weight_names = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.live: dict[str, tuple[nn.Parameter, Selection]] = {}
+        self._premerge: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # base slices a merge overwrote
         self.lean_backward = True
         # (positions of one input channel in the last input, its leading dim): the tuner divides by the
         # model input's batch, since the leading dim need not be the batch (window attention).
         self.activation_positions: tuple[int, int] | None = None
         self.kwargs = kwargs
+        self.register_state_dict_post_hook(_state_as_saved)
+        self.register_load_state_dict_pre_hook(_install_saved_state)
 
     # -- layout -------------------------------------------------------------------------------
     fan_in_fan_out = False  # True where the base weight is stored (in, out): transformers' Conv1D
@@ -72,23 +89,48 @@ class MeDyateLayer(BaseTunerLayer):
         weight = self._base_weight()
         return weight.shape[0] // self.groups, weight[0, 0].numel()
 
-    def update_layer(self, adapter_name: str, lean_backward: bool = True) -> None:
-        """Create an empty delta for this adapter: no channel trained yet."""
+    def update_layer(self, adapter_name: str, lean_backward: bool = True, init_weights: bool = True) -> None:
+        """Create this adapter's delta: empty (the identity), or random channels for `init_weights=False`."""
         weight = self.get_base_layer().weight
         empty = torch.zeros(0, *self.slice_shape, dtype=weight.dtype, device=weight.device)
-        self.medyate_delta[adapter_name] = nn.Parameter(empty, requires_grad=False)
+        self.medyate_delta[adapter_name] = empty
         self.medyate_index[adapter_name] = torch.zeros(0, dtype=torch.long, device=weight.device)
-        self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: ("medyate_delta",)}
         self.lean_backward = lean_backward
+        if not init_weights:
+            self._random_delta(adapter_name)
         self.set_adapter(self.active_adapters)
 
+    def _random_delta(self, adapter_name: str) -> None:
+        """About half the channels (at least one) with deltas at the base weights' scale (PEFT's test init)."""
+        weight = self._base_weight().detach()
+        if weight.is_meta:
+            return  # low_cpu_mem_usage: the values come from the file
+        count = max(1, self.in_channels // 2)
+        index = torch.randperm(self.in_channels, device=weight.device)[:count]
+        scale = weight.float().std() if weight.numel() > 1 else weight.float().abs().mean()
+        delta = torch.randn(count, *self.slice_shape, device=weight.device) * (scale if scale > 0 else 1.0)
+        self.set_delta(adapter_name, index, delta)
+
     def set_delta(self, adapter_name: str, index: torch.Tensor, delta: torch.Tensor) -> None:
-        """Replace the stored channels and deltas of an adapter (sorted by channel)."""
+        """Replace the stored channels and deltas of an adapter (sorted by channel), keeping the delta dtype."""
         order = torch.argsort(index)
         weight = self.get_base_layer().weight
+        dtype = self.medyate_delta[adapter_name].dtype if adapter_name in self.medyate_delta else weight.dtype
         self.medyate_index[adapter_name] = index[order].to(device=weight.device, dtype=torch.long)
-        values = delta[order].reshape(len(index), *self.slice_shape).to(device=weight.device, dtype=weight.dtype)
-        self.medyate_delta[adapter_name] = nn.Parameter(values, requires_grad=False)
+        values = delta[order].reshape(len(index), *self.slice_shape)
+        self.medyate_delta[adapter_name] = values.to(device=weight.device, dtype=dtype).contiguous()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.live.pop(adapter_name, None)
+        self._premerge.pop(adapter_name, None)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """Move the adapter's buffers to the base layer's device; their dtype stays the adapter's own."""
+        device = device or self.get_base_layer().weight.device
+        for store in (self.medyate_delta, self.medyate_index):
+            if adapter_name in store:
+                store[adapter_name] = store[adapter_name].to(device)
 
     # -- live selection -----------------------------------------------------------------------
     def set_live(self, adapter_name: str, values: nn.Parameter, selection: Selection | None) -> None:
@@ -99,7 +141,7 @@ class MeDyateLayer(BaseTunerLayer):
         index = self.medyate_index[adapter_name]
         new = selection.idx[~torch.isin(selection.idx, index)]
         if len(new):
-            delta = self.medyate_delta[adapter_name].data
+            delta = self.medyate_delta[adapter_name]
             zeros = delta.new_zeros(len(new), *self.slice_shape)
             self.set_delta(adapter_name, torch.cat([index, new.to(index.device)]), torch.cat([delta, zeros]))
         self.live[adapter_name] = (values, selection)
@@ -117,7 +159,7 @@ class MeDyateLayer(BaseTunerLayer):
             return
         _, sel = self.live[adapter_name]
         pos = torch.searchsorted(self.medyate_index[adapter_name], sel.idx.to(self.medyate_index[adapter_name].device))
-        self.medyate_delta[adapter_name].data[pos] += live.to(self.medyate_delta[adapter_name].dtype)
+        self.medyate_delta[adapter_name][pos] += live.to(self.medyate_delta[adapter_name].dtype)
 
     def folded_delta(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(channels, delta slices) including the live values, without mutating anything."""
@@ -128,6 +170,20 @@ class MeDyateLayer(BaseTunerLayer):
             pos = torch.searchsorted(index, self.live[adapter_name][1].idx.to(index.device))
             delta[pos] += live.to(delta.dtype)
         return index, delta
+
+    def saved_delta(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """What an adapter file holds: the folded delta of the channels whose delta is non-zero (or NaN)."""
+        index, delta = self.folded_delta(adapter_name)
+        if not len(index) or delta.is_meta:
+            return index, delta
+        changed = (delta.flatten(1) != 0).any(dim=1)
+        return index[changed], delta[changed]
+
+    def install_saved(self, adapter_name: str, index: torch.Tensor, delta: torch.Tensor) -> None:
+        """Replace the adapter's stored deltas by saved ones; the live channels keep their (zeroed) slots."""
+        self.set_delta(adapter_name, index.long(), delta)
+        if adapter_name in self.live:
+            self.set_live(adapter_name, *self.live[adapter_name])
 
     # -- effective weight ---------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -170,13 +226,23 @@ class MeDyateLayer(BaseTunerLayer):
 
     # -- merge ----------------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the deltas into the base weight with the forward's arithmetic, so merged outputs are the same.
+
+        The base slices a merge overwrites are kept (as small as the delta): `unmerge` restores them
+        bit-exactly, in any dtype.
+        """
         for adapter in check_adapters_to_merge(self, adapter_names):
             if adapter not in self.medyate_delta:
                 continue
-            merged = self.get_base_layer().weight.data + self.get_delta_weight(adapter)
+            index, delta = self.folded_delta(adapter)
+            weight = self._base_weight().detach()
+            merged = weight.clone(memory_format=torch.contiguous_format)
+            if len(index):
+                add_to_channels(merged, self.groups, index, delta)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights; the adapter {adapter} seems to be broken")
-            self.get_base_layer().weight.data = merged
+            self._premerge[adapter] = (index, gather_channels(weight, self.groups, index))
+            self._set_base_weight(merged)
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
@@ -184,9 +250,15 @@ class MeDyateLayer(BaseTunerLayer):
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter in self.medyate_delta:
-                self.get_base_layer().weight.data -= self.get_delta_weight(adapter)
+            index, original = self._premerge.pop(self.merged_adapters.pop())
+            if len(index):
+                weight = self._base_weight().detach().clone(memory_format=torch.contiguous_format)
+                set_channels(weight, self.groups, index, original)
+                self._set_base_weight(weight)
+
+    def _set_base_weight(self, weight: torch.Tensor) -> None:
+        """Store a weight given in (C', C/g, ...) layout into the base layer, in its own layout."""
+        self.get_base_layer().weight.data = weight.t().contiguous() if self.fan_in_fan_out else weight
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -218,6 +290,35 @@ class MeDyateLayer(BaseTunerLayer):
         return "medyate." + super().__repr__()
 
 
+def _state_as_saved(layer: MeDyateLayer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict() hook: every adapter as its file holds it (live values folded, changed channels only)."""
+    for adapter in layer.medyate_delta:
+        index, delta = layer.saved_delta(adapter)
+        state_dict[f"{prefix}medyate_index.{adapter}"] = index
+        state_dict[f"{prefix}medyate_delta.{adapter}"] = delta
+
+
+def _install_saved_state(
+    layer: MeDyateLayer, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+    missing_keys: list, unexpected_keys: list, error_msgs: list,
+) -> None:
+    """load_state_dict hook: install saved deltas of any number of channels, so the buffers' shapes fit."""
+    from ..serialization import check_entry
+
+    for adapter in list(layer.medyate_delta):
+        keys = f"{prefix}medyate_index.{adapter}", f"{prefix}medyate_delta.{adapter}"
+        if not all(key in state_dict for key in keys):
+            continue
+        index, delta = (state_dict[key] for key in keys)
+        try:
+            check_entry(prefix.removesuffix("."), layer, index, delta)
+        except ValueError as err:
+            error_msgs.append(str(err))
+            continue
+        layer.install_saved(adapter, index, delta)
+        state_dict[keys[0]], state_dict[keys[1]] = layer.medyate_index[adapter], layer.medyate_delta[adapter]
+
+
 def _tf_same_pad(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """TensorFlow 'SAME' padding for this input size (extra pixel on the right/bottom)."""
     pads = []
@@ -231,11 +332,14 @@ def _tf_same_pad(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 class _WrappedLayer(nn.Module, MeDyateLayer):
     """nn.Module plumbing shared by the concrete layers (nn.Module first, as in PEFT's tuners)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, lean_backward: bool = True, **kwargs: Any):
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, lean_backward: bool = True, init_weights: bool = True,
+        **kwargs: Any,
+    ):
         super().__init__()
         MeDyateLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, lean_backward)
+        self.update_layer(adapter_name, lean_backward, init_weights)
 
     forward = MeDyateLayer.forward  # nn.Module's placeholder forward would shadow the mixin's
     __repr__ = MeDyateLayer.__repr__

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -36,6 +37,7 @@ from ..candidates import (
     unsupported_reason,
 )
 from ..ddp import check_ranks_agree, fingerprint
+from ..epochs import EpochWatch
 from ..growth import GrowthWatch
 from ..kernels import Selection
 from ..lean import apply_lean_backward, remove_lean_backward
@@ -59,6 +61,12 @@ from .config import MeDyateConfig
 from .layer import Conv1D, Conv2d, Linear, MeDyateLayer
 
 logger = logging.getLogger(__name__)
+
+def _values_as_saved(tuner: MeDyateModel, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict() hook: the flat vectors read as zeros, since the layers' entries hold their values folded."""
+    for name, values in tuner.medyate_values.items():
+        state_dict[f"{prefix}medyate_values.{name}"] = torch.zeros_like(values)
+
 
 def _unmatched_targets(targets: list[str] | str | None, names: list[str]) -> list[str]:
     """Entries of target_modules that match no module name, by PEFT's rules (name suffix, or full regex)."""
@@ -107,6 +115,9 @@ class MeDyateModel(BaseTuner):
     prefix: str = "medyate_"
     tuner_layer_cls = MeDyateLayer
     target_module_mapping: dict[str, list[str]] = {}
+    # The flat trainable vector and the sampler live here, not on the layers: a model from
+    # `inject_adapter_in_model` (layers only) could not train, so PEFT refuses direct injection.
+    uses_shared_state = True
 
     # -- injection ------------------------------------------------------------------------------
     def _prepare_adapter_config(self, peft_config: MeDyateConfig, model_config: dict) -> MeDyateConfig:
@@ -162,7 +173,7 @@ class MeDyateModel(BaseTuner):
         **kwargs: Any,
     ) -> None:
         if isinstance(target, MeDyateLayer):
-            target.update_layer(adapter_name, peft_config.lean_backward)
+            target.update_layer(adapter_name, peft_config.lean_backward, peft_config.init_weights)
             return
         if not is_candidate_type(target):
             raise TypeError(
@@ -179,7 +190,9 @@ class MeDyateModel(BaseTuner):
                 "(PEFT matches those by name suffix, and trains them in full): remove it from target_modules"
             )
         layer_cls = Conv2d if isinstance(target, nn.Conv2d) else Conv1D if is_fan_in_fan_out(target) else Linear
-        new_module = layer_cls(target, adapter_name, lean_backward=peft_config.lean_backward)
+        new_module = layer_cls(
+            target, adapter_name, lean_backward=peft_config.lean_backward, init_weights=peft_config.init_weights
+        )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -209,21 +222,30 @@ class MeDyateModel(BaseTuner):
             self._growth_hook = model.register_forward_hook(self._watch_input_sizes)
             self._input_batch: int | None = None  # samples of the last completed model call
             self._pending_batch: int | None = None
+            self.register_state_dict_post_hook(_values_as_saved)
+            self._epoch_watch, self._epoch_warned = EpochWatch(), False
+        # PEFT keeps the trainability of existing adapters when one is added, for parameters of the model;
+        # the flat vectors live on the tuner, so they are kept here.
+        trainable = {name: values.requires_grad for name, values in self.medyate_values.items()}
         super().inject_adapter(model, adapter_name, **kwargs)
+        for name, flag in trainable.items():
+            self.medyate_values[name].requires_grad = flag
         self._take_shipped_ranking(config)
         if config.lean_backward:
-            apply_lean_backward(self.model)
+            apply_lean_backward(self.model, recompute=config.lean_recompute)
         budget = budget_slots(config.budget_kb, config.bytes_per_slot)
         layers = self.medyate_layers()
         capacity = min(budget, sum(m.in_channels * weight_slots_per_channel(m.get_base_layer()) for m in layers.values()))
-        device = next(iter(layers.values())).get_base_layer().weight.device
-        values = nn.Parameter(torch.zeros(capacity, device=device))
+        weight = next(iter(layers.values())).get_base_layer().weight
+        # In the base dtype, as PEFT's layers; `_cast_adapter_dtype` upcasts fp16/bf16 unless told not to.
+        values = nn.Parameter(torch.zeros(capacity, device=weight.device, dtype=weight.dtype))
         values.requires_grad = adapter_name in self.active_adapters and not config.inference_mode
         self.medyate_values[adapter_name] = values
         generator = torch.Generator().manual_seed(config.seed)
         self.plans[adapter_name] = AdapterPlan(budget=budget, generator=generator)
         self.train(self.training)
-        if config.input_size is not None and values.requires_grad:
+        # On the meta device (low_cpu_mem_usage) nothing can run; shapes are then learned at the first batch.
+        if config.input_size is not None and values.requires_grad and not values.is_meta:
             try:
                 self._observe_shapes(*self.dummy_inputs(config))
             except Exception as err:
@@ -250,6 +272,27 @@ class MeDyateModel(BaseTuner):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name, values in getattr(self, "medyate_values", {}).items():
             values.requires_grad = name in names and not inference_mode
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """PEFT's `set_requires_grad`, reaching the adapters' flat trainable vectors too."""
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name, values in self.medyate_values.items():
+            if name in names:
+                values.requires_grad = requires_grad
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        """As PEFT's layers do: disabled adapters train nothing; enabling makes the active ones trainable."""
+        super()._enable_adapter_layers(enabled)
+        for name, values in self.medyate_values.items():
+            values.requires_grad = enabled and name in self.active_adapters
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's rule for the layers' deltas and the flat vector: fp16/bf16 become fp32 unless disabled."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        values = self.medyate_values[adapter_name] if adapter_name in self.medyate_values else None
+        if autocast_adapter_dtype and values is not None and values.dtype in (torch.float16, torch.bfloat16):
+            values.data = values.data.float()  # in place: layers' live selections hold this parameter
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -289,15 +332,19 @@ class MeDyateModel(BaseTuner):
         return per_sample(positions, self._input_batch or leading)
 
     def dummy_inputs(self, config: MeDyateConfig, batch_size: int = 1) -> tuple[tuple, dict]:
-        """(args, kwargs) of a zero batch of `input_size`, as the model's forward expects it."""
-        device = next(self.model.parameters()).device
+        """(args, kwargs) of a zero batch of `input_size`, as the model's forward expects it.
+
+        On the model's device and in its floating dtype (a bf16 model takes bf16 pixels).
+        """
+        weight = next(iter(self.medyate_layers().values())).get_base_layer().weight
         main_input = getattr(self.model, "main_input_name", None)
         shape = (batch_size, *config.input_size)
         if main_input == "input_ids":
-            return (), {"input_ids": torch.zeros(shape, dtype=torch.long, device=device)}
+            return (), {"input_ids": torch.zeros(shape, dtype=torch.long, device=weight.device)}
+        zeros = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
         if main_input is not None:
-            return (), {main_input: torch.zeros(shape, device=device)}
-        return (torch.zeros(shape, device=device),), {}
+            return (), {main_input: zeros}
+        return (zeros,), {}
 
     def _observe_shapes(self, args: tuple, kwargs: dict) -> None:
         modes = {m: m.training for m in self.model.modules()}
@@ -498,6 +545,7 @@ class MeDyateModel(BaseTuner):
         config: MeDyateConfig = self.peft_config[adapter_name]
         plan = self.plans[adapter_name]
         strategy = get_strategy(config.strategy)
+        self._epoch_watch.reset()
         if plan.pool is None:
             if plan.probe is None:
                 raise RuntimeError("resample() before the first training step: nothing has been selected yet")
@@ -652,6 +700,30 @@ class MeDyateModel(BaseTuner):
                 logger.info("MeDyate: learning activation shapes from the first training batch")
                 self._observe_shapes(args, kwargs)
                 self.plan(adapter_name)
+        self._watch_epoch(args, kwargs)
+
+    def _watch_epoch(self, args: tuple, kwargs: dict) -> None:
+        """Warn once when the training data came round again without `resample()` (rule: `epochs`)."""
+        dynamic = [  # re-drawn at epoch ends; a step cadence (resample_every) may span epochs on purpose
+            a for a in self.active_adapters
+            if a in self.medyate_values and self.medyate_values[a].requires_grad
+            and get_strategy(self.peft_config[a].strategy).dynamic and self.peft_config[a].resample_every is None
+        ]
+        if self._epoch_warned or not dynamic:
+            return
+        main = kwargs.get(getattr(self.model, "main_input_name", None) or "")
+        if main is None:
+            main = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+        if isinstance(main, torch.Tensor) and self._epoch_watch.came_round(main):
+            self._epoch_warned = True
+            warnings.warn(
+                f"MeDyate: the training data came round again after {self._epoch_watch.batches - 1} batches without "
+                "resample() (most samples of this batch were already seen): call model.base_model.resample(optimizer) "
+                "at the end of every epoch (MeDyateCallback does it under the Trainer), or the same channels keep "
+                "training",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _watch_input_sizes(self, module: nn.Module, args: tuple, output: Any) -> None:
         """After a training forward: record the live activation sizes; warn once (or refuse) on overshoot."""
@@ -781,34 +853,61 @@ class MeDyateModel(BaseTuner):
     def _get_adapter_state_dict(
         cls, model: nn.Module, config: MeDyateConfig, adapter_name: str, state_dict: dict, unwanted_adapter_names: list
     ) -> dict[str, torch.Tensor]:
-        """Per layer: the channels whose delta is non-zero and those delta slices only."""
+        """Per layer: the channels whose delta is non-zero and those delta slices only.
+
+        Read from the state dict, whose MeDyate entries are already in saved form (see `layer`), so
+        wrappers that rename modules (FSDP) save the same keys.
+        """
+        from ..serialization import adapter_entries
+
         out = {}
-        for name, module in model.named_modules():
-            if not isinstance(module, MeDyateLayer) or adapter_name not in module.medyate_delta:
-                continue
-            index, delta = module.folded_delta(adapter_name)
+        for name, (index, delta) in adapter_entries(state_dict, adapter_name).items():
             if not bool(torch.isfinite(delta).all()):
                 raise guards.NonFiniteError(
                     f"layer {name!r} of adapter {adapter_name!r} holds NaN/inf deltas; not saving an adapter that "
                     "cannot be loaded (the previous save, if any, is kept). Resume from the last good checkpoint."
                 )
-            changed = delta.flatten(1).abs().amax(dim=1) > 0 if len(index) else torch.zeros(0, dtype=torch.bool)
-            if not changed.any():
-                continue
-            out[f"{name}.medyate_index.{adapter_name}"] = index[changed].cpu().contiguous()
-            out[f"{name}.medyate_delta.{adapter_name}"] = delta[changed].cpu().contiguous()
+            if len(index):
+                out[f"{name}.medyate_index.{adapter_name}"] = index.cpu().contiguous()
+                out[f"{name}.medyate_delta.{adapter_name}"] = delta.cpu().contiguous()
+        out.update(cls._get_learnable_bias_state_dict(model, state_dict, config))  # `bias` other than "none"
         return out
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: MeDyateConfig, adapter_name: str, state_dict: dict
     ) -> dict[str, torch.Tensor]:
-        """Validate every delta against this base model, then install them; nothing changes on error."""
-        from ..serialization import install_deltas
+        """Validate every delta against this base model and complete the file's entries; nothing changes here.
 
-        return install_deltas(model, adapter_name, state_dict)
+        `load_state_dict` then installs them (the layers' load hook), also on the meta device.
+        """
+        from ..serialization import complete_for_load
+
+        return complete_for_load(model, adapter_name, state_dict)
 
     # -- reporting ------------------------------------------------------------------------------
+    def trainable_parameter_counts(self) -> tuple[int, int]:
+        """(trained values, base model parameters), what `print_trainable_parameters` shows.
+
+        Trained: of each trainable flat vector the weight slots the current selection uses (all of it
+        before planning), and every other trainable parameter (the head). The total counts the base
+        model as loaded: neither the flat vectors nor the modules_to_save copies.
+        """
+        trainable = total = 0
+        for name, param in self.named_parameters():
+            if name.startswith("medyate_values."):
+                adapter = name.removeprefix("medyate_values.")
+                if param.requires_grad:
+                    trainable += self._used_slots(adapter) if self.is_planned(adapter) else param.numel()
+                continue
+            trainable += param.numel() if param.requires_grad else 0
+            total += 0 if ".modules_to_save." in f".{name}" else param.numel()
+        return trainable, total
+
+    def _used_slots(self, adapter_name: str) -> int:
+        return sum(layer.live[adapter_name][1].numel for layer in self.medyate_layers().values()
+                   if adapter_name in layer.live)
+
     def memory_report(
         self,
         *args: Any,
