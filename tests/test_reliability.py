@@ -317,7 +317,7 @@ def test_a_ranking_of_another_width_is_refused_though_the_names_match() -> None:
 
     loader = [(torch.randn(4, *INPUT), torch.randint(0, 4, (4,)))]
     ranking = rank_layers(net(width=8), loader, steps=1, progress=False)
-    with pytest.raises(ValueError, match=r"made for another architecture: 2 layer\(s\) have other shapes, e.g. '0'"):
+    with pytest.raises(ValueError, match=r"made for another architecture: \d+ of \d+ layers have other weight shapes"):
         get_peft_model(net(width=16), config(strategy="medyate", layer_ranking=ranking, modules_to_save=["6"]))
     get_peft_model(net(width=8), config(strategy="medyate", layer_ranking=ranking))  # its own architecture
 

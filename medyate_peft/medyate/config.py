@@ -137,6 +137,23 @@ class MeDyateConfig(PeftConfig):
 
     budget_kb: float = field(default=256.0, metadata={"help": "Training memory budget in kB (KiB)."})
     bytes_per_slot: int = field(default=4, metadata={"help": "Bytes per counted element (4 = fp32, as the papers)."})
+    budget_scope: str = field(
+        default="selection",
+        metadata={
+            "help": "What budget_kb bounds. 'selection' (the papers' accounting): weight gradients and stored "
+            "input activations of the selected channels. 'step': everything one training step holds that grows "
+            "with the method, per sample: also what back-propagation through the frozen layers keeps (masks, "
+            "recomputation inputs, the head's input, measured on the first batch), the head's gradients and "
+            "optimizer_slots of optimizer state per trained element. memory_report shows both."
+        },
+    )
+    optimizer_slots: int = field(
+        default=0,
+        metadata={
+            "help": "Optimizer state tensors per trained element, charged under budget_scope='step': 0 plain SGD "
+            "(the papers), 1 SGD with momentum, 2 Adam/AdamW."
+        },
+    )
     input_size: list[int] | None = field(
         default=None,
         metadata={
@@ -162,11 +179,29 @@ class MeDyateConfig(PeftConfig):
             "ranking strategy: computed from the first `ranking_batches` training batches (dense backward)."
         },
     )
+    use_shipped_ranking: bool = field(
+        default=True,
+        metadata={
+            "help": "With no layer_ranking, take the ranking that ships with medyate-peft for this architecture "
+            "(MCU nets, EfficientNet-Lite0, all-MiniLM-L6-v2; matched by layer names and weight shapes) if any."
+        },
+    )
+    ranking_mode: str = field(
+        default="budgeted",
+        metadata={
+            "help": "How the first training batches rank the layers when no layer_ranking is given (and none "
+            "ships for the architecture): 'budgeted' measures a budget-sized slice of channels per batch "
+            "through the channel-sparse backward, rotating through all of them, so no batch holds more than "
+            "a training step; 'dense' takes dense gradients of every layer (the memory of full fine-tuning). "
+            "The oracle strategies (det_rgn, static_det_rgn, prob_raw) always measure dense gradients."
+        },
+    )
     ranking_batches: int = field(
         default=3,
         metadata={
-            "help": "Training batches whose dense gradients rank the layers (or seed an oracle) when no "
-            "layer_ranking is given; they hold the memory of full fine-tuning and train only the head."
+            "help": "Training batches that rank the layers (or seed an oracle) when no layer_ranking is given; "
+            "they train only the head. 'budgeted': at least this many, rounded up to whole rotations through "
+            "the channels (each channel is measured once per rotation); 'dense': exactly this many."
         },
     )
     alpha_opt: float = field(default=0.2, metadata={"help": "MeDyate's K rule: smallest K with B / M_K <= alpha_opt."})
@@ -274,6 +309,11 @@ class MeDyateConfig(PeftConfig):
             )
         if not isinstance(self.strategy, str):
             raise _kind_error("strategy", self.strategy, "the name of a strategy")
+        if self.budget_scope not in ("selection", "step"):
+            raise ValueError(f"budget_scope must be 'selection' (the papers' accounting) or 'step', got "
+                             f"{self.budget_scope!r}")
+        if isinstance(self.optimizer_slots, bool) or not isinstance(self.optimizer_slots, int) or self.optimizer_slots < 0:
+            raise ValueError(f"optimizer_slots must be an int >= 0 (0 SGD, 1 momentum, 2 Adam), got {self.optimizer_slots!r}")
         strategy = get_strategy(self.strategy)
         self._check_strategy_options(strategy)
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
@@ -282,6 +322,8 @@ class MeDyateConfig(PeftConfig):
             raise ValueError(f"alpha_opt must be in (0, 1], got {self.alpha_opt}")
         if not 0 < self.rgn_coverage <= 1:
             raise ValueError(f"rgn_coverage must be in (0, 1], got {self.rgn_coverage}")
+        if self.ranking_mode not in ("budgeted", "dense"):
+            raise ValueError(f"ranking_mode must be 'budgeted' or 'dense', got {self.ranking_mode!r}")
         for name, optional in (("full_gradient_batches", False), ("resample_every", True)):
             value = getattr(self, name)
             if not (optional and value is None) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
