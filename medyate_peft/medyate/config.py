@@ -20,7 +20,7 @@ BYTES_PER_SLOT = (1, 2, 4, 8)  # int8, fp16/bf16, fp32, fp64 elements
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 # Field kinds checked by `_check_kinds` (a field added to MeDyateConfig goes in one of these).
 BOOL_FIELDS = ("freeze_bn_stats", "lean_backward", "detect_anomalies", "inference_mode", "lara_within_rgn",
-               "rescale_norms")
+               "rescale_norms", "use_shipped_ranking", "lean_recompute")
 INT_FIELDS = ("bytes_per_slot", "seed", "ranking_batches")  # (resample_every, full_gradient_batches: below)
 REAL_FIELDS = ("alpha_opt", "rgn_coverage", "max_activation_share")
 OPTIONAL_FIELDS = ("max_activation_share",)  # None: the option is off
@@ -50,6 +50,8 @@ def _check_kinds(config: Any) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise _kind_error(name, value, "a number")
+
+
 BIAS_OPTIONS = ("none", "all", "medyate_only")
 
 
@@ -66,6 +68,15 @@ class MeDyateConfig(PeftConfig):
             channels, per training sample.
         bytes_per_slot (`int`, defaults to 4):
             Bytes per counted element (4 = fp32, as the papers).
+        budget_scope (`str`, defaults to `"selection"`):
+            What `budget_kb` bounds. `"selection"` (the papers' accounting): weight gradients and stored input
+            activations of the selected channels. `"step"`: everything one training step holds per sample that
+            grows with the method: also what back-propagation through the frozen layers keeps (masks,
+            recomputation inputs, the head's input; measured on the first batch), the head's gradients and
+            `optimizer_slots` of optimizer state per trained element. `memory_report` shows both.
+        optimizer_slots (`int`, defaults to 0):
+            Optimizer state tensors per trained element, charged under `budget_scope="step"`: 0 for plain SGD
+            (the papers), 1 for SGD with momentum, 2 for Adam/AdamW.
         input_size (`Optional[List[int]]`):
             Shape of one input sample without the batch dim, e.g. `[3, 224, 224]` or `[128]` (tokens). With it,
             activation shapes are probed with a zero batch (in the model's dtype and device) at `get_peft_model`;
@@ -85,11 +96,22 @@ class MeDyateConfig(PeftConfig):
         seed (`int`, defaults to 0):
             Seed of the channel draws; the same on every DDP rank.
         layer_ranking (`Optional[Union[str, dict]]`):
-            LaRa/RGN layer ranking: a JSON path or a dict from `medyate_peft.rank_layers`. `None` with a strategy
-            that ranks layers: computed from the first `ranking_batches` training batches (dense backward).
+            LaRa/RGN layer ranking: a JSON path (read at once: the config keeps its content) or a dict from
+            `medyate_peft.rank_layers`. `None` with a strategy that ranks layers: the shipped ranking of the
+            architecture if there is one (`use_shipped_ranking`), else measured on the first training batches
+            (`ranking_mode`).
+        use_shipped_ranking (`bool`, defaults to `True`):
+            With no `layer_ranking`, take the ranking that ships with medyate-peft for this architecture (the MCU
+            nets, EfficientNet-Lite0, all-MiniLM-L6-v2; matched by layer names and weight shapes), if any.
+        ranking_mode (`str`, defaults to `"budgeted"`):
+            How the first training batches rank the layers when no ranking is given or shipped: `"budgeted"`
+            measures a budget-sized slice of channels per batch through the channel-sparse backward, rotating
+            through all of them, so no batch holds more than a training step; `"dense"` takes dense gradients of
+            every layer (the memory of full fine-tuning). The oracles always measure dense gradients.
         ranking_batches (`int`, defaults to 3):
-            Training batches whose dense gradients rank the layers (or seed an oracle) when no `layer_ranking` is
-            given; they hold the memory of full fine-tuning and train only the head.
+            Training batches that rank the layers (or seed an oracle) when no ranking is given; they train only
+            the head. `"budgeted"`: at least this many, rounded up to whole rotations through the channels;
+            `"dense"`: exactly this many.
         alpha_opt (`float`, defaults to 0.2):
             MeDyate's K rule: the smallest number K of top-ranked layers with budget / M_K <= alpha_opt.
         rgn_coverage (`float`, defaults to 0.97):
