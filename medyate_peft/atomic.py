@@ -11,20 +11,22 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import glob
 import json
+import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
+from . import staging
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-_STAGING = ".medyate-"  # marks our temporary siblings: .<name>.medyate-<pid>-<random>
+logger = logging.getLogger(__name__)
+_CONFIG_NAMES = ("adapter_config.json", "config.json")  # replaced last in the file-by-file mode
 
 
 def _fsync_path(path: Path) -> None:
@@ -45,19 +47,13 @@ def _final_mode(path: Path, default: int) -> int:
         return default & ~_UMASK
 
 
-def _staging_name(path: Path) -> str:
-    return f".{path.name}{_STAGING}{os.getpid()}-"
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is synced and renamed onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_staging_name(path), suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    staging.remove_stale(path.parent)
+    tmp = staging.make_file(path)
     try:
         yield tmp
         _fsync_path(tmp)
@@ -66,6 +62,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+        staging.release(tmp)
 
 
 @contextlib.contextmanager
@@ -144,42 +141,74 @@ def _fsync_tree(root: Path) -> None:
         _fsync_path(Path(folder))
 
 
-def _remove_stale_staging(path: Path) -> None:
-    """Clean up after a killed save (its process is gone): delete its temporary siblings, and put
-    back an old directory it had moved aside (the non-atomic fallback) if nothing replaced it."""
-    prefix = f".{path.name}{_STAGING}"
-    for entry in sorted(path.parent.glob(f"{glob.escape(prefix)}*")):
-        pid = entry.name[len(prefix) :].partition("-")[0]
-        if not pid.isdigit() or _process_alive(int(pid)):
-            continue
-        if entry.name.endswith(".old") and not path.exists():
-            os.rename(entry, path)
-        elif entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
+def _mount_points() -> set[str]:
+    """Mount points of this process's mount namespace (Linux); empty elsewhere."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    unescape = {"\\040": " ", "\\011": "\t", "\\012": "\n", "\\134": "\\"}
+    points = set()
+    for line in lines:
+        point = line.split()[4]
+        for code, char in unescape.items():
+            point = point.replace(code, char)
+        points.add(point)
+    return points
+
+
+def _is_mount_point(path: Path) -> bool:
+    """A mount point (bind mounts of the same file system included) cannot be renamed or swapped."""
+    return path.is_dir() and (os.path.ismount(path) or str(path) in _mount_points())
+
+
+def _replace_files(new: Path, path: Path) -> None:
+    """Copy every file of `new` into `path`, each replaced atomically; configs last, so that a reader
+    who sees a new config also sees the new weights."""
+    files = sorted((f for f in new.rglob("*") if not f.is_dir()), key=lambda f: (f.name in _CONFIG_NAMES, str(f)))
+    for source in files:
+        target = path / source.relative_to(new)
+        with atomic_path(target) as tmp:
+            shutil.copy2(source, tmp, follow_symlinks=False)
 
 
 def _swap_by_renames(new: Path, path: Path) -> None:
     """Fallback without an atomic exchange: the old directory is moved aside for an instant."""
-    aside = Path(f"{new}.old")
-    os.rename(path, aside)
+    aside = staging.register(Path(f"{new}.old"))
     try:
+        os.rename(path, aside)
+        try:
+            os.rename(new, path)
+        except BaseException:
+            os.rename(aside, path)
+            raise
+        shutil.rmtree(aside)
+    finally:
+        staging.release(aside)
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Put the complete folder `new` at `path`: one atomic exchange where the system allows it."""
+    if _is_mount_point(path):
+        logger.warning("MeDyate: %s is a mount point: its files are replaced one by one (each atomically), "
+                       "not the folder as a whole", path)
+        _replace_files(new, path)
+        return
+    if not path.is_dir():
         os.rename(new, path)
-    except BaseException:
-        os.rename(aside, path)
-        raise
-    shutil.rmtree(aside)
+        return
+    _merge_old_entries(path, new)
+    try:
+        swapped = _exchange(new, path)
+    except OSError as err:
+        if err.errno not in (errno.EBUSY, errno.EXDEV):
+            raise
+        logger.warning("MeDyate: %s cannot be swapped (%s): its files are replaced one by one (each atomically)",
+                       path, err.strerror)
+        _replace_files(new, path)
+        return
+    if not swapped:
+        _swap_by_renames(new, path)
 
 
 @contextlib.contextmanager
@@ -190,12 +219,19 @@ def atomic_directory(path: str | os.PathLike, seed_files: Iterable[str] = ()) ->
     rewritten are carried over (hard links, no copy); `seed_files` are copied in beforehand, for
     writers that update an existing file (PEFT's model card). A kill at any moment leaves the old
     directory or the new complete one at `path`. Without an atomic exchange (non-Linux) the old
-    directory is renamed aside for an instant before the new one takes its place.
+    directory is renamed aside for an instant before the new one takes its place. A mount point,
+    which no rename can replace, gets its files replaced one by one, each atomically. Inside a
+    staging folder of an enclosing `atomic_directory` the writer writes in place (no nesting).
+    Leftovers of killed saves beside `path` are removed first (`staging.remove_stale`).
     """
     path = Path(os.path.realpath(path))
+    if staging.inside_staging(path):  # within a folder that is itself swapped in atomically
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_staging_name(path)))
+    staging.remove_stale(path.parent)
+    tmp = staging.make_dir(path)
     try:
         os.chmod(tmp, _final_mode(path, 0o777))
         for name in seed_files:
@@ -204,12 +240,8 @@ def atomic_directory(path: str | os.PathLike, seed_files: Iterable[str] = ()) ->
         yield tmp
         _set_file_modes(tmp, path)
         _fsync_tree(tmp)
-        if path.is_dir():
-            _merge_old_entries(path, tmp)
-            if not _exchange(tmp, path):
-                _swap_by_renames(tmp, path)
-        else:
-            os.rename(tmp, path)
+        _swap_in(tmp, path)
         _fsync_path(path.parent)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # after a swap: the old folder, under our own name
+        staging.release(tmp)

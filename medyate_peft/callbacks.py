@@ -50,9 +50,10 @@ called `full_gradient_batches` times, each call the loss of the next batch::
     batches = iter(loader)
     model.resample(optimizer, full_gradient=lambda: loss_of(model, next(batches)))
 
-Without a `layer_ranking`, the first `ranking_batches` batches measure dense gradients and leave
-the channel vector unused, which plain DDP rejects: pass a ranking (`rank_layers`) or wrap with
-`find_unused_parameters=True` (Accelerate: `DistributedDataParallelKwargs(find_unused_parameters=True)`).
+Without a `layer_ranking` (and none shipped for the architecture), the first training batches rank
+the layers and leave the channel vector unused, which plain DDP rejects: pass a ranking
+(`rank_layers`) or wrap with `find_unused_parameters=True` (Accelerate:
+`DistributedDataParallelKwargs(find_unused_parameters=True)`).
 """
 
 from __future__ import annotations

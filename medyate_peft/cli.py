@@ -46,7 +46,11 @@ def _add_rank(sub: Any) -> None:
     )
     add_model_and_data_arguments(parser)
     parser.add_argument("--output", required=True, help="JSON file to write (atomically)")
-    parser.add_argument("--steps", type=int, default=100, help="dense SGD steps of the preliminary run (default 100)")
+    parser.add_argument("--steps", type=int, default=100, help="dense SGD steps of the preliminary run (default 100); "
+                        "with --budget-kb, at least this many batches, in whole rotations through the channels")
+    parser.add_argument("--budget-kb", type=float, default=None,
+                        help="rank within this budget: each batch measures a budget-sized slice of channels through "
+                        "the channel-sparse backward (only the classifier trains); default: dense")
     parser.add_argument("--lr", type=float, default=0.01, help="its learning rate; 0 measures the pretrained weights")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0, help="training subset and batch order")
@@ -175,14 +179,16 @@ def rank_command(args: argparse.Namespace) -> int:
                         generator=torch.Generator().manual_seed(args.seed))
     ranking = rank_layers(
         loaded.model.to(device), loader, steps=args.steps, lr=args.lr, progress=not args.no_progress,
-        loss_fn=partial(batch_loss, modality=data.modality),
+        loss_fn=partial(batch_loss, modality=data.modality), budget_kb=args.budget_kb,
     )
+    within = "" if args.budget_kb is None else f" --budget-kb {args.budget_kb:g}"
     ranking["source"] = (f"medyate rank --model {loaded.spec} --dataset {data.name} --steps {args.steps} "
-                         f"--lr {args.lr:g} --batch-size {args.batch_size} --seed {args.seed}")
+                         f"--lr {args.lr:g} --batch-size {args.batch_size} --seed {args.seed}{within}")
     path = save_ranking(ranking, args.output)
     top = sorted(ranking["lara"], key=ranking["lara"].get, reverse=True)
     width = max(len("layer"), *(len(name) for name in top[:10]))
-    print(f"{loaded.spec} on {data.name} ({len(data.train):,} samples), {args.steps} dense steps: "
+    how = f"{args.steps} dense steps" if args.budget_kb is None else f"within {args.budget_kb:g} kB"
+    print(f"{loaded.spec} on {data.name} ({len(data.train):,} samples), {how}: "
           f"{len(top)} layers ranked, written to {path}")
     print(f"{'layer':<{width}} {'LaRa':>10} {'RGN':>10}")
     for name in top[:10]:

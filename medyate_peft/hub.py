@@ -8,7 +8,9 @@ with a transformers one. Here the card is written from `templates/adapter_card.m
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata, resources
@@ -21,7 +23,9 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from .atomic import atomic_write
 from .budget import budget_slots
 from .medyate.layer import MeDyateLayer
+from .peft_patches import check_adapter_folder, read_medyate_config
 
+logger = logging.getLogger(__name__)
 CARD_TEMPLATE = "adapter_card.md"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -116,11 +120,12 @@ def summarize_dir(path: str | os.PathLike) -> AdapterSummary:
     config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} is not a saved adapter: it has no {CONFIG_FILE}")
-    config = json.loads(config_file.read_text())
-    if config.get("peft_type") != "MEDYATE":
-        raise ValueError(f"{folder} holds a {config.get('peft_type')} adapter, not a MeDyate one")
-    if not weights_file.is_file():
-        raise FileNotFoundError(f"{folder}: {WEIGHTS_FILE} is missing")
+    config = read_medyate_config(folder)  # a damaged or edited config: a clear AdapterFileError
+    if config is None:
+        other = json.loads(config_file.read_text())
+        kind = other.get("peft_type") if isinstance(other, dict) else None
+        raise ValueError(f"{folder} holds a {kind} adapter, not a MeDyate one")
+    check_adapter_folder(folder)  # the weights file: present, readable, holding the head it names
     index_sizes, delta_sizes, head_values = {}, {}, 0
     with safe_open(str(weights_file), "pt") as weights:
         for key in weights.keys():
@@ -254,11 +259,34 @@ def write_model_card(model: Any, out_dir: str | os.PathLike, **card: Any) -> Mod
     return model_card
 
 
+# An absolute path whose first folder exists here (`/home/...`, `hf:/work/...`); URLs (`https://`) are not.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w/.~-])/(?:[\w.~-]+/)*[\w.~-]+")
+
+
+def local_paths(text: str) -> list[str]:
+    """The absolute paths of this machine named in `text`."""
+    return [p for p in _ABSOLUTE_PATH.findall(text) if os.path.exists("/" + p.split("/")[1])]
+
+
+def _strip_local_paths(folder: Path) -> list[str]:
+    """Replace every local absolute path in the folder's configs and card by its last part; return them."""
+    found: set[str] = set()
+    for path in [*folder.rglob(CONFIG_FILE), *folder.rglob(CARD_FILE)]:
+        text = path.read_text(encoding="utf-8")
+        paths = sorted(set(local_paths(text)), key=len, reverse=True)
+        for local in paths:
+            text = text.replace(local, Path(local).name)
+        if paths:
+            path.write_text(text, encoding="utf-8")
+        found.update(paths)
+    return sorted(found)
+
+
 def push_adapter_to_hub(
     model: Any,
     repo_id: str,
     *,
-    private: bool | None = None,
+    private: bool = True,
     token: str | None = None,
     commit_message: str = "Upload MeDyate adapter",
     api: HfApi | None = None,
@@ -266,12 +294,19 @@ def push_adapter_to_hub(
 ) -> str:
     """Save the adapter with our card and upload the folder to `repo_id`; returns the commit URL.
 
-    Card keywords as in `build_model_card`. `api` defaults to `HfApi(token=token)`.
+    The repository is created private unless `private=False`. Local absolute paths (a base model
+    loaded from a folder, the source of a ranking) are replaced by their last part before upload,
+    with a warning: they mean nothing elsewhere and tell about this machine. Card keywords as in
+    `build_model_card`. `api` defaults to `HfApi(token=token)`.
     """
     api = api or HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="medyate-push-") as folder:
         model.save_pretrained(folder, save_embedding_layers=False)  # MeDyate never trains embeddings
         write_model_card(model, folder, repo_id=repo_id, **card)  # after save_pretrained: PEFT's card loses
+        stripped = _strip_local_paths(Path(folder))
+        if stripped:
+            logger.warning("MeDyate: local paths replaced by their last part in the uploaded files: %s",
+                           ", ".join(stripped))
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(
             repo_id=repo_id, folder_path=folder, repo_type="model", commit_message=commit_message

@@ -9,14 +9,23 @@ with respect to the input is wanted here, and for these ops it needs much less:
   grad_x = grad_y*s, nothing saved (timm's ``BatchNormAct2d`` likewise, then its activation);
 * ReLU, ReLU6/Hardtanh, LeakyReLU and the MCU models' ``Clamp`` have a 0/1 (or 1/slope) derivative:
   a bit-packed mask, numel/8 bytes (32x less than the fp32 tensor autograd keeps);
-* dropout (CPU, train mode): its keep-mask bit-packed instead of the float noise, same random draws;
+* dropout (train mode): its keep-mask bit-packed instead of the float noise (CPU) or the bool mask
+  (other devices), same random draws;
 * max-pool: the argmax offset inside its window, one byte per output element; average pooling:
   nothing (its backward needs only the input's shape);
-* smooth activations (GELU, SiLU, hard-swish, ...) have no compact derivative; when their input was
-  produced by a frozen Conv2d/Linear (optionally through an eval BatchNorm) from a *smaller*
-  tensor, that smaller tensor is kept and the activation input is recomputed in backward
-  (time cost: one extra forward of that conv/linear per step). Otherwise they keep their input, as
-  do LayerNorm, softmax/attention and the other ops not listed: nothing smaller gives their gradient.
+* attention (transformers' eager and SDPA cores): only query, key and value; the probabilities
+  (eager: softmax output, dropout noise and dropped probabilities, each batch x heads x seq^2) or
+  SDPA's output and log-sum-exp are recomputed from them in backward, under the forward's random
+  state (time cost: one extra attention core, no weight matmul);
+* smooth activations (GELU, SiLU, hard-swish, transformers' own activation modules, ...) keep their
+  input. Only with `recompute=True`, when that input was produced by a frozen Conv2d/Linear
+  (optionally through an eval BatchNorm) from a *smaller* tensor, that smaller tensor is kept and the
+  activation input is recomputed in backward (time cost: one extra forward of that conv/linear, e.g.
+  +14 % FLOPs on a BERT step: off by default);
+* gated MLPs (Llama's ``down(act(gate(x)) * up(x))`` and its copies): gate and up only, not also
+  act(gate); act(gate) is recomputed elementwise in backward;
+* LayerNorm and RMSNorm keep what autograd keeps (their input and per-row statistics: nothing smaller
+  gives their gradient exactly); linear ops, residual adds and reshapes keep nothing.
 
 Everything here is exact: forward outputs are computed by the module's own code and are bitwise
 unchanged; gradients equal standard autograd's (up to float summation order in max-pool).
@@ -25,75 +34,73 @@ hooks are untouched, and `remove_lean_backward` restores the originals. Each lea
 back to the module's own forward whenever its preconditions fail (BatchNorm in train mode or with
 trainable affine parameters, no gradient needed, ...).
 
-Time cost (measured, results/lean_backward.md): +5% to +28% CPU per forward+backward on the MCU
-networks, mostly from the mask passes (the derivative mask in forward, a multiply by it in backward,
-where plain autograd runs one fused kernel). Caveat of the recompute: the kept smaller tensor must
-not be modified in place later in the forward (autograd then raises, as it does for any saved
-tensor); turn `lean_backward` off for such a model.
+Time cost (measured, results/lean_backward.md): mostly the mask passes (the derivative mask in
+forward, a multiply by it in backward, where plain autograd runs one fused kernel). Bit packing
+uses torch ops only (any device, traceable by `torch.compile`, no host synchronisation). Caveat of
+the recompute: the kept smaller tensor must not be modified in place later in the forward (autograd
+then raises, as it does for any saved tensor); turn it off for such a model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import sys
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-_RECOMPUTE_ATTR = "_medyate_recompute"  # on a tensor: (fn, weakref to src) with tensor == fn(src), bitwise
+# On a tensor: (fn, weakref to src, layer) with tensor == fn(src), bitwise; layer: fn reruns a Conv2d/Linear.
+_RECOMPUTE_ATTR = "_medyate_recompute"
 
 
 # -- bit packing ------------------------------------------------------------------------------------
-# Little bit order: bit k of byte j is element 8*j + k. CPU tensors use numpy's single-pass
-# packbits/unpackbits (pack + unpack of a 6.3M-element mask: 0.5 ms, against 27 ms for the word
-# shifts below); other devices use the word shifts, which give the same bytes.
-def _pack_words(flat: torch.Tensor) -> torch.Tensor:
-    """Each run of 8 bool bytes read as one int64, its bits folded into the low byte by three shift-ors."""
-    pad = (-flat.numel()) % 8
-    if pad or flat.storage_offset() % 8:  # whole, aligned int64 words
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    words = flat.view(torch.uint8).view(torch.int64)
-    words = words | (words >> 7)
-    words = words | (words >> 14)
-    words = words | (words >> 28)
-    return (words & 0xFF).to(torch.uint8)
-
-
-def _unpack_words(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """The shifts of `_pack_words`, reversed: uint8 0/1, one per element."""
-    words = packed.to(torch.int64)
-    words = (words | (words << 28)) & 0x0000000F0000000F
-    words = (words | (words << 14)) & 0x0003000300030003
-    words = (words | (words << 7)) & 0x0101010101010101
-    return words.view(torch.uint8)[:numel]
+# Little bit order (numpy's ``bitorder="little"``): bit k of byte j is element 8*j + k.
+_GATHER = 0x0102040810204080  # byte k's low bit -> bit 56+k of the product (no carries, see `pack_bits`)
+_SPREAD: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # [256, 8]: a byte's bits as 0/1 values
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Eight booleans per uint8 (torch has no packbits)."""
+    """Eight booleans per uint8, with torch ops only (torch has no packbits).
+
+    Each run of 8 bool bytes is read as one int64 word; multiplying by `_GATHER` moves the low bit
+    of byte k to bit 56+k and every other partial product to a distinct bit outside 56..63, so the
+    top byte of the (wrapping) product is the packed byte.
+    """
     flat = mask.reshape(-1)
-    if flat.device.type == "cpu":
-        return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
-    return _pack_words(flat)
+    pad = (-flat.numel()) % 8
+    # Whole, aligned int64 words (compiled: always a fresh copy, which the compiler fuses away).
+    if pad or torch.compiler.is_compiling() or flat.storage_offset() % 8:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    words = flat.view(torch.uint8).view(torch.int64)
+    return ((words * _GATHER) >> 56).to(torch.uint8)
 
 
-def _unpack_bytes(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The mask as uint8 0/1 of the given shape."""
-    if packed.device.type == "cpu":
-        flat = torch.from_numpy(np.unpackbits(packed.numpy(), count=shape.numel(), bitorder="little"))
-    else:
-        flat = _unpack_words(packed, shape.numel())
-    return flat.view(shape)
+def _spread_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    table = _SPREAD.get((device, dtype))
+    if table is None:
+        bits = (torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
+        table = _SPREAD[(device, dtype)] = bits.to(dtype)
+    return table
+
+
+def unpack_factor(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """The mask as 0/1 values of `dtype` (one table lookup per packed byte): a factor for the gradient,
+    without a uint8 pass and a conversion of it inside the multiply."""
+    # index_select copies whole rows: several times faster on CPU than advanced indexing
+    flat = torch.index_select(_spread_table(packed.device, dtype), 0, packed.int()).view(-1)
+    return flat[: shape.numel()].view(shape)
 
 
 def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Inverse of `pack_bits` for a mask of the given shape."""
-    return _unpack_bytes(packed, shape).view(torch.bool)
+    return unpack_factor(packed, shape, torch.uint8).view(torch.bool)
 
 
 # -- autograd functions -----------------------------------------------------------------------------
@@ -144,14 +151,13 @@ class MaskedActivation(torch.autograd.Function):
         if ctx.slope:
             mask = unpack_bits(packed, ctx.shape)
             return torch.where(mask, grad_y, grad_y * ctx.slope), None, None, None
-        # A uint8 0/1 factor is promoted inside the multiply: no float copy of the mask.
-        return grad_y * _unpack_bytes(packed, ctx.shape), None, None, None
+        return grad_y * unpack_factor(packed, ctx.shape, grad_y.dtype), None, None, None
 
 
 class CpuDropout(torch.autograd.Function):
-    """Train-mode dropout drawing exactly what ATen's CPU dropout draws, keeping the mask as bits.
+    """Train-mode dropout drawing exactly what ATen's unfused dropout (CPU, MPS) draws, keeping the mask as bits.
 
-    ATen (CPU): noise = bernoulli(1-p) / (1-p); y = x * noise; it saves the float noise.
+    ATen (unfused): noise = bernoulli(1-p) / (1-p); y = x * noise; it saves the float noise.
     """
 
     @staticmethod
@@ -164,8 +170,28 @@ class CpuDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         (packed,) = ctx.saved_tensors
-        noise = _unpack_bytes(packed, ctx.shape).to(grad_y.dtype).div_(1 - ctx.p)
+        noise = unpack_factor(packed, ctx.shape, grad_y.dtype).div_(1 - ctx.p)
         return grad_y * noise, None
+
+
+_FUSED_DROPOUT_DEVICES = ("cuda", "xpu", "lazy")  # where ATen's dropout runs native_dropout (CPU, MPS: bernoulli)
+
+
+class NativeDropout(torch.autograd.Function):
+    """Train-mode dropout where ATen fuses it (CUDA...): the same kernel, its bool mask kept as bits."""
+
+    @staticmethod
+    def forward(ctx, x, p: float):
+        y, mask = torch.native_dropout(x, p, True)
+        ctx.save_for_backward(pack_bits(mask))
+        ctx.shape, ctx.p = x.shape, p
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (packed,) = ctx.saved_tensors
+        mask = unpack_bits(packed, ctx.shape)
+        return torch.ops.aten.native_dropout_backward(grad_y, mask, 1 / (1 - ctx.p)), None
 
 
 class WindowMaxPool2d(torch.autograd.Function):
@@ -226,6 +252,16 @@ def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
+def _autocast_state(device: torch.device) -> tuple[str, bool, torch.dtype]:
+    """The forward's autocast state, for a recompute in backward (where autocast is off)."""
+    return device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+
+
+def _autocast(state: tuple[str, bool, torch.dtype]) -> torch.autocast:
+    device, enabled, dtype = state
+    return torch.autocast(device, dtype=dtype, enabled=enabled)
+
+
 class RecomputedActivation(torch.autograd.Function):
     """Smooth activation of x = fn(src): keeps the smaller src and recomputes x in backward.
 
@@ -238,16 +274,13 @@ class RecomputedActivation(torch.autograd.Function):
         if y is x:
             ctx.mark_dirty(x)
         ctx.save_for_backward(src)
-        device = src.device.type
-        ctx.fn, ctx.act = fn, act
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.fn, ctx.act, ctx.autocast = fn, act, _autocast_state(src.device)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         (src,) = ctx.saved_tensors
-        device, enabled, dtype = ctx.autocast
-        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+        with torch.no_grad(), _autocast(ctx.autocast):
             x = ctx.fn(src)
         with torch.enable_grad():
             x.requires_grad_(True)
@@ -255,7 +288,85 @@ class RecomputedActivation(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-# -- lean forwards (installed as instance attributes) -----------------------------------------------
+class RecomputedAttention(torch.autograd.Function):
+    """An attention core (eager or SDPA) that keeps only query, key and value and reruns itself in backward.
+
+    The rerun uses the forward's random state (attention dropout draws again what it drew) and records
+    the core's own ops, so the gradients are plain autograd's. The attention weights the core returns
+    (eager) come back without gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, core: Callable, out: list):
+        ctx.core, ctx.rng = core, _rng_state(query.device) if core.keywords.get("dropout") else None
+        ctx.autocast = _autocast_state(query.device)
+        output, weights = core(query, key, value, mask)
+        out.append(weights)
+        ctx.save_for_backward(query, key, value, mask)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        saved = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(saved[:3], ctx.needs_input_grad[:3], strict=True)]
+        with _replayed_rng(ctx.rng), torch.enable_grad(), _autocast(ctx.autocast):
+            output, _ = ctx.core(*inputs, saved[3])
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(output, wanted, grad_output))
+        return (*(next(grads) if t.requires_grad else None for t in inputs), None, None, None)
+
+
+class GatedProduct(torch.autograd.Function):
+    """act(gate) * up keeping gate and up (autograd also keeps act(gate)); act(gate) is recomputed in backward.
+
+    With `rebuild` = (gate_fn, up_fn), `src` (the projections' smaller common input) is kept instead and
+    gate, up are recomputed from it (the `recompute` option: two extra projections per backward).
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up, src, act: Callable, rebuild: tuple[Callable, Callable] | None):
+        ctx.act, ctx.rebuild, ctx.autocast = act, rebuild, _autocast_state(gate.device)
+        ctx.save_for_backward(*((src,) if rebuild is not None else (gate, up)))
+        return act(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.rebuild is not None:
+            (src,) = ctx.saved_tensors
+            with torch.no_grad(), _autocast(ctx.autocast):
+                gate, up = (fn(src) for fn in ctx.rebuild)
+        else:
+            gate, up = ctx.saved_tensors
+        with torch.enable_grad(), _autocast(ctx.autocast):
+            gate = gate.detach().requires_grad_(True)
+            activated = ctx.act(gate)
+        grad_up = grad * activated.detach() if ctx.needs_input_grad[1] else None
+        grad_gate = torch.autograd.grad(activated, gate, grad * up)[0] if ctx.needs_input_grad[0] else None
+        return grad_gate, grad_up, None, None, None
+
+
+def _rng_state(device: torch.device) -> tuple[torch.device, torch.Tensor]:
+    if device.type == "cpu":
+        return device, torch.get_rng_state()
+    return device, torch.get_device_module(device).get_rng_state(device)
+
+
+@contextlib.contextmanager
+def _replayed_rng(state: tuple[torch.device, torch.Tensor] | None) -> Iterator[None]:
+    """Inside: the random state of the forward (None: untouched); after: the state from before."""
+    if state is None:
+        yield
+        return
+    device, value = state
+    devices = [] if device.type == "cpu" else [device]
+    with torch.random.fork_rng(devices, device_type="cuda" if device.type == "cpu" else device.type):
+        if device.type == "cpu":
+            torch.set_rng_state(value)
+        else:
+            torch.get_device_module(device).set_rng_state(value, device)
+        yield
+
+
 def _grad_through(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
@@ -266,8 +377,28 @@ def _bn_is_affine(bn: nn.modules.batchnorm._BatchNorm) -> bool:
     return not bn.training and bn.running_mean is not None and bn.running_var is not None and frozen
 
 
-def _tag(y: torch.Tensor, fn: Callable, src: torch.Tensor) -> torch.Tensor:
-    setattr(y, _RECOMPUTE_ATTR, (fn, weakref.ref(src)))
+def _tag(y: torch.Tensor, fn: Callable, src: torch.Tensor, layer: bool) -> torch.Tensor:
+    setattr(y, _RECOMPUTE_ATTR, (fn, weakref.ref(src), layer))
+    return y
+
+
+def _tag_through(y: torch.Tensor, fn: Callable, x: torch.Tensor, layer: bool) -> torch.Tensor:
+    """Tag y = fn(x); when x is itself tagged as g(src), y is recomputed from src (fn after g), unless that
+    would rerun two Conv2d/Linear layers (one is the most a recompute reruns)."""
+    tag = getattr(x, _RECOMPUTE_ATTR, None)
+    src = tag[1]() if tag is not None else None
+    if src is None or (layer and tag[2]):
+        return _tag(y, fn, x, layer)
+    inner = tag[0]
+    return _tag(y, lambda s: fn(inner(s)), src, layer or tag[2])
+
+
+def _lean_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm/RMSNorm (recompute option): the output is tagged as recomputable from the input the norm's
+    own backward keeps, so a smooth activation or gated MLP above the next frozen linear keeps nothing new."""
+    y = type(norm).forward(norm, x)
+    if _grad_through(x) and isinstance(y, torch.Tensor) and not torch.compiler.is_compiling():
+        _tag_through(y, functools.partial(type(norm).forward, norm), x, layer=False)
     return y
 
 
@@ -276,10 +407,8 @@ def _lean_bn(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tens
         return type(bn).forward(bn, x)
     bn._check_input_dim(x)
     y = EvalBatchNorm.apply(x, bn)
-    tag = getattr(x, _RECOMPUTE_ATTR, None)
-    if tag is not None and tag[1]() is not None:
-        fn = tag[0]
-        _tag(y, lambda src: _bn_eval(bn, fn(src)), tag[1]())
+    if getattr(x, _RECOMPUTE_ATTR, None) is not None:
+        _tag_through(y, functools.partial(_bn_eval, bn), x, layer=False)
     return y
 
 
@@ -293,17 +422,19 @@ def _lean_bn_act(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _mask_fn(module: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
-    """The derivative's support, as autograd's own backward kernel defines it, and the slope outside it.
+    """The derivative's support, as autograd's own backward kernel defines it (at the kinks and for NaN),
+    and the slope outside it.
 
-    Running that kernel on a gradient of ones and casting to bool is exact at the kinks (and for NaN)
-    and several times faster on CPU than comparisons combined into a bool tensor.
+    Hardtanh: its backward kernel run on a gradient of ones, cast to bool (faster on CPU than two
+    comparisons combined); ReLU: ``not x <= 0`` (threshold_backward's test); LeakyReLU: ``x > 0``.
     """
     if isinstance(module, nn.Hardtanh):  # ReLU6 included
         lo, hi = module.min_val, module.max_val
         return lambda x: torch.ops.aten.hardtanh_backward(_ones(x), x, lo, hi).bool(), 0.0
-    if isinstance(module, (nn.ReLU, nn.LeakyReLU)):
-        slope = getattr(module, "negative_slope", 0.0)
-        return lambda x: torch.ops.aten.threshold_backward(_ones(x), x, 0).bool(), slope
+    if isinstance(module, nn.LeakyReLU):
+        return lambda x: x > 0, module.negative_slope
+    if isinstance(module, nn.ReLU):
+        return lambda x: (x <= 0).logical_not_(), 0.0
     return lambda x: (x >= module.lo).logical_and_(x <= module.hi), 0.0  # medyate_peft.backbones.mcu.Clamp
 
 
@@ -320,10 +451,10 @@ def _lean_masked(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _lean_dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
-    usable = module.training and 0 < module.p < 1 and not module.inplace and x.device.type == "cpu"
-    if not (usable and _grad_through(x)):
+    if not (module.training and 0 < module.p < 1 and not module.inplace and _grad_through(x)):
         return type(module).forward(module, x)
-    return CpuDropout.apply(x, module.p)
+    fused = x.device.type in _FUSED_DROPOUT_DEVICES or x.device.type == torch._C._get_privateuse1_backend_name()
+    return (NativeDropout if fused else CpuDropout).apply(x, module.p)
 
 
 def _lean_max_pool(pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
@@ -343,9 +474,97 @@ def _lean_smooth(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     act = functools.partial(type(module).forward, module)
     tag = getattr(x, _RECOMPUTE_ATTR, None)
     src = tag[1]() if tag is not None else None
-    if src is None or src.numel() >= x.numel() or not _grad_through(x):
+    if src is None or src.numel() >= x.numel() or not _grad_through(x) or torch.compiler.is_compiling():
         return act(x)
     return RecomputedActivation.apply(x, src, tag[0], act)
+
+
+_LEAN_ATTENTION = "medyate_lean"  # the key our core is registered under in transformers' AttentionInterface
+
+
+class _LeanAttentionConfig:
+    """An attention module's view of its config: everything reads through, except that the attention core
+    the module looks up is the lean one (the model's own config, masks and saved files are untouched)."""
+
+    _attn_implementation = _LEAN_ATTENTION
+
+    def __init__(self, config: Any, eager: Callable) -> None:
+        self.__dict__.update(wrapped=config, eager=eager)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["wrapped"], name)
+
+
+def _lean_attention_core(module: nn.Module, query, key, value, attention_mask, **kwargs: Any):
+    """Registered core: runs the model's configured core, keeping only query, key and value for backward."""
+    config = module.config
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    core = ALL_ATTENTION_FUNCTIONS.get_interface(config.wrapped._attn_implementation, config.eager)
+    tensors = (query, key, value)
+    mask_grad = isinstance(attention_mask, torch.Tensor) and attention_mask.requires_grad
+    if not torch.is_grad_enabled() or mask_grad or not any(t.requires_grad for t in tensors):
+        return core(module, query, key, value, attention_mask, **kwargs)
+    if torch.compiler.is_compiling():
+        # The compiler traces checkpoint's recompute (not torch.autograd.grad inside a Function's backward).
+        return checkpoint(core, module, query, key, value, attention_mask, use_reentrant=False, **kwargs)
+    weights: list = []
+    bound = functools.partial(_call_core, core, module, **kwargs)
+    output = RecomputedAttention.apply(query, key, value, attention_mask, bound, weights)
+    return output, weights[0]
+
+
+def _call_core(core: Callable, module: nn.Module, query, key, value, mask, **kwargs: Any):
+    return core(module, query, key, value, mask, **kwargs)
+
+
+def _attention_eager(module: nn.Module) -> Callable | None:
+    """The eager core of a transformers attention module that looks its core up by config, else None."""
+    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)  # under transformers' decorators
+    uses_interface = code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+    if not uses_interface or not hasattr(module, "config") or isinstance(module.config, _LeanAttentionConfig):
+        return None
+    # Flash/flex/paged cores take differently laid out inputs, and models branch on their names: left alone.
+    if getattr(module.config, "_attn_implementation", None) not in ("eager", "sdpa"):
+        return None
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
+def _register_lean_attention() -> None:
+    from transformers.modeling_utils import AttentionInterface
+
+    if _LEAN_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_LEAN_ATTENTION, _lean_attention_core)
+
+
+def _lean_gated_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))``, the product through `GatedProduct`."""
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    # Compiled, the partitioner itself recomputes act(gate) rather than save it.
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+    tags = [getattr(t, _RECOMPUTE_ATTR, None) for t in (gate, up)]
+    rebuild = None
+    src = tags[0][1]() if tags[0] is not None else None
+    if src is not None and tags[1] is not None and tags[1][1]() is src and src.numel() < gate.numel() + up.numel():
+        rebuild = (tags[0][0], tags[1][0])  # both tagged (recompute option) from one smaller tensor
+    act = functools.partial(type(mlp.act_fn).forward, mlp.act_fn)
+    return mlp.down_proj(GatedProduct.apply(gate, up, src if rebuild else None, act, rebuild))
+
+
+def _copies_forward(module: nn.Module, module_name: str, class_name: str) -> bool:
+    """Whether the module's forward is, op for op, that class's forward (transformers' models copy them)."""
+    reference = _optional_class(module_name, class_name)
+    code = getattr(type(module).forward, "__code__", None)
+    if reference is None or code is None:
+        return False
+    ref = reference.forward.__code__
+    return (code.co_code, code.co_names, code.co_varnames, code.co_consts) == (
+        ref.co_code, ref.co_names, ref.co_varnames, ref.co_consts
+    )
+
+
+_LLAMA = "transformers.models.llama.modeling_llama"
 
 
 def _tagging_layer(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -354,10 +573,10 @@ def _tagging_layer(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any)
     if args or kwargs or not isinstance(y, torch.Tensor) or not y.requires_grad:
         return y
     if layer.disable_adapters or layer.merged:
-        return _tag(y, layer.get_base_layer(), x)
+        return _tag_through(y, layer.get_base_layer(), x, layer=True)
     if layer.get_base_layer().weight.requires_grad:
         return y
-    return _tag(y, lambda src: layer._dense(src, layer.effective_weight()), x)
+    return _tag_through(y, lambda src: layer._dense(src, layer.effective_weight()), x, layer=True)
 
 
 def _optional_class(module_name: str, class_name: str) -> type | None:
@@ -370,13 +589,28 @@ _SMOOTH = (
 )
 
 
-def _lean_forward_for(module: nn.Module) -> Callable | None:
-    """The lean forward for this module's exact type (subclasses may compute something else)."""
+def _transformers_smooth() -> tuple[type, ...]:
+    """transformers' parameter-free elementwise activation modules that are imported (no import here)."""
+    names = (
+        "GELUActivation", "GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation",
+        "QuickGELUActivation", "ClippedGELUActivation", "AccurateGELUActivation", "SiLUActivation",
+        "MishActivation", "LaplaceActivation", "ReLUSquaredActivation", "SqrtSoftplusActivation",
+    )
+    found = (_optional_class("transformers.activations", name) for name in names)
+    return tuple(kind for kind in found if kind is not None)
+
+
+def _lean_forward_for(module: nn.Module, recompute: bool) -> Callable | None:
+    """The lean forward for this module's exact type (subclasses may compute something else).
+
+    Without `recompute`, frozen layers need no forward of their own (their MeDyate forward already
+    saves nothing) and smooth activations keep their input as autograd does: nothing to switch.
+    """
     from .medyate.layer import MeDyateLayer
 
     kind = type(module)
     if isinstance(module, MeDyateLayer):
-        return _tagging_layer
+        return _tagging_layer if recompute else None
     if kind in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
         return _lean_bn
     if kind is _optional_class("timm.layers.norm_act", "BatchNormAct2d"):
@@ -387,28 +621,44 @@ def _lean_forward_for(module: nn.Module) -> Callable | None:
         return _lean_masked
     if kind is nn.Dropout:
         return _lean_dropout
+    if _copies_forward(module, _LLAMA, "LlamaMLP"):
+        return _lean_gated_mlp
+    if recompute and (kind in (nn.LayerNorm, nn.RMSNorm) or _copies_forward(module, _LLAMA, "LlamaRMSNorm")):
+        return _lean_norm
     if kind is nn.MaxPool2d:
         return _lean_max_pool
     if kind is nn.AvgPool2d:
         return _lean_avg_pool
-    if kind in _SMOOTH or kind is _optional_class("transformers.activations", "GELUActivation"):
+    if recompute and (kind in _SMOOTH or kind in _transformers_smooth()):
         return _lean_smooth
     return None
 
 
-def _is_lean(module: nn.Module) -> bool:
+def _has_lean_forward(module: nn.Module) -> bool:
     forward = module.__dict__.get("forward")
     return isinstance(forward, functools.partial) and getattr(forward.func, "__module__", None) == __name__
 
 
-def apply_lean_backward(model: nn.Module) -> int:
+def _is_lean(module: nn.Module) -> bool:
+    return _has_lean_forward(module) or isinstance(module.__dict__.get("config"), _LeanAttentionConfig)
+
+
+def apply_lean_backward(model: nn.Module, recompute: bool = False) -> int:
     """Give every supported module of `model` its lean forward; returns how many were switched.
 
     A module whose instance already has its own ``forward`` (e.g. an accelerate hook) is left alone.
+    Attention modules of transformers get a view of their config that selects the lean core.
+    `recompute` also recomputes smooth activations from a smaller frozen Conv2d/Linear input.
     """
     count = 0
     for module in model.modules():
-        lean = _lean_forward_for(module)
+        eager = _attention_eager(module)
+        if eager is not None:
+            _register_lean_attention()
+            module.config = _LeanAttentionConfig(module.config, eager)
+            count += 1
+            continue
+        lean = _lean_forward_for(module, recompute)
         if lean is None or "forward" in module.__dict__:
             continue
         module.forward = functools.partial(lean, module)
@@ -417,10 +667,18 @@ def apply_lean_backward(model: nn.Module) -> int:
 
 
 def remove_lean_backward(model: nn.Module) -> None:
-    """Restore the class forwards of every module `apply_lean_backward` switched."""
+    """Restore the class forwards (and attention configs) of every module `apply_lean_backward` switched."""
     for module in model.modules():
-        if _is_lean(module):
+        if _has_lean_forward(module):
             del module.forward
+        config = module.__dict__.get("config")
+        if isinstance(config, _LeanAttentionConfig):
+            module.config = config.wrapped
+
+
+def _recomputes(model: nn.Module) -> bool:
+    """Whether the lean backward installed on `model` recomputes smooth activations."""
+    return any(_has_lean_forward(m) and m.forward.func is _tagging_layer for m in model.modules())
 
 
 def is_lean(model: nn.Module) -> bool:
@@ -428,23 +686,26 @@ def is_lean(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def lean_backward(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Temporarily switch the whole option (frozen MeDyate layers included) on or off, e.g. to measure it."""
+def lean_backward(model: nn.Module, enabled: bool, recompute: bool | None = None) -> Iterator[None]:
+    """Temporarily switch the whole option (frozen MeDyate layers included) on or off, e.g. to measure it.
+
+    `recompute` None keeps the installed recompute choice.
+    """
     from .medyate.layer import MeDyateLayer
 
     layers = [m for m in model.modules() if isinstance(m, MeDyateLayer)]
     flags = [layer.lean_backward for layer in layers]
-    was_lean = is_lean(model)
+    was_lean, was_recompute = is_lean(model), _recomputes(model)
     try:
         for layer in layers:
             layer.lean_backward = enabled
         remove_lean_backward(model)
         if enabled:
-            apply_lean_backward(model)
+            apply_lean_backward(model, was_recompute if recompute is None else recompute)
         yield
     finally:
         for layer, flag in zip(layers, flags, strict=True):
             layer.lean_backward = flag
         remove_lean_backward(model)
         if was_lean:
-            apply_lean_backward(model)
+            apply_lean_backward(model, was_recompute)

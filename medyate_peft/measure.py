@@ -62,6 +62,18 @@ class MemoryReport:
     lean_backward: bool | None = None  # the config's option, under which the fields above were measured
     # {"off"/"on": {"selected_saved_bytes": ..., "frozen_path_saved_bytes": ...}}, whole batch
     lean_comparison: dict[str, dict[str, int]] | None = None
+    budget_scope: str = "selection"
+    step_slots: int | None = None  # budget_scope="step": what the planner charged (fixed + frozen path + channels)
+
+    @property
+    def measured_step_bytes_per_sample(self) -> float | None:
+        """Everything the step held that grows with the method, per sample, as budget_scope="step" counts it:
+        all saved activations / batch + the allocated weight-gradient vector + head gradients + optimizer state."""
+        if self.batch_size is None:
+            return None
+        saved = self.measured_selected_saved_bytes + self.measured_frozen_path_saved_bytes
+        return (saved / self.batch_size + self.measured_weight_grad_bytes_allocated + self.measured_head_grad_bytes
+                + (self.optimizer_state_bytes or 0))
 
     @property
     def used_slots(self) -> int:
@@ -83,6 +95,7 @@ class MemoryReport:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.update(used_slots=self.used_slots, used_kb=self.used_kb, budget_kb=self.budget_kb,
+                   measured_step_bytes_per_sample=self.measured_step_bytes_per_sample,
                    used_activation_share=self.used_activation_share)
         return out
 
@@ -117,6 +130,14 @@ class MemoryReport:
             ]
             if self.optimizer_state_bytes is not None:
                 lines.append(f"  optimizer state (momentum, moments): {self.optimizer_state_bytes / 1024:.1f} kB")
+            step = self.measured_step_bytes_per_sample
+            charged = "" if self.step_slots is None else f", planned {self.step_slots * kb:.1f} kB"
+            lines += [
+                f"  budget scopes (budget_scope={self.budget_scope!r}):",
+                f"    selection (papers): {self.used_kb:.1f} of {self.budget_kb:.1f} kB",
+                f"    step (everything above, per sample): {step / 1024:.1f} kB measured{charged}, "
+                f"{step / (self.budget_slots * self.bytes_per_slot):.2f}x the budget",
+            ]
             if self.lean_comparison is not None:
                 lines.append("  saved activations kB/sample    selected channels    frozen path")
                 for state, label in (("off", "without lean backward"), ("on", "with lean backward")):
@@ -277,7 +298,10 @@ def memory_report(
         rows.append(LayerRow(name, len(idx), cost.in_channels, len(idx) * cost.weight_slots,
                              len(idx) * cost.activation_slots))
     report = MemoryReport(adapter, config.strategy, plan.budget, config.bytes_per_slot, rows,
-                          pool=summarize_pool(plan.pool.costs, tuner.layer_costs()))
+                          pool=summarize_pool(plan.pool.costs, tuner.layer_costs()),
+                          budget_scope=getattr(config, "budget_scope", "selection"))
+    if plan.step is not None:
+        report.step_slots = plan.step.used(plan.pool, plan.selected)
     if optimizer is not None:
         trainable = [p for p in tuner.parameters() if p.requires_grad]
         report.optimizer_state_bytes = optimizer_state_bytes(optimizer, trainable)

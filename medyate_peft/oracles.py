@@ -81,8 +81,9 @@ class DenseGradientProbe:
     (`detect_anomalies`) it raises NonFiniteError in that backward, naming the layer.
     """
 
-    def __init__(self, layers: dict[str, nn.Module], strict: bool = True) -> None:
+    def __init__(self, layers: dict[str, nn.Module], strict: bool = True, batches_needed: int = 1) -> None:
         self.stats = GradientStats()
+        self.batches_needed = batches_needed
         self.batches = 0  # batches started; all ranks count the same, whatever they skip
         self.skipped = 0
         self.strict = strict
@@ -124,6 +125,12 @@ class DenseGradientProbe:
     def count_batch(self) -> None:
         self._settle()
         self.batches += 1
+
+    def done(self) -> bool:
+        return self.batches >= self.batches_needed
+
+    def describe(self) -> str:
+        return f"dense gradients of the first {self.stats.steps} training batch(es)"
 
     def state_dict(self) -> dict[str, Any]:
         """What was measured so far (the current batch's reads apart), so a checkpoint can resume the probe."""

@@ -4,9 +4,10 @@ Users call `model.save_pretrained(dir)`, `PeftModel.from_pretrained(base, dir)` 
 `model.load_adapter(dir, name)`, which are PEFT's methods. For models and folders holding MeDyate
 adapters (and only for those) they are wrapped so that:
 - a save writes into a temporary folder that replaces `dir` atomically (`atomic.atomic_directory`);
-- a load first checks the folder's weights file (missing, truncated) before anything touches the
-  model, and a load that fails later (an adapter for another base model) puts the model back as it
-  was (`rollback.ModuleSnapshot`) instead of leaving it half-wrapped;
+- a load first checks the folder's config (form, `peft_type`, required keys) and weights file
+  (missing, truncated, lacking the `modules_to_save` weights) before anything touches the model, and
+  a `from_pretrained` that fails later (an adapter for another base model), of any PEFT method, puts
+  the model back as it was (`rollback.ModuleSnapshot`) instead of leaving it half-wrapped;
 - a save whose base model is named by a loader spec (`mcu:...`, `timm:...`), which is neither a
   folder nor a Hub id, skips PEFT's Hub lookup for a vocabulary check (and its warning);
 - `print_trainable_parameters` counts the values trained (the selection's weight slots, the head)
@@ -33,9 +34,11 @@ from torch import nn
 
 from .atomic import atomic_directory
 from .rollback import ModuleSnapshot
+from .serialization import names_module
 
 logger = logging.getLogger(__name__)
 CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+REQUIRED_KEYS = ("budget_kb", "strategy")  # no default could stand in for them: the budget is the adapter's
 _RESAVE = "save it again with model.save_pretrained(...) or copy the complete file again"
 
 
@@ -51,16 +54,21 @@ def _is_medyate_model(model: PeftModel) -> bool:
     return any(_is_medyate_config(c) for c in model.peft_config.values())
 
 
-def _has_medyate_layers(model: nn.Module) -> bool:
-    from .medyate.layer import MeDyateLayer
+def _has_tuner_layers(model: nn.Module) -> bool:
+    """Whether any PEFT method (MeDyate, LoRA, ...) has wrapped layers of `model`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return any(isinstance(m, MeDyateLayer) for m in model.modules())
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
-def check_adapter_folder(model_id: str | os.PathLike, subfolder: str | None = None, config: Any = None) -> None:
-    """For a local MeDyate adapter folder: raise a clear error if its weights file is missing or damaged.
+def check_adapter_folder(
+    model_id: str | os.PathLike, subfolder: str | None = None, config: Any = None, model: nn.Module | None = None
+) -> None:
+    """For a local MeDyate adapter folder: raise a clear error if its config or weights file is missing,
+    damaged or inconsistent, before anything touches the model.
 
-    Only the safetensors header is read (cheap); folders of other PEFT methods and hub ids pass.
+    Given the `model` it loads onto, the weights of every module of it that modules_to_save names must
+    be in the file. Only the safetensors header is read (cheap); other PEFT methods and hub ids pass.
     """
     folder = Path(model_id) / (subfolder or "")
     if not folder.is_dir():
@@ -68,31 +76,75 @@ def check_adapter_folder(model_id: str | os.PathLike, subfolder: str | None = No
             raise FileNotFoundError(f"no adapter folder {folder} (and {model_id!r} is not a Hugging Face Hub id)")
         return
     if config is None:
-        config_path = folder / CONFIG_NAME
-        if not config_path.is_file():
+        if not (folder / CONFIG_NAME).is_file():
             return
-        text = config_path.read_text(encoding="utf-8", errors="replace")
-        try:
-            config = json.loads(text)
-        except json.JSONDecodeError as err:
-            if "MEDYATE" in text or _holds_medyate_weights(folder / SAFETENSORS_NAME):
-                raise AdapterFileError(f"{config_path} is truncated or corrupt ({err}); {_RESAVE}") from err
+        config = read_medyate_config(folder)
+        if config is None:
             return
-        if config.get("peft_type") != PeftType.MEDYATE:
-            return
-    elif not _is_medyate_config(config):
+        modules_to_save = config.get("modules_to_save")
+    elif _is_medyate_config(config):
+        modules_to_save = config.modules_to_save
+    else:
         return
+    keys = _weight_keys(folder)
+    if keys is None or model is None:
+        return
+    names = [name for name, _ in model.named_modules()]
+    for target in modules_to_save or ():
+        present = any(names_module(name, target) for name in names)
+        if present and not any(f".{target}." in f".{key}" for key in keys):
+            raise AdapterFileError(
+                f"{folder / SAFETENSORS_NAME} holds no weights of {target!r}, which the config names in "
+                f"modules_to_save; the adapter is incomplete: {_RESAVE}"
+            )
+
+
+def read_medyate_config(folder: Path) -> dict[str, Any] | None:
+    """The folder's adapter_config.json if it is a MeDyate adapter's, checked for form and required keys.
+
+    None when the folder holds another PEFT method's adapter (PEFT reports its own problems).
+    """
+    path = folder / CONFIG_NAME
+    text = path.read_text(encoding="utf-8", errors="replace")
+    ours = "MEDYATE" in text or _holds_medyate_weights(folder / SAFETENSORS_NAME)
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        if ours:
+            raise AdapterFileError(f"{path} is truncated or corrupt ({err}); {_RESAVE}") from err
+        return None
+    if not isinstance(config, dict):
+        if ours:
+            raise AdapterFileError(f"{path} holds a JSON {type(config).__name__}, not an object of config fields; "
+                                   f"{_RESAVE}")
+        return None
+    if config.get("peft_type") != PeftType.MEDYATE:
+        if _holds_medyate_weights(folder / SAFETENSORS_NAME):
+            found = f"says peft_type {config['peft_type']!r}" if "peft_type" in config else "lacks 'peft_type'"
+            raise AdapterFileError(
+                f"{path} {found}, but {folder / SAFETENSORS_NAME} holds a MeDyate adapter: the config was edited "
+                f"or belongs to another adapter ('peft_type' must be 'MEDYATE'); {_RESAVE}"
+            )
+        return None
+    for key in REQUIRED_KEYS:
+        if key not in config:
+            raise AdapterFileError(f"{path} lacks the required key {key!r}; {_RESAVE}")
+    return config
+
+
+def _weight_keys(folder: Path) -> list[str] | None:
+    """Tensor names of the weights file (header only); None for a legacy .bin; errors if missing or damaged."""
     weights = folder / SAFETENSORS_NAME
     if not weights.exists():
         if (folder / BIN_NAME).exists():
-            return
+            return None
         raise FileNotFoundError(
             f"{weights} is missing: {folder} holds a MeDyate adapter config but no weights file (an interrupted "
             f"copy or a save from an older tool?); {_RESAVE}"
         )
     try:
         with safe_open(str(weights), framework="pt") as handle:
-            handle.keys()
+            return list(handle.keys())
     except (SafetensorError, OSError) as err:
         raise AdapterFileError(f"{weights} is truncated or corrupt ({err}); {_RESAVE}") from err
 
@@ -178,14 +230,14 @@ def _wrap_from_pretrained(original: Callable) -> Callable:
         bound = _bind(original, cls, *args, **kwargs)
         model = bound.arguments["model"]
         check_adapter_folder(
-            bound.arguments["model_id"], bound.arguments["kwargs"].get("subfolder"), bound.arguments["config"]
+            bound.arguments["model_id"], bound.arguments["kwargs"].get("subfolder"), bound.arguments["config"], model
         )
-        already_wrapped = _has_medyate_layers(model)
+        already_wrapped = _has_tuner_layers(model)
         snapshot = ModuleSnapshot(model)
         try:
             return original(*bound.args, **bound.kwargs)
-        except BaseException:
-            if not already_wrapped and _has_medyate_layers(model):
+        except BaseException:  # whatever the PEFT method: the base model goes back as it was
+            if not already_wrapped:
                 snapshot.restore()
             raise
 
@@ -198,7 +250,7 @@ def _wrap_load_adapter(original: Callable) -> Callable:
         if not _is_medyate_model(self):
             return original(self, *args, **kwargs)
         bound = _bind(original, self, *args, **kwargs)
-        check_adapter_folder(bound.arguments["model_id"], bound.arguments["kwargs"].get("subfolder"))
+        check_adapter_folder(bound.arguments["model_id"], bound.arguments["kwargs"].get("subfolder"), model=self)
         snapshot = ModuleSnapshot(self)
         try:
             return original(*bound.args, **bound.kwargs)

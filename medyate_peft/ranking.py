@@ -9,12 +9,15 @@ architecture, not on the dataset (Spearman > 0.8 across datasets), so it is save
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import itertools
 import json
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ from torch import nn
 
 from .atomic import atomic_write_json
 from .budget import LayerCost, activation_slots_of_input, layer_cost, model_batch_size
-from .candidates import default_targets, detect_head, linear_layout
+from .candidates import default_targets, detect_head, is_candidate_type, linear_layout
 from .progress import progress as show_progress
 
 RANKING_FORMAT = "medyate-layer-ranking"
@@ -156,6 +159,33 @@ def _candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: modules[name] for name in names}
 
 
+def candidate_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Weight shape of every rankable layer: the architecture a ranking belongs to (head excluded).
+
+    A tuner layer (anything with `get_base_layer`) counts as its base layer, so a model gives the same
+    shapes before and after `get_peft_model`.
+    """
+    heads = detect_head(model)
+    plain = set(default_targets(model, heads)[0])
+    shapes: dict[str, list[int]] = {}
+    wrapped: list[str] = []
+    for name, module in model.named_modules():
+        if any(name == h or name.startswith(h + ".") for h in (*(heads or ()), *wrapped)):
+            continue
+        if hasattr(module, "get_base_layer") and is_candidate_type(module.get_base_layer()):
+            wrapped.append(name)
+            shapes[name] = list(module.get_base_layer().weight.shape)
+        elif name in plain:
+            shapes[name] = list(module.weight.shape)
+    return shapes
+
+
+def architecture_fingerprint(shapes: Mapping[str, Iterable[int]]) -> str:
+    """A short hash of layer names and weight shapes: equal for the same architecture, whatever its head."""
+    text = json.dumps(sorted((name, list(shape)) for name, shape in shapes.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
@@ -191,15 +221,22 @@ def rank_layers(
     loss_fn: LossFn | None = None,
     lr: float = 0.01,
     progress: bool = True,
+    budget_kb: float | None = None,
+    bytes_per_slot: int = 4,
 ) -> dict[str, Any]:
-    """Rank the layers of `model` by LaRa and RGN over a short dense fine-tuning of a copy of it.
+    """Rank the layers of `model` by LaRa and RGN over a short fine-tuning of a copy of it.
 
     `model` is a plain model (before `get_peft_model`) or a PeftModel (its merged copy is ranked);
-    it is never modified. Every parameter of the copy is trained with SGD(lr, no momentum) for `steps`
-    batches (the loader is cycled), as the papers' preliminary run; lr=0 measures gradients at the
-    pretrained weights only. `loss_fn(model, batch)` defaults to `default_loss`. Memory: a dense
-    backward and a model copy, so run it where full fine-tuning fits (a server, a few minutes).
-    Returns a JSON-ready dict for `save_ranking` and `MeDyateConfig(layer_ranking=...)`.
+    it is never modified. Dense (default): every parameter of the copy is trained with SGD(lr, no
+    momentum) for `steps` batches (the loader is cycled), as the papers' preliminary run; lr=0
+    measures gradients at the pretrained weights only. Memory: a dense backward and a model copy, so
+    run it where full fine-tuning fits (a server, a few minutes).
+
+    With `budget_kb`, within that budget instead (`sparse_probe.py`): each batch measures one
+    budget-sized slice of channels through the channel-sparse backward, for at least `steps` batches
+    rounded up to whole rotations through every channel; only the classifier is trained (SGD, lr).
+    `loss_fn(model, batch)` defaults to `default_loss`. Returns a JSON-ready dict for `save_ranking`
+    and `MeDyateConfig(layer_ranking=...)`.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -208,6 +245,9 @@ def rank_layers(
     work = copy.deepcopy(model)
     if isinstance(work, PeftModel):
         work = work.merge_and_unload()
+    if budget_kb is not None:
+        return rank_in_tuner(work, dataloader, steps, loss_fn or default_loss, lr, progress, budget_kb,
+                             bytes_per_slot)
     work.train()
     layers = _candidate_layers(work)
     if not layers:
@@ -246,7 +286,43 @@ def rank_layers(
         for hook in hooks:
             hook.remove()
     costs = [layer_cost(name, module, activation[name]) for name, module in layers.items() if name in activation]
-    return stats.ranking(costs, source=f"rank_layers({type(model).__name__}, steps={steps}, lr={lr})")
+    ranking = stats.ranking(costs, source=f"rank_layers({type(model).__name__}, steps={steps}, lr={lr})")
+    return with_architecture(ranking, candidate_shapes(work))
+
+
+def rank_in_tuner(work: nn.Module, dataloader: Iterable[Any], steps: int, loss_fn: LossFn, lr: float,
+                  progress: bool, budget_kb: float, bytes_per_slot: int = 4, mode: str = "budgeted") -> dict[str, Any]:
+    """The tuner's own ranking path (its first training batches, `mode` as MeDyateConfig.ranking_mode) run to
+    completion on `work`, which it wraps (pass a copy)."""
+    from peft import get_peft_model
+
+    from .medyate.config import MeDyateConfig  # the probe runs in the tuner's layers; imported only here
+
+    config = MeDyateConfig(budget_kb=budget_kb, bytes_per_slot=bytes_per_slot, strategy="medyate",
+                           ranking_batches=steps, use_shipped_ranking=False, ranking_mode=mode)
+    peft_model = get_peft_model(work, config)
+    peft_model.train()
+    tuner = peft_model.base_model
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr) if lr > 0 and params else None
+    device = next(work.parameters()).device
+    for batch in show_progress(itertools.cycle(dataloader), f"ranking layers ({mode})", disable=not progress):
+        loss = loss_fn(peft_model, _to_device(batch, device))
+        if tuner.is_planned("default"):  # this forward closed the probe: every channel was measured
+            break
+        peft_model.zero_grad(set_to_none=True)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+    ranking = dict(config.layer_ranking)
+    ranking["source"] = f"rank_layers(budget_kb={budget_kb}, steps={steps}, lr={lr}): {ranking['source']}"
+    return ranking
+
+
+def with_architecture(ranking: dict[str, Any], shapes: Mapping[str, list[int]]) -> dict[str, Any]:
+    """The ranking with the weight shapes of its layers and their fingerprint, so it is used on that architecture only."""
+    ranked = {name: list(shapes[name]) for name in ranking["lara"] if name in shapes}
+    return {**ranking, "shapes": ranked, "fingerprint": architecture_fingerprint(ranked)}
 
 
 # -- files -----------------------------------------------------------------------------------------
@@ -291,7 +367,28 @@ def load_ranking(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any
     lara, rgn = _check_scores(source, "lara", where), _check_scores(source, "rgn", where)
     if set(lara) != set(rgn):
         raise ValueError(f"layer ranking {where}: 'lara' and 'rgn' rank different layers")
+    shapes = source.get("shapes")
+    if shapes is not None and (
+        not isinstance(shapes, Mapping)
+        or not all(isinstance(v, (list, tuple)) and all(isinstance(d, int) for d in v) for v in shapes.values())
+    ):
+        raise ValueError(f"layer ranking {where}: 'shapes' must map layer names to weight shapes (lists of ints)")
     return {**source, "format": RANKING_FORMAT, "version": RANKING_VERSION, "lara": lara, "rgn": rgn}
+
+
+def check_architecture(ranking: Mapping[str, Any], shapes: Mapping[str, Iterable[int]]) -> None:
+    """Refuse a ranking made on layers of other shapes (e.g. mobilenetv2_100's for mobilenetv2_050)."""
+    known = ranking.get("shapes") or {}
+    wrong = [(n, list(s), list(known[n])) for n, s in shapes.items() if n in known and list(s) != list(known[n])]
+    if wrong:
+        name, here, there = wrong[0]
+        raise ValueError(
+            f"the layer ranking ({ranking.get('source', 'no source')}) was made for another architecture: "
+            f"{len(wrong)} of {len(shapes)} layers have other weight shapes, e.g. {name!r} is {here} here and "
+            f"{there} in the ranking. Recompute it for this model with rank_layers(model, ...) or `medyate rank`, "
+            "or leave layer_ranking=None to measure one within the budget"
+        )
+    check_covers(ranking, shapes)
 
 
 def check_covers(ranking: Mapping[str, Any], names: Iterable[str]) -> None:
@@ -302,3 +399,38 @@ def check_covers(ranking: Mapping[str, Any], names: Iterable[str]) -> None:
             f"the layer ranking has no score for {len(missing)} candidate layer(s), e.g. {missing[:3]}: it was "
             "made for another architecture (or other target_modules); recompute it with rank_layers(model, ...)"
         )
+
+
+def scores_for_costs(ranking: Mapping[str, Any], costs: Iterable[LayerCost]) -> tuple[dict[str, float], dict[str, float]]:
+    """(LaRa, RGN) of `costs`' layers, re-normalised from the costs the ranking was measured at to these.
+
+    Both scores divide a gradient norm by a memory cost; a ranking made at another input resolution
+    (or sequence length) has other activation costs, and its `layer_slots` give them back exactly.
+    """
+    lara, rgn = dict(ranking["lara"]), dict(ranking["rgn"])
+    measured = ranking.get("layer_slots") or {}
+    for cost in costs:
+        old = measured.get(cost.name)
+        if cost.name in lara and old:
+            lara[cost.name] *= old / cost.layer_slots
+            rgn[cost.name] *= old / cost.layer_slots  # per-channel cost is layer cost / in_channels for both
+    return lara, rgn
+
+
+SHIPPED = "rankings"  # package data: rankings of the backbones medyate-peft ships loaders for
+
+
+@functools.cache
+def _shipped() -> tuple[dict[str, Any], ...]:
+    folder = resources.files(__package__) / SHIPPED
+    return tuple(load_ranking(json.loads(f.read_text())) for f in sorted(folder.iterdir(), key=str)
+                 if f.name.endswith(".json"))
+
+
+def shipped_ranking(shapes: Mapping[str, Iterable[int]]) -> dict[str, Any] | None:
+    """The ranking that ships with the package for exactly this architecture (layer names and shapes), if any."""
+    fingerprint = architecture_fingerprint(shapes)
+    for ranking in _shipped():
+        if ranking.get("fingerprint") == fingerprint:
+            return copy.deepcopy(ranking)
+    return None

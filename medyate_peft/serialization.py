@@ -47,6 +47,54 @@ def check_entry(name: str, layer: MeDyateLayer, index: torch.Tensor, delta: torc
         raise ValueError(f"{name}: delta values must be finite floating-point numbers; the adapter file is corrupt")
 
 
+def check_modules_to_save(model: nn.Module, modules_to_save: list[str] | None, adapter_name: str) -> None:
+    """Before a save: every module of the model that modules_to_save names is PEFT's trained copy, finite.
+
+    Names that match no module (PEFT's task types add their usual ones, "classifier" and "score") pass.
+    """
+    from peft.utils import ModulesToSaveWrapper
+
+    from .guards import NonFiniteError
+
+    modules = list(model.named_modules())
+    wrappers = [(n, m) for n, m in modules if isinstance(m, ModulesToSaveWrapper)]
+    for target in modules_to_save or ():
+        copies = [(n, m.modules_to_save[adapter_name]) for n, m in wrappers
+                  if names_module(n, target) and adapter_name in m.modules_to_save]
+        if not copies and any(names_module(n, target) for n, _ in modules):
+            raise ValueError(
+                f"modules_to_save names {target!r}, but the model's {target!r} is not PEFT's trained copy of it "
+                "(was the module replaced after get_peft_model?), so its weights would be missing from the save; "
+                "replace it before get_peft_model"
+            )
+        for name, copy in copies:
+            for key, tensor in [*copy.named_parameters(), *copy.named_buffers()]:
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise NonFiniteError(
+                        f"{name}.{key} (modules_to_save of adapter {adapter_name!r}) holds NaN/inf; not saving an "
+                        "adapter that cannot be used (the previous save, if any, is kept)"
+                    )
+
+
+def names_module(name: str, target: str) -> bool:
+    """PEFT's rule for modules_to_save entries: the module's full name or its last parts."""
+    return name == target or name.endswith("." + target)
+
+
+def _check_other_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """The loaded head (modules_to_save) tensors: finite and shaped as the model's."""
+    own = model.state_dict()
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{key.removeprefix(PEFT_PREFIX)}: values must be finite; the adapter file is corrupt")
+        target = own.get(key, own.get(key.removeprefix(PEFT_PREFIX)))
+        if target is not None and target.shape != tensor.shape:
+            raise ValueError(
+                f"{key.removeprefix(PEFT_PREFIX)}: shape {tuple(tensor.shape)} in the adapter, {tuple(target.shape)} "
+                "in the model; the adapter was made for a different base model (or number of classes)"
+            )
+
+
 def adapter_entries(state_dict: dict, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per layer name, the (channel indices, delta slices) entries of an adapter in a model state dict."""
     suffix = f".{DELTA_KEY}.{adapter_name}"
@@ -83,6 +131,7 @@ def complete_for_load(model: nn.Module, adapter_name: str, state_dict: dict[str,
             missing = {INDEX_KEY, DELTA_KEY} - set(entry)
             raise ValueError(f"{name}: the adapter file lacks {sorted(missing)}; it is truncated or corrupt")
         check_entry(name.removeprefix(PEFT_PREFIX), layers[name], entry[INDEX_KEY], entry[DELTA_KEY])
+    _check_other_tensors(model, out)
     saved = {id(layers[name]): entry for name, entry in entries.items()}
     for name, layer in model.named_modules():
         if not isinstance(layer, MeDyateLayer) or adapter_name not in layer.medyate_delta:

@@ -19,6 +19,7 @@ import gc
 import itertools
 import logging
 import os
+import re
 import shutil
 import time
 from collections import deque
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import preflight
 from .atomic import atomic_directory, atomic_write_json
 from .candidates import detect_head
 from .strategies import resample_due
@@ -41,9 +43,12 @@ STATE_FORMAT = 1
 # A resumed run must match these settings, or it would not continue the same training.
 RESUME_KEYS = (
     "model", "weights", "random_init", "dataset", "train_split", "max_train_samples", "method", "budget_kb",
-    "strategy", "seed", "batch_size", "epochs", "lr", "warmup_epochs", "image_size", "max_length", "resample_every",
+    "strategy", "seed", "batch_size", "warmup_epochs", "image_size", "max_length", "resample_every",
     "crop_scale", "hflip", "clip_grad_norm", "lora_r",
 )
+# These may change on --resume (a lower rate after a NaN, more epochs): the schedule is rebuilt from them.
+SCHEDULE_KEYS = ("lr", "epochs")
+_CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
 DEFAULT_CROP_SCALE = (0.25, 1.0)  # scripts/bench_configs/vision.yaml's augmentation
 
 
@@ -117,10 +122,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", required=True)
     out.add_argument("--resume", help="a checkpoint folder, or an output folder (its latest checkpoint)")
-    out.add_argument("--save-total-limit", type=int, default=1, help="checkpoints kept")
+    out.add_argument("--overwrite", action="store_true", help="replace the checkpoints of another run in --output-dir")
+    out.add_argument("--save-total-limit", type=int, default=1, help="checkpoints kept (at least 1)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     out.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the adapter and its card to this Hub repo")
-    out.add_argument("--hub-private", action="store_true")
+    visibility = out.add_mutually_exclusive_group()
+    visibility.add_argument("--hub-private", action="store_true", help="a private Hub repo (the default)")
+    visibility.add_argument("--hub-public", action="store_true", help="a public Hub repo")
     return parser
 
 
@@ -130,15 +138,93 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- files ----------------------------------------------------------------------------------------
+def checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(epoch, folder) of this script's checkpoints in `folder`, by epoch: `checkpoint-epoch<N>` folders
+    holding its state file. Nothing else (a user's `checkpoint-epoch003.bak/`) is ever one."""
+    found = []
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        match = _CHECKPOINT_NAME.fullmatch(entry.name)
+        if match and not entry.is_symlink() and (entry / STATE_FILE).is_file():
+            found.append((int(match[1]), entry))
+    return sorted(found)
+
+
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """`path` itself if it is a checkpoint, else its latest `checkpoint-epochNNN`."""
+    """`path` itself if it is a checkpoint, else its latest `checkpoint-epoch<N>` (by number)."""
     path = Path(path)
     if (path / STATE_FILE).is_file():
         return path
-    found = sorted(p.parent for p in path.glob(f"{CHECKPOINT_PREFIX}*/{STATE_FILE}"))
+    found = checkpoints(path)
     if not found:
-        raise FileNotFoundError(f"--resume {path}: no {STATE_FILE} there nor in a {CHECKPOINT_PREFIX}*/ folder")
-    return found[-1]
+        raise FileNotFoundError(f"--resume {path}: no {STATE_FILE} there nor in a {CHECKPOINT_PREFIX}<N>/ folder")
+    return found[-1][1]
+
+
+def rotate_checkpoints(folder: Path, epoch: int, keep: int) -> None:
+    """Keep the `keep` latest checkpoints up to `epoch` (just written). Later-numbered ones belong to the
+    run this one replaces (--overwrite, or a resume from an earlier epoch) and would be taken for the
+    latest by --resume: they go too. Only `checkpoints()` folders are ever removed."""
+    found = checkpoints(folder)
+    replaced = [path for number, path in found if number > epoch]
+    older = [path for number, path in found if number <= epoch][:-keep]
+    for path in replaced + older:
+        shutil.rmtree(path)
+
+
+def check_run_settings(args: argparse.Namespace, checkpoint: Path | None) -> None:
+    """Refuse a run that would mix its checkpoints with another run's, or keep none."""
+    if args.save_total_limit < 1:
+        raise ValueError(f"--save-total-limit must be at least 1 (the checkpoint --resume needs), got "
+                         f"{args.save_total_limit}")
+    output_dir = Path(args.output_dir)
+    found = checkpoints(output_dir)
+    resuming_here = checkpoint is not None and checkpoint.resolve().parent == output_dir.resolve()
+    if found and not (args.overwrite or resuming_here):
+        raise ValueError(
+            f"--output-dir {output_dir} holds the checkpoints of another run ({found[-1][1].name}); pass --resume "
+            f"{output_dir} to continue it, --overwrite to replace it, or another --output-dir"
+        )
+
+
+def load_training_state(checkpoint: Path) -> dict[str, Any]:
+    """The state file of a checkpoint, checked: one clear error naming the file if it is damaged."""
+    path = checkpoint / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, bad pickle, foreign object: all mean a damaged file
+        raise ValueError(f"{path} is truncated or corrupt ({type(err).__name__}: {err}); resume from another "
+                         "checkpoint") from err
+    problem = _state_problem(state)
+    if problem:
+        raise ValueError(f"{path} is not a valid training state ({problem}); resume from another checkpoint")
+    return state
+
+
+def _state_problem(state: Any) -> str | None:
+    keys = ("format", "epoch", "settings", "history", "model", "optimizer", "scheduler")
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        return f"it lacks {[k for k in keys if not isinstance(state, dict) or k not in state]}"
+    if state["format"] != STATE_FORMAT:
+        return f"format {state['format']!r}, this version reads {STATE_FORMAT}"
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+        return f"epoch {epoch!r} is not a completed epoch number"
+    if not isinstance(state["history"], list) or len(state["history"]) != epoch:
+        return f"its history does not hold the {epoch} epochs it claims"
+    return _non_finite(state)
+
+
+def _non_finite(value: Any, where: str = "") -> str | None:
+    """Where the first NaN/inf tensor of a nested state is, if any."""
+    if torch.is_tensor(value):
+        finite = not value.is_floating_point() or bool(torch.isfinite(value).all())
+        return None if finite else f"{where.lstrip('.')} holds NaN/inf"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        problem = _non_finite(item, f"{where}.{key}")
+        if problem:
+            return problem
+    return None
 
 
 # -- model ----------------------------------------------------------------------------------------
@@ -236,7 +322,51 @@ def measure_memory(model: nn.Module, batch: dict[str, torch.Tensor], modality: s
 
 # -- checkpoints ----------------------------------------------------------------------------------
 def _resume_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: getattr(args, key) for key in RESUME_KEYS}
+    return {key: getattr(args, key) for key in RESUME_KEYS + SCHEDULE_KEYS}
+
+
+def _check_resume_settings(args: argparse.Namespace, checkpoint: Path, state: dict[str, Any]) -> str:
+    """Refuse settings that would not continue the same training; describe allowed schedule changes ('' if none)."""
+    saved = state["settings"]
+    changed = {k: (saved.get(k), getattr(args, k)) for k in RESUME_KEYS if saved.get(k) != getattr(args, k)}
+    if changed:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
+        raise ValueError(
+            f"--resume {checkpoint}: the run's settings differ ({details}); only {' and '.join(SCHEDULE_KEYS)} may "
+            "change on --resume"
+        )
+    if args.epochs <= state["epoch"]:
+        raise ValueError(f"--resume {checkpoint}: the checkpoint is after epoch {state['epoch']}, so --epochs "
+                         f"{args.epochs} leaves nothing to train; pass a larger --epochs")
+    rescheduled = {k: (saved.get(k), getattr(args, k)) for k in SCHEDULE_KEYS if saved.get(k) != getattr(args, k)}
+    return ", ".join(f"{k} {b} (checkpoint: {a})" for k, (a, b) in rescheduled.items())
+
+
+def _restore(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any], checkpoint: Path,
+    medyate: bool,
+) -> None:
+    """Load a checked training state; anything that does not fit is one error naming the file."""
+    path = checkpoint / STATE_FILE
+    try:
+        _, unexpected = model.load_state_dict(state["model"], strict=False)
+        if unexpected:
+            raise ValueError(f"weights for another model ({unexpected[:3]} ...)")
+        if medyate:
+            model.base_model.load_training_state_dict(state["medyate"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        raise ValueError(f"--resume {path} does not fit this run: {type(err).__name__}: {err}") from err
+
+
+def _reschedule(optimizer: torch.optim.Optimizer, scheduler: Any, lr: float) -> None:
+    """After loading a schedule: the new peak rate and length (the schedule's step count is kept)."""
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    rates = [lr * factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"], group["initial_lr"] = rate, lr
+    scheduler._last_lr = rates
 
 
 def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -405,13 +535,20 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run the training described by `args` (see `add_train_arguments`); returns the run's results."""
+    checkpoint = find_checkpoint(args.resume) if args.resume else None
+    check_run_settings(args, checkpoint)
+    with preflight.exclusive(Path(args.output_dir)):  # one run at a time per output folder
+        return _train(args, checkpoint)
+
+
+def _train(args: argparse.Namespace, checkpoint: Path | None) -> dict[str, Any]:
     import datasets
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
     from transformers import get_cosine_schedule_with_warmup
 
-    from .hub import push_adapter_to_hub, write_model_card
+    from .hub import push_adapter_to_hub
     from .progress import progress
 
     if args.push_to_hub and args.method != "medyate":
@@ -428,14 +565,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if not is_main:  # one copy of each library message, from the main process
         logging.getLogger("medyate_peft").setLevel(logging.ERROR)
     output_dir = Path(args.output_dir)
-    checkpoint = find_checkpoint(args.resume) if args.resume else None
-    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True) if checkpoint else None
-    if state is not None:
-        saved = state["settings"]
-        changed = {k: (saved.get(k), v) for k, v in _resume_settings(args).items() if saved.get(k) != v}
-        if changed:
-            details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
-            raise ValueError(f"--resume {checkpoint}: the run's settings differ ({details})")
+    state = load_training_state(checkpoint) if checkpoint else None
+    rescheduled = _check_resume_settings(args, checkpoint, state) if state is not None else {}
 
     set_seed(args.seed)
     with accelerator.main_process_first():  # the first load converts the files into the datasets cache
@@ -461,15 +592,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     start_epoch, history = 0, []
     if state is not None:
-        missing, unexpected = unwrapped.load_state_dict(state["model"], strict=False)
-        if unexpected:
-            raise ValueError(f"--resume {checkpoint}: weights for another model ({unexpected[:3]} ...)")
-        if medyate:
-            unwrapped.base_model.load_training_state_dict(state["medyate"])
-        optimizer.optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        _restore(unwrapped, optimizer.optimizer, scheduler, state, checkpoint, medyate)
+        if rescheduled:
+            _reschedule(optimizer.optimizer, scheduler, args.lr)
+            accelerator.print(f"resuming with {rescheduled}: the schedule is rebuilt for these values")
         start_epoch, history = state["epoch"], state["history"]
         accelerator.print(f"resumed from {checkpoint} after epoch {start_epoch}")
+    preflight.check_labels(data.eval, data.label_column, data.num_classes, data.eval_split, "eval")
+    preflight.check_labels(data.train, data.label_column, data.num_classes, args.train_split, "train")
+    preflight.dry_evaluation(
+        unwrapped, preflight.first_rows(eval_set, 2, accelerator.device), lambda b: _logits(unwrapped, b, data.modality)
+    )
+    if is_main:
+        preflight.check_free_space(output_dir, preflight.checkpoint_bytes(unwrapped, optimizer.optimizer))
     if medyate and state is None:
         _plan(unwrapped, train_set, args.batch_size, accelerator, data.modality)
     elif medyate:
@@ -549,27 +684,38 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         save_checkpoint(accelerator, unwrapped, optimizer, scheduler, args, history, card)
     metrics = _metrics(history)
     if is_main:
-        if medyate:
-            card.update(metrics=metrics, memory=history[-1]["memory"] if history else None)
-            with atomic_directory(output_dir / "adapter") as tmp:
-                unwrapped.save_pretrained(tmp, save_embedding_layers=False)
-                write_model_card(unwrapped, tmp, **card)  # after save_pretrained, so PEFT's card is replaced
-        elif args.method == "lora":
-            with atomic_directory(output_dir / "adapter") as tmp:
-                unwrapped.save_pretrained(tmp, save_embedding_layers=False)
-        else:
-            from safetensors.torch import save_file
-
-            with atomic_directory(output_dir / "model") as tmp:
-                save_file(_model_state(unwrapped), tmp / "model.safetensors")
-        results = {"metrics": metrics, "history": history, "settings": _resume_settings(args),
-                   "processes": accelerator.num_processes}
-        atomic_write_json(results, output_dir / "results.json")
+        with preflight.disk_full_explained(output_dir, "the final adapter and results"):
+            _save_final(unwrapped, args, card, metrics, history, accelerator.num_processes, medyate)
         if args.push_to_hub:
-            url = push_adapter_to_hub(unwrapped, args.push_to_hub, private=args.hub_private or None, **card)
+            url = push_adapter_to_hub(unwrapped, args.push_to_hub, private=not args.hub_public, **card)
             accelerator.print(f"pushed to {url}")
     accelerator.wait_for_everyone()
     return {"metrics": metrics, "history": history, "output_dir": str(output_dir), "model": unwrapped}
+
+
+def _save_final(
+    model: nn.Module, args: argparse.Namespace, card: dict[str, Any], metrics: dict[str, float],
+    history: list[dict[str, Any]], processes: int, medyate: bool,
+) -> None:
+    """`adapter/` (MeDyate) or `model/` (baselines) and `results.json`, each written atomically."""
+    from .hub import write_model_card
+
+    output_dir = Path(args.output_dir)
+    if medyate:
+        card.update(metrics=metrics, memory=history[-1]["memory"] if history else None)
+        with atomic_directory(output_dir / "adapter") as tmp:
+            model.save_pretrained(tmp, save_embedding_layers=False)
+            write_model_card(model, tmp, **card)  # after save_pretrained, so PEFT's card is replaced
+    elif args.method == "lora":
+        with atomic_directory(output_dir / "adapter") as tmp:
+            model.save_pretrained(tmp, save_embedding_layers=False)
+    else:
+        from safetensors.torch import save_file
+
+        with atomic_directory(output_dir / "model") as tmp:
+            save_file(_model_state(model), tmp / "model.safetensors")
+    results = {"metrics": metrics, "history": history, "settings": _resume_settings(args), "processes": processes}
+    atomic_write_json(results, output_dir / "results.json")
 
 
 def _metrics(history: list[dict[str, Any]]) -> dict[str, float]:
@@ -618,16 +764,15 @@ def save_checkpoint(
             "scheduler": scheduler.state_dict(),
         }
         output_dir = Path(args.output_dir)
-        with atomic_directory(output_dir / f"{CHECKPOINT_PREFIX}{epoch:03d}") as tmp:
+        name = f"{CHECKPOINT_PREFIX}{epoch:03d}"
+        with preflight.disk_full_explained(output_dir, name), atomic_directory(output_dir / name) as tmp:
             if args.method == "medyate":
                 state["medyate"] = model.base_model.training_state_dict()
                 state["layer_ranking"] = model.peft_config[model.active_adapter].layer_ranking
                 model.save_pretrained(tmp, save_embedding_layers=False)  # no Hub config lookup
                 write_model_card(model, tmp, **card, metrics=_metrics(history), memory=history[-1]["memory"])
             torch.save(state, tmp / STATE_FILE)  # inside the atomic folder
-        kept = sorted(output_dir.glob(f"{CHECKPOINT_PREFIX}*"))
-        for old in kept[: max(len(kept) - args.save_total_limit, 0)]:
-            shutil.rmtree(old)
+        rotate_checkpoints(output_dir, epoch, args.save_total_limit)
         atomic_write_json(history, output_dir / "log.json")
     accelerator.wait_for_everyone()
 

@@ -39,7 +39,8 @@ def train(rank: int, strategy: str) -> list[dict]:
     import medyate_peft  # noqa: F401
     from medyate_peft import MeDyateConfig
 
-    config = MeDyateConfig(budget_kb=1.0, input_size=INPUT, strategy=strategy, ranking_batches=2, seed=3)
+    config = MeDyateConfig(budget_kb=1.0, input_size=INPUT, strategy=strategy, ranking_batches=2, seed=3,
+                           ranking_mode="dense")
     model = get_peft_model(net(), config)
     tuner = model.base_model
     # The ranking batches train only the head, so the channel vector is unused in them.

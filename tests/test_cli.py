@@ -101,11 +101,12 @@ def test_plan_shows_what_the_cost_aware_pools_change(tmp_path: Path, capsys: pyt
          "pass --layer-ranking FILE"),
         (["plan", "--model", "timm:test_efficientnet", "--budget-kb", "8", "--strategy", "nope"], "unknown strategy"),
         (["inspect", "/no/such/adapter"], "no such folder"),
-        (["train", "--model", "timm:test_efficientnet", "--dataset", "/no/such/data.parquet", "--output-dir", "x"],
-         "no such file or folder"),
+        (["train", "--model", "timm:test_efficientnet", "--dataset", "/no/such/data.parquet", "--output-dir",
+          "{tmp}/out"], "no such file or folder"),
     ],
 )
-def test_clear_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+def test_clear_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"medyate {argv[0]}: error:") and message in err and "\n" not in err

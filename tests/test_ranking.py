@@ -191,7 +191,8 @@ def test_a_ranking_of_another_architecture_is_rejected():
 
 def test_without_ranking_the_first_batches_rank_densely_then_channels_train():
     data = batches(3)
-    model = get_peft_model(net(), MeDyateConfig(budget_kb=1.0, input_size=INPUT, ranking_batches=1))
+    model = get_peft_model(net(), MeDyateConfig(budget_kb=1.0, input_size=INPUT, ranking_batches=1,
+                                                ranking_mode="dense"))
     tuner = model.base_model
     assert not tuner.is_planned("default")
     reference = rank_layers(net(), data[:1], steps=1, lr=0.0, progress=False)
@@ -221,7 +222,8 @@ def test_without_ranking_the_first_batches_rank_densely_then_channels_train():
 
 
 def test_an_epoch_shorter_than_the_ranking_batches_plans_at_resample():
-    model = get_peft_model(net(), MeDyateConfig(budget_kb=1.0, strategy="trady", ranking_batches=5))
+    model = get_peft_model(net(), MeDyateConfig(budget_kb=1.0, strategy="trady", ranking_batches=5,
+                                                ranking_mode="dense"))
     tuner = model.base_model
     model.train()
     x, y = batches(1)[0]
@@ -234,7 +236,8 @@ def test_an_epoch_shorter_than_the_ranking_batches_plans_at_resample():
         get_peft_model(net(), MeDyateConfig(budget_kb=1.0, strategy="trady")).resample()
 
 
-def test_a_layer_the_loss_does_not_reach_ranks_zero():
+@pytest.mark.parametrize("mode", ["dense", "budgeted"])
+def test_a_layer_the_loss_does_not_reach_ranks_zero(mode):
     class WithSide(Net):
         def __init__(self) -> None:
             super().__init__()
@@ -244,9 +247,10 @@ def test_a_layer_the_loss_does_not_reach_ranks_zero():
             return super().forward(x + 0 * self.side(x).detach())
 
     torch.manual_seed(0)
-    model = get_peft_model(WithSide(), MeDyateConfig(budget_kb=1.0, input_size=INPUT, ranking_batches=1))
+    model = get_peft_model(WithSide(), MeDyateConfig(budget_kb=1.0, input_size=INPUT, ranking_batches=1,
+                                                     ranking_mode=mode))
     model.train()
-    for x, y in batches(2):
+    for x, y in batches(20):  # the budgeted probe needs one batch per slice of channels
         F.cross_entropy(model(x), y).backward()
     tuner = model.base_model
     ranking = tuner.peft_config["default"].layer_ranking

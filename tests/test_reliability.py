@@ -97,6 +97,18 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
         ({"input_size": [3, 0, 8]}, ValueError, "positive sizes"),
         ({"seed": "0"}, TypeError, "seed must be an int"),
         ({"format_version": 99, "strategy": "from_the_future"}, ValueError, "upgrade with `pip install -U"),
+        ({"format_version": "2"}, TypeError, "format_version must be an int (this version writes 1), got '2'"),
+        ({"bytes_per_slot": 3}, ValueError, "bytes_per_slot must be the size of one element: one of (1, 2, 4, 8)"),
+        ({"bytes_per_slot": 2.5}, TypeError, "bytes_per_slot must be an int (4 for fp32), got 2.5"),
+        ({"bytes_per_slot": True}, TypeError, "bytes_per_slot must be an int (4 for fp32), got True (bool)"),
+        ({"bytes_per_slot": float("nan")}, TypeError, "bytes_per_slot must be an int"),
+        ({"bytes_per_slot": "4"}, TypeError, "bytes_per_slot must be an int (4 for fp32), got '4' (str)"),
+        ({"detect_anomalies": "False"}, TypeError, "detect_anomalies must be True or False, got 'False' (str)"),
+        ({"lean_backward": 1}, TypeError, "lean_backward must be True or False"),
+        ({"seed": 2**70}, ValueError, "seed must be in [-2**63, 2**64 - 1] (what torch.Generator accepts)"),
+        ({"input_size": [3, 2.5, 8]}, TypeError, "input_size must hold whole sizes (ints)"),
+        ({"alpha_opt": "0.2"}, TypeError, "alpha_opt must be a number, got '0.2' (str)"),
+        ({"ranking_batches": 1.5}, TypeError, "ranking_batches must be an int, got 1.5"),
     ],
 )
 def test_bad_config_values_are_refused(kwargs, error, message) -> None:
@@ -218,7 +230,43 @@ DAMAGES = {
         lambda d: _rewrite_tensors(d, lambda t: t[_delta_key(t, "medyate_delta")].fill_(float("nan"))),
         ValueError, "must be finite",
     ),
+    "config is a JSON list": (
+        lambda d: _edit_config(d, lambda c: [c]), AdapterFileError, r"adapter_config.json holds a JSON list, not an",
+    ),
+    "config lacks peft_type": (
+        lambda d: _edit_config(d, lambda c: _without(c, "peft_type")), AdapterFileError,
+        r"adapter_config.json lacks 'peft_type', but .*adapter_model.safetensors holds a MeDyate adapter",
+    ),
+    "config lacks budget_kb": (
+        lambda d: _edit_config(d, lambda c: _without(c, "budget_kb")), AdapterFileError,
+        r"adapter_config.json lacks the required key 'budget_kb'",
+    ),
+    "config says LORA": (
+        lambda d: _edit_config(d, lambda c: {**c, "peft_type": "LORA"}), AdapterFileError,
+        r"says peft_type 'LORA', but .* holds a MeDyate adapter",
+    ),
+    "head weights missing": (
+        lambda d: _rewrite_tensors(d, lambda t: [t.pop(k) for k in list(t) if k.startswith("base_model.model.6.")]),
+        AdapterFileError, r"holds no weights of '6', which the config names in modules_to_save",
+    ),
+    "NaN head": (
+        lambda d: _rewrite_tensors(d, lambda t: t["base_model.model.6.weight"].fill_(float("nan"))),
+        ValueError, r"6.modules_to_save.default.weight: values must be finite",
+    ),
+    "head of another shape": (
+        lambda d: _rewrite_tensors(d, lambda t: t.__setitem__("base_model.model.6.weight", torch.zeros(5, 8))),
+        ValueError, r"shape \(5, 8\) in the adapter, \(4, 8\) in the model; .*different base model",
+    ),
 }
+
+
+def _edit_config(folder: Path, change) -> None:
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def _without(config: dict, key: str) -> dict:
+    return {k: v for k, v in config.items() if k != key}
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
@@ -234,6 +282,54 @@ def test_damaged_adapter_fails_clearly_and_leaves_the_base_model(saved, tmp_path
     loaded = PeftModel.from_pretrained(base, folder)  # the same base still loads the good adapter
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected)
+
+
+def test_failed_load_of_another_peft_method_leaves_the_base_model(tmp_path) -> None:
+    """The rollback is not MeDyate's only: a LoRA adapter for other widths fails after PEFT wrapped the model."""
+    from peft import LoraConfig
+
+    get_peft_model(net(width=16), LoraConfig(target_modules=["0"], r=2)).save_pretrained(tmp_path / "lora")
+    base = net()
+    before = fingerprint(base)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(base, tmp_path / "lora")
+    assert_unchanged(base, before)
+
+
+def test_a_head_replaced_after_get_peft_model_or_holding_nan_is_not_saved(tmp_path) -> None:
+    model = trained()
+    model.save_pretrained(tmp_path / "good")
+    good = (tmp_path / "good" / "adapter_model.safetensors").read_bytes()
+    model.base_model.model[6] = nn.Linear(8, 4)  # no longer PEFT's trained copy: it would be left out
+    with pytest.raises(ValueError, match="modules_to_save names '6', but the model's '6' is not PEFT's trained copy"):
+        model.save_pretrained(tmp_path / "good")
+    nan_head = trained()
+    with torch.no_grad():
+        nan_head.base_model.model[6].modules_to_save["default"].weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"6.weight \(modules_to_save of adapter 'default'\) holds NaN/inf"):
+        nan_head.save_pretrained(tmp_path / "good")
+    assert (tmp_path / "good" / "adapter_model.safetensors").read_bytes() == good
+
+
+def test_a_ranking_of_another_width_is_refused_though_the_names_match() -> None:
+    """mobilenetv2_050 and mobilenetv2_100 share layer names; their shapes differ."""
+    from medyate_peft import rank_layers
+
+    loader = [(torch.randn(4, *INPUT), torch.randint(0, 4, (4,)))]
+    ranking = rank_layers(net(width=8), loader, steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"made for another architecture: \d+ of \d+ layers have other weight shapes"):
+        get_peft_model(net(width=16), config(strategy="medyate", layer_ranking=ranking, modules_to_save=["6"]))
+    get_peft_model(net(width=8), config(strategy="medyate", layer_ranking=ranking))  # its own architecture
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "config is a JSON list", "config lacks budget_kb"])
+def test_inspect_of_a_damaged_adapter_is_a_clear_error(saved, tmp_path, capsys, damage) -> None:
+    from medyate_peft.cli import main
+
+    damaged = _damaged_copy(saved[0], tmp_path / "damaged", DAMAGES[damage][0])
+    assert main(["inspect", str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(DAMAGES[damage][2], err) and "Traceback" not in err
 
 
 def test_missing_folder_is_named(tmp_path) -> None:
@@ -473,3 +569,101 @@ def test_ddp_ranks_with_different_seeds_fail_at_their_first_backward_on_every_ra
         assert same == "ok"
         assert "DDP ranks disagree at the first backward of adapter 'default', epoch 0 on seed" in different
         assert "rank 0=0, rank 1=1" in different and "selected channels" in different
+
+
+# -- 6. the optimizer at resample() ----------------------------------------------------------------
+def _epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 3) -> None:
+    x, y = torch.randn(8, *INPUT), torch.randint(0, 4, (8,))
+    for _ in range(steps):
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_resample_refuses_what_is_not_the_models_optimizer() -> None:
+    model = get_peft_model(net(), config())
+    head_only = torch.optim.SGD(model.base_model.model[6].parameters(), lr=0.1)
+    _epoch(model, head_only)
+    with pytest.raises(TypeError, match="takes the torch.optim.Optimizer that trains the model, got 'sgd' \\(str\\)"):
+        model.base_model.resample("sgd")
+    with pytest.raises(ValueError, match="does not hold the trainable vector of adapter 'default'.*trains only"):
+        model.base_model.resample(head_only)
+    assert model.base_model.plans["default"].epoch == 0  # refused before anything changed
+
+
+def test_resample_without_an_optimizer_warns_that_nothing_trained_the_channels(caplog) -> None:
+    model = get_peft_model(net(), config())
+    _epoch(model, torch.optim.SGD(model.base_model.model[6].parameters(), lr=0.1))
+    with caplog.at_level(logging.WARNING, logger="medyate_peft"):
+        model.base_model.resample()
+    assert "no optimizer step changed the trainable vector of adapter 'default' during epoch 0" in caplog.text
+
+
+@pytest.mark.parametrize("make", [lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9), lambda p: torch.optim.Adam(p)])
+def test_resample_without_the_optimizer_resets_its_stale_state_and_says_so(caplog, make) -> None:
+    """Carried over, momentum moved a newly drawn channel by 0.69 on a step with zero gradient."""
+    model = get_peft_model(net(), config())
+    optimizer = make([p for p in model.parameters() if p.requires_grad])
+    _epoch(model, optimizer)
+    values = model.base_model.medyate_values["default"]
+    with caplog.at_level(logging.WARNING, logger="medyate_peft"):
+        model.base_model.resample()  # the optimizer is not passed
+    assert "resample() was called without the optimizer" in caplog.text and "was reset" in caplog.text
+    values.grad = torch.zeros_like(values)
+    optimizer.step()  # a zero gradient moves nothing
+    assert not values.detach().any()
+
+
+# -- 7. the Hub and portable files -----------------------------------------------------------------
+def test_push_is_private_and_uploads_no_local_path(tmp_path, caplog) -> None:
+    from test_hub import RecordingApi
+
+    from medyate_peft import save_ranking
+    from medyate_peft.hub import local_paths, push_adapter_to_hub
+
+    loader = [(torch.randn(4, *INPUT), torch.randint(0, 4, (4,)))]
+    ranking = medyate_peft.rank_layers(net(), loader, steps=1, progress=False)
+    ranking["source"] = f"medyate rank --model hf:{tmp_path}/models/tiny-net --dataset data"
+    path = save_ranking(ranking, tmp_path / "rankings" / "net.json")
+    model = trained(strategy="medyate", layer_ranking=str(path))
+    model.peft_config["default"].base_model_name_or_path = f"hf:{tmp_path}/models/tiny-net"
+    api = RecordingApi(tmp_path / "uploaded")
+    with caplog.at_level(logging.WARNING, logger="medyate_peft"):
+        push_adapter_to_hub(model, "someone/tiny", api=api, dataset="data")
+    assert api.calls[0][1]["private"] is True  # unless asked otherwise
+    assert "local paths replaced by their last part" in caplog.text
+    uploaded = {p.name: p.read_text() for p in (tmp_path / "uploaded").iterdir() if p.suffix in (".json", ".md")}
+    assert uploaded.keys() == {"adapter_config.json", "README.md"}
+    for name, text in uploaded.items():
+        assert str(tmp_path) not in text and not local_paths(text), name
+    config = json.loads(uploaded["adapter_config.json"])
+    assert config["base_model_name_or_path"] == "hf:tiny-net"
+    assert config["layer_ranking"]["lara"] == ranking["lara"]  # by content, not by path
+
+
+def test_a_ranking_path_is_stored_by_content_so_the_adapter_loads_from_anywhere(tmp_path, monkeypatch) -> None:
+    from medyate_peft import save_ranking
+
+    loader = [(torch.randn(4, *INPUT), torch.randint(0, 4, (4,)))]
+    monkeypatch.chdir(tmp_path)
+    save_ranking(medyate_peft.rank_layers(net(), loader, steps=1, progress=False), "ranking.json")
+    trained(strategy="medyate", layer_ranking="ranking.json").save_pretrained(tmp_path / "adapter")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = PeftModel.from_pretrained(net(), tmp_path / "adapter", is_trainable=True)
+    assert isinstance(model.peft_config["default"].layer_ranking, dict)
+
+
+@pytest.mark.parametrize("name", ["/tmp/escape", "../escape", "a/b", "x.y", ""])
+def test_adapter_names_that_are_paths_are_refused(tmp_path, name) -> None:
+    base = net()
+    before = fingerprint(base)
+    with pytest.raises(ValueError, match="adapter name .* is not allowed: use a non-empty name without"):
+        get_peft_model(base, config(), adapter_name=name)
+    assert_unchanged(base, before)
+    model = trained()
+    with pytest.raises(ValueError, match="is not allowed"):
+        model.add_adapter(name, config())
+    model.save_pretrained(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

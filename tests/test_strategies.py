@@ -300,9 +300,10 @@ def test_trainer_callback_resamples_every_n_steps(ranking, tmp_path):
     assert full_gradient_batches == [2, 2]
 
 
-@pytest.mark.parametrize(("ranking_batches", "step", "every"), [(1, 8, None), (3, 2, None), (1, 6, 4)],
-                         ids=["after-resample", "mid-ranking", "every-4-steps"])
-def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path, ranking_batches, step, every):
+@pytest.mark.parametrize(("ranking_batches", "step", "every", "mode"),
+                         [(1, 8, None, "dense"), (3, 2, None, "dense"), (1, 6, 4, "dense"), (3, 2, None, "budgeted")],
+                         ids=["after-resample", "mid-ranking", "every-4-steps", "mid-budgeted-ranking"])
+def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path, ranking_batches, step, every, mode):
     """An interrupted Trainer run resumed mid-epoch ends with the same weights, deltas and channels.
 
     Also from a checkpoint taken while the first batches' dense gradients were still being measured,
@@ -319,7 +320,7 @@ def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path, ranking_batc
         torch.manual_seed(0)
         config = MeDyateConfig(budget_kb=BUDGET_KB, input_size=INPUT, strategy="medyate",
                                ranking_batches=ranking_batches, modules_to_save=["net.classifier"],
-                               resample_every=every)
+                               resample_every=every, ranking_mode=mode)
         return get_peft_model(Wrapped(), config)
 
     def trainer(model: nn.Module, out: Path, callback: MeDyateCallback | None = None) -> Trainer:
@@ -343,6 +344,8 @@ def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path, ranking_batc
         got = resumed.state_dict()
         assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
         draws = 3 if every is None else 4  # 18 steps: at 3 epoch ends, or after steps 4, 8, 12, 16
+        if mode == "budgeted":
+            draws = 1  # its ranking takes the first 12 batches (12 slices of the budget): the 3rd epoch end draws
         assert snapshot(resumed) == snapshot(whole) and resumed.base_model.plans["default"].epoch == draws
 
     (checkpoint / TRAINING_STATE_NAME).unlink()  # a checkpoint without it: said, not silent
@@ -372,7 +375,7 @@ def test_trainer_fp16_skips_overflowing_ranking_batches(tmp_path):
     x, y = batches(1, size=24)[0]
     dataset = [{"x": x[i], "labels": y[i]} for i in range(24)]
     config = MeDyateConfig(budget_kb=BUDGET_KB, input_size=INPUT, strategy="medyate", ranking_batches=3,
-                           modules_to_save=["net.classifier"])
+                           ranking_mode="dense", modules_to_save=["net.classifier"])
     model = get_peft_model(OverflowsOnce(), config)
     assert model.peft_config["default"].detect_anomalies
     args = TrainingArguments(
@@ -401,7 +404,7 @@ def test_dense_gradient_probe_strict_names_the_layer_lenient_skips_the_batch():
 
     def train(strict: bool, losses: list[float]) -> nn.Module:
         config = MeDyateConfig(budget_kb=BUDGET_KB, input_size=INPUT, strategy="medyate", ranking_batches=len(losses),
-                               detect_anomalies=strict)
+                               detect_anomalies=strict, ranking_mode="dense")
         model = get_peft_model(net(), config)
         for scale in [*losses, 1.0]:  # one more forward closes the probe
             (F.cross_entropy(model(x), y) * scale).backward()

@@ -127,6 +127,14 @@ def test_rank_command_then_train_with_its_ranking(image_folder: Path, tmp_path: 
     tuner = result["model"].base_model
     assert set(ranking["lara"]) == {name.removeprefix("model.") for name in tuner.medyate_layers()}
 
+    budget = TINY[TINY.index("--budget-kb") + 1]
+    capsys.readouterr()
+    assert main([*rank, "--budget-kb", budget, "--output", str(tmp_path / "d.json")]) == 0  # within the budget
+    within = load_ranking(tmp_path / "d.json")
+    assert f"within {float(budget):g} kB" in capsys.readouterr().out and within["source"].endswith(f"--budget-kb {budget}")
+    assert within["steps"] == 1  # one rotation through the channels (3 batches are fewer than its slices)
+    assert set(within["lara"]) == set(ranking["lara"]) and within["shapes"] == ranking["shapes"]
+
     assert main([*rank, "--steps", "0", "--output", str(tmp_path / "c.json")]) == 2
     assert "--steps must be at least 1" in capsys.readouterr().err and not (tmp_path / "c.json").exists()
 

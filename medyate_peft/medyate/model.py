@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import guards
+from .. import guards, optim_state
 from ..budget import (
     LayerCost,
     budget_slots,
@@ -44,9 +44,19 @@ from ..kernels import SegmentedVector, Selection
 from ..lean import apply_lean_backward, remove_lean_backward
 from ..oracles import DenseGradientProbe, FullGradient, measure_full_gradient
 from ..pools import preselect
-from ..ranking import GradientStats, check_covers, load_ranking
+from ..ranking import (
+    GradientStats,
+    candidate_shapes,
+    check_architecture,
+    load_ranking,
+    scores_for_costs,
+    shipped_ranking,
+    with_architecture,
+)
 from ..rollback import restored_on_error
 from ..sampling import ChannelPool, NormTracker, greedy_fill
+from ..sparse_probe import SparseGradientProbe
+from ..step_budget import StepCosts, measure_frozen_path, step_costs
 from ..strategies import channel_order, get_strategy
 from .config import MeDyateConfig
 from .layer import Conv1D, Conv2d, Linear, MeDyateLayer
@@ -68,6 +78,16 @@ def _unmatched_targets(targets: list[str] | str | None, names: list[str]) -> lis
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
+def check_adapter_name(name: object) -> None:
+    """An adapter name is a module key (no '.', as torch requires) and the subfolder `save_pretrained`
+    writes extra adapters to, so it may hold no path separator and cannot leave the save folder."""
+    if not isinstance(name, str) or not name or any(c in name for c in "./\\\0"):
+        raise ValueError(
+            f"adapter name {name!r} is not allowed: use a non-empty name without '.', '/' or '\\' (PEFT keeps it as "
+            "a module key and saves extra adapters in a subfolder of that name)"
+        )
+
+
 def _strict_budget(config: MeDyateConfig) -> bool:
     """Whether the budget must hold as a hard bound (`budget_scope="step"`, where the config has that field)."""
     return getattr(config, "budget_scope", None) == "step"
@@ -76,6 +96,26 @@ def _strict_budget(config: MeDyateConfig) -> bool:
 def _kb_up(slots: int, bytes_per_slot: int) -> float:
     """kB for `slots`, rounded up to 0.01 kB so that the value shown is enough."""
     return math.ceil(slots_to_kb(slots, bytes_per_slot) * 100) / 100
+
+
+def _check_sampler_state(state: dict[str, Any]) -> None:
+    """A tampered training state must not resume: epoch, trained values and selection are checked."""
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"checkpoint's epoch {epoch!r} is not a count of epochs; the file is damaged")
+    if not bool(torch.isfinite(state["values"]).all()):
+        raise guards.NonFiniteError("checkpoint's trained values hold NaN/inf; resume from an earlier checkpoint")
+    if state["pool"] is None:
+        return
+    size, selected = sum(c["in_channels"] for c in state["pool"]), state["selected"]
+    if (
+        selected.dim() != 1
+        or selected.is_floating_point()
+        or (len(selected) and (int(selected.min()) < 0 or int(selected.max()) >= size))
+        or len(torch.unique(selected)) != len(selected)
+    ):
+        raise ValueError(f"checkpoint's selected channels are not distinct indices into its pool of {size} channels; "
+                         "the file is damaged")
 
 
 @dataclass
@@ -88,8 +128,9 @@ class AdapterPlan:
     tracker: NormTracker | None = None
     selected: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     epoch: int = 0
-    probe: DenseGradientProbe | None = None  # open while dense gradients of training batches are measured
+    probe: DenseGradientProbe | SparseGradientProbe | None = None  # open while the first batches rank layers
     full_norms: torch.Tensor | None = None  # oracles: n(i, c) of every pool channel from a full gradient
+    step: StepCosts | None = None  # budget_scope="step": the frozen path and head charged beside the channels
     growth: GrowthWatch | None = None  # live activation sizes of the pool's layers against the plan's
     growth_layers: list[MeDyateLayer] = field(default_factory=list)  # the pool's layers, in pool order
     layout: SegmentLayout | None = None  # how the flat vector's slots map to pool channels
@@ -213,6 +254,7 @@ class MeDyateModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         """Wrap the layers, then observe shapes and plan; on any error the model is put back as it was."""
+        check_adapter_name(adapter_name)
         with restored_on_error(self):
             self._inject_and_plan(model, adapter_name, **kwargs)
 
@@ -227,6 +269,7 @@ class MeDyateModel(BaseTuner):
             self._agreed: dict[str, SegmentLayout | None] = {}  # per adapter: the selection ranks agreed on
             # PeftModel calls the inner model directly, so lazy planning hooks into that model.
             self._plan_hook = model.register_forward_pre_hook(self._plan_before_forward, with_kwargs=True)
+            optim_state.track_steps()
             self._growth_hook = model.register_forward_hook(self._watch_input_sizes)
             self._input_batch: int | None = None  # samples of the last completed model call
             self._pending_batch: int | None = None
@@ -238,8 +281,9 @@ class MeDyateModel(BaseTuner):
         super().inject_adapter(model, adapter_name, **kwargs)
         for name, flag in trainable.items():
             self.medyate_values[name].requires_grad = flag
+        self._take_shipped_ranking(config)
         if config.lean_backward:
-            apply_lean_backward(self.model)
+            apply_lean_backward(self.model, recompute=config.lean_recompute)
         budget = budget_slots(config.budget_kb, config.bytes_per_slot)
         layers = self.medyate_layers()
         capacity = min(budget, sum(m.in_channels * weight_slots_per_channel(m.get_base_layer()) for m in layers.values()))
@@ -263,6 +307,17 @@ class MeDyateModel(BaseTuner):
                     "sample without the batch dim, or input_size=None to learn shapes from the first training batch"
                 ) from err
             self.plan(adapter_name)
+
+    def _take_shipped_ranking(self, config: MeDyateConfig) -> None:
+        """A ranking strategy without a ranking takes the one shipped for this architecture, if there is one."""
+        if config.layer_ranking is not None or get_strategy(config.strategy).layers == "all":
+            return
+        if config.inference_mode or not config.use_shipped_ranking:
+            return
+        ranking = shipped_ranking(candidate_shapes(self.model))
+        if ranking is not None:
+            logger.info("MeDyate: using the layer ranking shipped for this architecture (%s)", ranking.get("source"))
+            config.layer_ranking = ranking
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
@@ -354,6 +409,26 @@ class MeDyateModel(BaseTuner):
             self._observing = False
             for module, mode in modes.items():
                 module.training = mode
+        self._measure_step_costs(args, kwargs)
+
+    def _measure_step_costs(self, args: tuple, kwargs: dict) -> None:
+        """For adapters with budget_scope="step": measure what the frozen path keeps, per lowest trained layer."""
+        strict = [a for a, c in self.peft_config.items() if getattr(c, "budget_scope", "") == "step" and a in self.plans]
+        if not strict:
+            return
+        modes = {m: m.training for m in self.model.modules()}
+        try:
+            self._observing = True
+            self.train()
+            frozen, order = measure_frozen_path(self.model, self.medyate_layers(), args, kwargs, owner=self)
+        finally:
+            self._observing = False
+            for module, mode in modes.items():
+                module.training = mode
+        head = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("medyate_values")]
+        for adapter in strict:
+            config = self.peft_config[adapter]
+            self.plans[adapter].step = step_costs(frozen, order, head, config.optimizer_slots, config.bytes_per_slot)
 
     # -- planning and sampling ------------------------------------------------------------------
     def is_planned(self, adapter_name: str) -> bool:
@@ -383,7 +458,7 @@ class MeDyateModel(BaseTuner):
             stats = self._full_gradient(full_gradient, self.peft_config[adapter_name].full_gradient_batches)
         self._build_plan(adapter_name, stats)
 
-    def _build_plan(self, adapter_name: str, stats: GradientStats | None) -> None:
+    def _build_plan(self, adapter_name: str, stats: GradientStats | None, source: str | None = None) -> None:
         config: MeDyateConfig = self.peft_config[adapter_name]
         plan = self.plans[adapter_name]
         costs = self.layer_costs()
@@ -392,6 +467,8 @@ class MeDyateModel(BaseTuner):
                 "MeDyate could not learn any layer's activation shape: pass input_size=[...] (one sample's shape) "
                 "in MeDyateConfig, or run a training forward pass first"
             )
+        if plan.step is not None:  # says the smallest budget a whole step fits in
+            plan.step.check(costs, plan.budget, config.budget_kb, config.bytes_per_slot)
         smallest = min(c.channel_slots for c in costs)
         if smallest > plan.budget:
             raise ValueError(
@@ -408,11 +485,12 @@ class MeDyateModel(BaseTuner):
                     "or raise MeDyateConfig(ranking_batches=...)"
                 )
             if strategy.layers != "all" and config.layer_ranking is None:
-                config.layer_ranking = stats.ranking(costs, source=f"first {stats.steps} training batch(es)")
+                source = source or f"dense gradients of the first {stats.steps} training batch(es)"
+                ranking = stats.ranking(costs, source=source)
+                config.layer_ranking = with_architecture(ranking, candidate_shapes(self.model))
                 logger.warning(
-                    "MeDyate: computed a layer ranking from %d batch(es) of dense gradients; it is kept in "
-                    "peft_config[%r].layer_ranking (save it with medyate_peft.save_ranking to reuse it)",
-                    stats.steps, adapter_name,
+                    "MeDyate: computed a layer ranking (%s); it is kept in peft_config[%r].layer_ranking (save it "
+                    "with medyate_peft.save_ranking to reuse it)", source, adapter_name,
                 )
         pool_costs = self._preselect(config, costs, plan.budget)
         pool_smallest = min(c.channel_slots for c in pool_costs)
@@ -422,6 +500,8 @@ class MeDyateModel(BaseTuner):
                 f"strategy {config.strategy!r} pre-selected; their cheapest channel needs {pool_smallest} slots: use "
                 f"budget_kb >= {_kb_up(pool_smallest, config.bytes_per_slot)}"
             )
+        if plan.step is not None:
+            plan.step.check(pool_costs, plan.budget, config.budget_kb, config.bytes_per_slot)
         plan.pool = ChannelPool.build(pool_costs)
         self._watch_pool(plan)
         plan.tracker = NormTracker(len(plan.pool))
@@ -439,7 +519,10 @@ class MeDyateModel(BaseTuner):
         ranking = None
         if strategy.layers != "all":
             ranking = load_ranking(config.layer_ranking)
-            check_covers(ranking, [c.name for c in costs])
+            layers = self.medyate_layers()
+            check_architecture(ranking, {c.name: list(layers[c.name].get_base_layer().weight.shape) for c in costs})
+            lara, rgn = scores_for_costs(ranking, costs)
+            ranking = {**ranking, "lara": lara, "rgn": rgn}
         return preselect(strategy, costs, ranking, budget, config.alpha_opt, config.rgn_coverage,
                          config.lara_within_rgn, config.max_activation_share)
 
@@ -449,7 +532,10 @@ class MeDyateModel(BaseTuner):
         measured = plan.tracker.norms if plan.tracker.epochs_done > 0 else None
         order = channel_order(get_strategy(config.strategy), plan.pool.slots, plan.generator, measured,
                               plan.full_norms, config.draw_weights)
-        plan.selected = greedy_fill(order, plan.pool.slots, plan.budget)
+        if plan.step is not None:
+            plan.selected = plan.step.fill(order, plan.pool, plan.budget)
+        else:
+            plan.selected = greedy_fill(order, plan.pool.slots, plan.budget)
         self._apply_selection(adapter_name)
 
     def _full_gradient(self, closure: FullGradient, batches: int = 1) -> GradientStats:
@@ -558,20 +644,27 @@ class MeDyateModel(BaseTuner):
         """Epoch boundary: fold trained values into the deltas and draw the next channels.
 
         Pass the optimizer so that its state for the flat vector (momentum, Adam moments) is reset,
-        since its slots now belong to other channels. Static strategies keep their selection. The
-        dynamic oracles (det_rgn, lara_det_raw, prob_raw) need `full_gradient`: a closure returning the
-        next batch's loss (under DDP, computed with the unwrapped model), called `full_gradient_batches`
-        times, each a dense forward+backward.
+        since its slots now belong to other channels (without it, the state of any optimizer that
+        stepped the vector is reset, with a warning: `optim_state`). Static strategies keep their
+        selection. The dynamic oracles (det_rgn, lara_det_raw, prob_raw) need `full_gradient`: a closure
+        returning the next batch's loss (under DDP, computed with the unwrapped model), called
+        `full_gradient_batches` times, each a dense forward+backward.
         """
         adapter_name = adapter_name or self.active_adapters[0]
         config: MeDyateConfig = self.peft_config[adapter_name]
         plan = self.plans[adapter_name]
         strategy = get_strategy(config.strategy)
+        values = self.medyate_values[adapter_name]
+        optim_state.check_optimizer(optimizer, values, adapter_name)
         self._epoch_watch.reset()
         if plan.pool is None:
             if plan.probe is None:
                 raise RuntimeError("resample() before the first training step: nothing has been selected yet")
-            self._finish_probe(adapter_name)  # the epoch was shorter than ranking_batches
+            if plan.probe.done() or isinstance(plan.probe, DenseGradientProbe):
+                self._finish_probe(adapter_name)  # the epoch was shorter than ranking_batches
+            else:
+                logger.info("MeDyate: the layer ranking goes on into the next epoch (%d of %d batches measured)",
+                            plan.probe.measured, plan.probe.batches_needed)
             return
         if strategy.dynamic and strategy.needs_full_gradient and full_gradient is None:
             raise ValueError(
@@ -585,6 +678,7 @@ class MeDyateModel(BaseTuner):
                     guards.check_trained_values(name, live, plan.epoch)
         check_ranks_agree(fingerprint(config, plan), f"resample() of adapter {adapter_name!r}, epoch {plan.epoch}")
         self._sync_norms(plan.tracker)
+        optim_state.warn_if_untrained(values, float(plan.tracker.epoch_count.sum()), adapter_name, plan.epoch)
         plan.tracker.end_epoch(plan.selected, rescale=config.rescale_norms)
         plan.epoch += 1
         overshoots = self._recost_for_growth(adapter_name)
@@ -594,13 +688,11 @@ class MeDyateModel(BaseTuner):
             stats = self._full_gradient(full_gradient, config.full_gradient_batches)
             stats.all_reduce(list(plan.pool.costs))
             plan.full_norms = stats.pool_vector(plan.pool.costs)
-        values = self.medyate_values[adapter_name]
         for layer in self.medyate_layers().values():
             layer.fold_live(adapter_name)
         with torch.no_grad():
             values.zero_()
-        if optimizer is not None:
-            optimizer.state.pop(values, None)
+        optim_state.reset(optimizer, values, adapter_name)
         self._draw(adapter_name)
 
     @staticmethod
@@ -642,6 +734,7 @@ class MeDyateModel(BaseTuner):
             "layers": layers,
             "pool": None,
             "probe": None if plan.probe is None else plan.probe.state_dict(),
+            "step": None if plan.step is None else dataclasses.asdict(plan.step),
         }
         if plan.pool is not None:
             state["pool"] = [dataclasses.asdict(c) for c in plan.pool.costs]
@@ -676,14 +769,18 @@ class MeDyateModel(BaseTuner):
                 f"checkpoint's trainable vector has {state['values'].numel()} slots, this adapter {values.numel()}: "
                 "was it made with another budget_kb?"
             )
+        _check_sampler_state(state)
         pool = None if state["pool"] is None else ChannelPool.build([LayerCost(**c) for c in state["pool"]])
         for name, entry in state["layers"].items():
             layers[name].set_delta(adapter_name, entry["index"], entry["delta"])
         plan.epoch = state["epoch"]
         plan.generator.set_state(state["generator"])
+        if state.get("step") is not None:
+            plan.step = StepCosts(**{**state["step"], "order": tuple(state["step"]["order"])})
         if state.get("probe") is not None:  # saved while the first batches' dense gradients were measured
             if plan.probe is None:
-                plan.probe = self._open_probe(adapter_name)
+                costs = [LayerCost(**c) for c in state["probe"].get("costs", ())]
+                plan.probe = self._open_probe(adapter_name, costs or None)
             plan.probe.load_state_dict(state["probe"])
         elif plan.probe is not None:  # this run had started measuring; the checkpoint is past that
             plan.probe.close()
@@ -715,7 +812,7 @@ class MeDyateModel(BaseTuner):
             if self.is_planned(adapter_name):
                 continue
             if self.needs_dense_gradient(adapter_name):
-                self._probe_training_batch(adapter_name)
+                self._probe_training_batch(adapter_name, args, kwargs)
             else:
                 logger.info("MeDyate: learning activation shapes from the first training batch")
                 self._observe_shapes(args, kwargs)
@@ -802,34 +899,64 @@ class MeDyateModel(BaseTuner):
                     "re-measured%s)", adapter_name, "; the selection is re-drawn" if live > plan.budget else "")
         return live > plan.budget
 
-    def _probe_training_batch(self, adapter_name: str) -> None:
-        """Measure dense gradients during the first `ranking_batches` batches, then plan (at the next one)."""
+    def _probe_training_batch(self, adapter_name: str, args: tuple, kwargs: dict) -> None:
+        """Rank layers (or seed an oracle) from the first training batches, then plan (at the next one)."""
         config: MeDyateConfig = self.peft_config[adapter_name]
         plan = self.plans[adapter_name]
         if plan.probe is None:
-            logger.warning(
-                "MeDyate: strategy %r needs %s; measuring dense gradients of the first %d training batch(es) "
-                "(memory of full fine-tuning meanwhile, channels train after them)",
-                config.strategy,
-                "a full gradient" if get_strategy(config.strategy).needs_full_gradient else
-                "a layer ranking and none was given (pass layer_ranking=... from rank_layers to skip this)",
-                config.ranking_batches,
-            )
-            plan.probe = self._open_probe(adapter_name)
-        if plan.probe.batches >= config.ranking_batches:
+            costs = None
+            if self._ranks_within_budget(config):
+                self._observe_shapes(args, kwargs)
+                costs = self.layer_costs()
+            plan.probe = self._open_probe(adapter_name, costs)
+            if costs is None:
+                logger.warning(
+                    "MeDyate: strategy %r needs %s; measuring dense gradients of the first %d training batch(es) "
+                    "(memory of full fine-tuning meanwhile, channels train after them)",
+                    config.strategy,
+                    "a full gradient" if get_strategy(config.strategy).needs_full_gradient else
+                    "a layer ranking and none was given (pass layer_ranking=... from rank_layers to skip this)",
+                    config.ranking_batches,
+                )
+            else:
+                logger.warning(
+                    "MeDyate: no layer ranking was given; ranking the layers within the budget over the first %d "
+                    "training batches (%d slices of channels; only the head trains meanwhile)",
+                    plan.probe.batches_needed, len(plan.probe),
+                )
+        if plan.probe.done():
             self._finish_probe(adapter_name)
         else:
             plan.probe.count_batch()
 
-    def _open_probe(self, adapter_name: str) -> DenseGradientProbe:
-        """Dense-gradient hooks on every wrapped layer; NaN/inf raises only if the adapter detects anomalies."""
-        return DenseGradientProbe(self.medyate_layers(), strict=self.peft_config[adapter_name].detect_anomalies)
+    @staticmethod
+    def _ranks_within_budget(config: MeDyateConfig) -> bool:
+        return config.ranking_mode == "budgeted" and not get_strategy(config.strategy).needs_full_gradient
+
+    def _open_probe(
+        self, adapter_name: str, costs: list[LayerCost] | None = None
+    ) -> DenseGradientProbe | SparseGradientProbe:
+        """With costs, the probe within the budget; else dense-gradient hooks on every wrapped layer.
+
+        NaN/inf raises only if the adapter detects anomalies.
+        """
+        config: MeDyateConfig = self.peft_config[adapter_name]
+        if costs is None:
+            return DenseGradientProbe(self.medyate_layers(), strict=config.detect_anomalies,
+                                      batches_needed=config.ranking_batches)
+        layers = self.medyate_layers()
+        step = self.plans[adapter_name].step
+        reserve = None if step is None else (lambda name: step.fixed + step.layer_reserve(name))
+        return SparseGradientProbe({c.name: layers[c.name] for c in costs}, costs, self.plans[adapter_name].budget,
+                                   adapter_name, min_batches=config.ranking_batches, strict=config.detect_anomalies,
+                                   reserve=reserve)
 
     def _finish_probe(self, adapter_name: str) -> None:
         plan = self.plans[adapter_name]
+        source = plan.probe.describe()
         stats = plan.probe.close()
         plan.probe = None
-        self._build_plan(adapter_name, stats)
+        self._build_plan(adapter_name, stats, source)
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         model = super()._unload_and_optionally_merge(*args, **kwargs)
@@ -848,8 +975,9 @@ class MeDyateModel(BaseTuner):
         Read from the state dict, whose MeDyate entries are already in saved form (see `layer`), so
         wrappers that rename modules (FSDP) save the same keys.
         """
-        from ..serialization import adapter_entries
+        from ..serialization import adapter_entries, check_modules_to_save
 
+        check_modules_to_save(model, config.modules_to_save, adapter_name)
         out = {}
         for name, (index, delta) in adapter_entries(state_dict, adapter_name).items():
             if not bool(torch.isfinite(delta).all()):
