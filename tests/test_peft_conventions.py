@@ -166,3 +166,22 @@ def test_bias_option_trains_saves_and_reloads_biases_as_lora_does(bias, tmp_path
         assert torch.equal(loaded(x), expected)
     with pytest.raises(ValueError, match="bias must be one of"):
         MeDyateConfig(bias="lora_only")
+
+
+def test_several_trainable_active_adapters_sum_in_forward_and_refuse_backward():
+    model = conv_zoo_model(init_weights=False, modules_to_save=[])  # PEFT sets one modules_to_save at a time
+    model.add_adapter("other", MeDyateConfig(budget_kb=4.0, input_size=INPUT, strategy="full_random",
+                                             init_weights=False, modules_to_save=[]))
+    x, _ = batch()
+    model.train()
+    outputs = {}
+    for adapter in ("default", "other"):
+        model.set_adapter(adapter)
+        with torch.no_grad():
+            outputs[adapter] = model(x)
+    model.base_model.set_adapter(["default", "other"])
+    assert {"base_model.medyate_values.default", "base_model.medyate_values.other"} <= trainable(model)
+    combined = model(x)  # both adapters' deltas count, as with several active LoRA adapters
+    assert not torch.allclose(combined, outputs["default"]) and not torch.allclose(combined, outputs["other"])
+    with pytest.raises(RuntimeError, match="several active MeDyate adapters are being trained at once"):
+        combined.sum().backward()

@@ -257,16 +257,8 @@ class MeDyateLayer(BaseTunerLayer):
                 delta[torch.searchsorted(index[pos], sel.idx.to(index.device))] += self.live_values(adapter).to(delta.dtype)
             add_to_channels(weight, self.groups, index[pos], delta)
 
-    def _trainable_selection(self) -> tuple[nn.Parameter, Selection] | None:
-        trainable = [
-            self.live[a] for a in self._contributing_adapters() if a in self.live and self.live[a][0].requires_grad
-        ]
-        if len(trainable) > 1:
-            raise RuntimeError(
-                "several active MeDyate adapters are being trained at once; activate one adapter for training "
-                "with `model.set_adapter(name)`"
-            )
-        return trainable[0] if trainable else None
+    def _trainable(self) -> list[tuple[nn.Parameter, Selection]]:
+        return [self.live[a] for a in self._contributing_adapters() if a in self.live and self.live[a][0].requires_grad]
 
     # -- merge ----------------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -313,7 +305,11 @@ class MeDyateLayer(BaseTunerLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         self.activation_positions = activation_positions(self.get_base_layer(), x)
-        trainable = self._trainable_selection() if torch.is_grad_enabled() else None
+        trainable = self._trainable() if torch.is_grad_enabled() else []
+        if len(trainable) > 1:
+            # Every active adapter counts in the output, as with LoRA; training several at once is refused.
+            return _RefuseBackward.apply(self._dense(x, self.effective_weight()), *(values for values, _ in trainable))
+        trainable = trainable[0] if trainable else None
         base_weight = self._base_weight()
         if base_weight.requires_grad:
             # The user unfroze the base weight: plain autograd keeps its gradient.
@@ -331,6 +327,22 @@ class MeDyateLayer(BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "medyate." + super().__repr__()
+
+
+class _RefuseBackward(torch.autograd.Function):
+    """Identity whose backward raises: the forward of several trainable active adapters, which one
+    channel-sparse backward cannot train together."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError(
+            "several active MeDyate adapters are being trained at once; activate one adapter for training with "
+            "`model.set_adapter(name)` (several active adapters are for inference)"
+        )
 
 
 def _state_as_saved(layer: MeDyateLayer, state_dict: dict, prefix: str, local_metadata: dict) -> None:

@@ -285,7 +285,7 @@ class MeDyateModel(BaseTuner):
         if config.lean_backward:
             apply_lean_backward(self.model, recompute=config.lean_recompute)
         budget = budget_slots(config.budget_kb, config.bytes_per_slot)
-        layers = self.medyate_layers()
+        layers = self.medyate_layers(adapter_name)
         capacity = min(budget, sum(m.in_channels * weight_slots_per_channel(m.get_base_layer()) for m in layers.values()))
         weight = next(iter(layers.values())).get_base_layer().weight
         # In the base dtype, as PEFT's layers; `_cast_adapter_dtype` upcasts fp16/bf16 unless told not to.
@@ -362,13 +362,17 @@ class MeDyateModel(BaseTuner):
         return self
 
     # -- layers and costs -----------------------------------------------------------------------
-    def medyate_layers(self) -> dict[str, MeDyateLayer]:
-        return {name: m for name, m in self.model.named_modules() if isinstance(m, MeDyateLayer)}
+    def medyate_layers(self, adapter_name: str | None = None) -> dict[str, MeDyateLayer]:
+        """The wrapped layers (of one adapter: those it targets, as adapters may target different layers)."""
+        return {
+            name: m for name, m in self.model.named_modules()
+            if isinstance(m, MeDyateLayer) and (adapter_name is None or adapter_name in m.medyate_delta)
+        }
 
-    def layer_costs(self) -> list[LayerCost]:
-        """Spec costs of every wrapped layer whose input shape has been observed."""
+    def layer_costs(self, adapter_name: str | None = None) -> list[LayerCost]:
+        """Spec costs of every wrapped layer (of the adapter) whose input shape has been observed."""
         costs = []
-        for name, module in self.medyate_layers().items():
+        for name, module in self.medyate_layers(adapter_name).items():
             slots = self._live_activation_slots(module)
             if slots is None:
                 logger.info("MeDyate: %s was not reached by the forward pass; it is not a candidate", name)
@@ -461,7 +465,7 @@ class MeDyateModel(BaseTuner):
     def _build_plan(self, adapter_name: str, stats: GradientStats | None, source: str | None = None) -> None:
         config: MeDyateConfig = self.peft_config[adapter_name]
         plan = self.plans[adapter_name]
-        costs = self.layer_costs()
+        costs = self.layer_costs(adapter_name)
         if not costs:
             raise RuntimeError(
                 "MeDyate could not learn any layer's activation shape: pass input_size=[...] (one sample's shape) "
@@ -907,7 +911,7 @@ class MeDyateModel(BaseTuner):
             costs = None
             if self._ranks_within_budget(config):
                 self._observe_shapes(args, kwargs)
-                costs = self.layer_costs()
+                costs = self.layer_costs(adapter_name)
             plan.probe = self._open_probe(adapter_name, costs)
             if costs is None:
                 logger.warning(
@@ -942,9 +946,9 @@ class MeDyateModel(BaseTuner):
         """
         config: MeDyateConfig = self.peft_config[adapter_name]
         if costs is None:
-            return DenseGradientProbe(self.medyate_layers(), strict=config.detect_anomalies,
+            return DenseGradientProbe(self.medyate_layers(adapter_name), strict=config.detect_anomalies,
                                       batches_needed=config.ranking_batches)
-        layers = self.medyate_layers()
+        layers = self.medyate_layers(adapter_name)
         step = self.plans[adapter_name].step
         reserve = None if step is None else (lambda name: step.fixed + step.layer_reserve(name))
         return SparseGradientProbe({c.name: layers[c.name] for c in costs}, costs, self.plans[adapter_name].budget,
