@@ -32,10 +32,13 @@ RESULTS = REPO / "results"
 RUNS = RESULTS / "runs"
 RANKINGS = RESULTS / "rankings"
 BUDGET_METHODS = ("static_random", "trady", "medyate", "det_rgn")
+BASELINES = ("full", "classifier", "lora")
 METHOD_LABEL = {
     "full": "full fine-tuning", "classifier": "classifier only", "lora": "LoRA (pointwise)",
     "static_random": "static random", "trady": "TraDy", "medyate": "MeDyate", "det_rgn": "D-DetRGN oracle",
+    "medyate-ca": "MeDyate-CA (cost-aware)",
 }
+RANKED_STRATEGIES = ("trady", "medyate")
 NOTES_START, NOTES_END = "<!-- notes: kept when the report is regenerated -->", "<!-- /notes -->"
 
 
@@ -46,33 +49,92 @@ def load_config(path: Path) -> dict:
     return config
 
 
-def grid(config: dict) -> list[dict]:
-    """Every run of a suite, as a spec for bench_common.run_one."""
+def _spec(config: dict, cell: dict, method: str, seed: int, index: int | None) -> dict:
+    """One run of `method` on `cell` (its budget `index`, None for the budget-free baselines)."""
+    variant = config.get("variants", {}).get(method)
+    strategy = variant["strategy"] if variant else method
+    spec = {
+        "suite": config["suite"], "network": cell["network"], "dataset": cell["dataset"], "method": method,
+        "budget_slots": None if index is None else cell["budgets"][index], "budget_index": index, "seed": seed,
+        "recipe": config["recipe"], "config": config["path"],
+    }
+    if variant:
+        spec["strategy"] = strategy
+    options = dict(variant.get("options", {})) if variant else {}
+    if config["recipe"].get("resample_every") and method not in BASELINES and _dynamic(strategy):
+        options["resample_every"] = config["recipe"]["resample_every"]  # a step cadence: many draws per run
+    if options:
+        spec["medyate_options"] = options
+    if method == "lora":
+        spec["lora_weight_slots"] = max(cell["budgets"])  # = the flat trainable vector at the largest budget
+    if strategy in RANKED_STRATEGIES:
+        source = config["ranking_dataset"][cell["dataset"]]
+        spec["ranking_dataset"] = source
+        spec["ranking_path"] = str(RANKINGS / f"{cell['network']}__{source}.json")
+    return spec
+
+
+def _dynamic(strategy: str) -> bool:
+    from medyate_peft.strategies import get_strategy
+
+    return get_strategy(strategy).dynamic
+
+
+def _is_budgeted(config: dict, method: str) -> bool:
+    return method in BUDGET_METHODS or method in config.get("variants", {})
+
+
+def grid(config: dict, runs: Path | None = None) -> list[dict]:
+    """Every run of a suite, as a spec for bench_common.run_one.
+
+    With `lr_sweep` in the config: first the sweep runs (every method the same learning rates, at the
+    sweep seed and budget, scored on the validation split); a method's final runs (every seed and
+    budget, at the learning rate its sweep chose) join the grid once its sweep is recorded in `runs`.
+    """
+    sweep = config.get("lr_sweep")
     specs = []
     for cell in config["cells"]:
-        budgets = cell["budgets"]
-        for seed, method in itertools.product(cell["seeds"], config["methods"]):
-            per_budget = list(enumerate(budgets)) if method in BUDGET_METHODS else [(None, None)]
-            for index, budget in per_budget:
-                spec = {
-                    "suite": config["suite"], "network": cell["network"], "dataset": cell["dataset"],
-                    "method": method, "budget_slots": budget, "budget_index": index, "seed": seed,
-                    "recipe": config["recipe"], "config": config["path"],
-                }
-                if method == "lora":
-                    spec["lora_weight_slots"] = max(budgets)  # = the flat trainable vector at the largest budget
-                if method in ("trady", "medyate"):
-                    source = config["ranking_dataset"][cell["dataset"]]
-                    spec["ranking_dataset"] = source
-                    spec["ranking_path"] = str(RANKINGS / f"{cell['network']}__{source}.json")
-                spec["id"] = run_id(spec)
-                specs.append(spec)
+        for method in config["methods"]:
+            indices = list(range(len(cell["budgets"]))) if _is_budgeted(config, method) else [None]
+            if not sweep:
+                for seed, index in itertools.product(cell["seeds"], indices):
+                    spec = _spec(config, cell, method, seed, index)
+                    specs.append({**spec, "id": run_id(spec)})
+                continue
+            index = sweep["budget_index"] if indices != [None] else None
+            tried = [{**_spec(config, cell, method, sweep["seed"], index), "lr": lr, "phase": "sweep"}
+                     for lr in sweep["lrs"]]
+            tried = [{**spec, "id": run_id(spec)} for spec in tried]
+            specs += tried
+            chosen = chosen_lr(tried, runs or RUNS)
+            if chosen is None:
+                continue
+            for seed, index in itertools.product(cell["seeds"], indices):
+                spec = {**_spec(config, cell, method, seed, index), "lr": chosen, "phase": "final"}
+                specs.append({**spec, "id": run_id(spec)})
     return specs
+
+
+def chosen_lr(sweep: list[dict], runs: Path) -> float | None:
+    """The sweep's learning rate with the best validation top-1 (ties: the smaller); None until all are recorded.
+
+    Only `val_top1` is read: sweep runs are never scored on the test split.
+    """
+    scores = []
+    for spec in sweep:
+        path = runs / f"{spec['id']}.json"
+        if not path.exists():
+            return None
+        scores.append((-json.loads(path.read_text())["val_top1"], spec["lr"]))
+    return min(scores)[1]
 
 
 def run_id(spec: dict) -> str:
     budget = "na" if spec["budget_slots"] is None else str(spec["budget_slots"])
-    return f"{spec['suite']}__{spec['network']}__{spec['dataset']}__{spec['method']}__b{budget}__s{spec['seed']}"
+    base = f"{spec['suite']}__{spec['network']}__{spec['dataset']}__{spec['method']}__b{budget}__s{spec['seed']}"
+    if "lr" not in spec:
+        return base
+    return f"{base}__lr{spec['lr']:g}" + ("__sweep" if spec.get("phase") == "sweep" else "")
 
 
 def _matches(spec: dict, stage: dict) -> bool:
@@ -93,7 +155,8 @@ def staged(config: dict) -> list[tuple[float, list[dict]]]:
     for position, stage in enumerate([*stages, {}]):
         match = {k: v for k, v in stage.items() if k != "priority"}
         chosen = [s for s in specs if s["id"] not in seen and _matches(s, match)]
-        chosen.sort(key=lambda s: (s["seed"], list(METHOD_LABEL).index(s["method"]), s["budget_index"] or 0))
+        chosen.sort(key=lambda s: (s["seed"], list(METHOD_LABEL).index(s["method"]), s["budget_index"] or 0,
+                                   s.get("lr", 0)))
         out.append((stage.get("priority", position) if stage else float("inf"), chosen))
         seen.update(s["id"] for s in chosen)
     return out
@@ -173,6 +236,22 @@ def execute(
             top1 = json.loads(record.read_text())["top1"] if ok else None
             print(f"[{done}/{len(todo)}] {spec['id']}: {status}" + (f", top-1 {top1:.4f}" if top1 is not None else "")
                   + f" in {time.monotonic() - t:.0f} s", flush=True)
+
+
+def execute_replanned(configs: list[dict], max_minutes: float | None, run_timeout: float, jobs: int) -> None:
+    """Run the grid `jobs` runs at a time, planning it anew after each: a finished sweep adds its final runs.
+
+    A run that fails is not retried in this invocation (the next one tries it again).
+    """
+    start, tried = time.monotonic(), set()
+    while True:
+        left = None if max_minutes is None else max_minutes - (time.monotonic() - start) / 60
+        todo = [s for s in ordered(configs) if s["id"] not in tried and not (RUNS / f"{s['id']}.json").exists()]
+        if not todo or (left is not None and left <= 0):
+            print("done" if not todo else f"time limit reached: {len(todo)} planned runs not started", flush=True)
+            return
+        tried.update(s["id"] for s in todo[:jobs])
+        execute(todo[:jobs], left, run_timeout, jobs)
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -456,13 +535,21 @@ def main() -> None:
     parser.add_argument("--run-timeout", type=float, default=1800, help="seconds before one run is killed")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own 1-thread process")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from the records")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="folder of the records (its runs/) and of the report (default results/)")
     args = parser.parse_args()
+    if args.results:
+        global RESULTS, RUNS
+        RESULTS, RUNS = args.results.resolve(), args.results.resolve() / "runs"
+        RUNS.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(SCRIPTS))
     configs = [load_config(p.resolve()) for p in args.configs]
     command = " ".join(["python scripts/benchmark.py", *(c["path"] for c in configs),
                         *([f"--max-minutes {args.max_minutes:g}"] if args.max_minutes else []),
                         *([f"--jobs {args.jobs}"] if args.jobs > 1 else [])])
-    if not args.report_only:
+    if not args.report_only and any("lr_sweep" in c for c in configs):
+        execute_replanned(configs, args.max_minutes, args.run_timeout, args.jobs)
+    elif not args.report_only:
         execute(ordered(configs), args.max_minutes, args.run_timeout, args.jobs)
     report(configs, command)
 
