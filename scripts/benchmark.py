@@ -241,10 +241,12 @@ def execute(
 def execute_replanned(configs: list[dict], max_minutes: float | None, run_timeout: float, jobs: int) -> None:
     """Run the grid `jobs` runs at a time, planning it anew after each: a finished sweep adds its final runs.
 
+    The configs are read again before each plan, so a changed `stages` order applies from the next run on.
     A run that fails is not retried in this invocation (the next one tries it again).
     """
     start, tried = time.monotonic(), set()
     while True:
+        configs = [load_config(REPO / c["path"]) for c in configs]
         left = None if max_minutes is None else max_minutes - (time.monotonic() - start) / 60
         todo = [s for s in ordered(configs) if s["id"] not in tried and not (RUNS / f"{s['id']}.json").exists()]
         if not todo or (left is not None and left <= 0):
@@ -488,15 +490,117 @@ def recipe_lines(configs: list[dict]) -> list[str]:
     return lines
 
 
+def _sweep_and_finals(configs: list[dict], records: list[dict]) -> tuple[list[dict], list[dict], dict, list[str]]:
+    """(sweep records, final records, chosen lr per (network, dataset, method), what did not run) of sweep suites."""
+    by_id = {r["id"]: r for r in records}
+    sweeps, finals, chosen, missing = [], [], {}, []
+    for config in configs:
+        specs = grid(config)
+        for cell in config["cells"]:
+            for method in config["methods"]:
+                mine = [s for s in specs if (s["network"], s["dataset"], s["method"]) == (cell["network"],
+                                                                                      cell["dataset"], method)]
+                tried = [s for s in mine if s["phase"] == "sweep"]
+                final = [s for s in mine if s["phase"] == "final"]
+                sweeps += [by_id[s["id"]] for s in tried if s["id"] in by_id]
+                finals += [by_id[s["id"]] for s in final if s["id"] in by_id]
+                if final:
+                    chosen[(cell["network"], cell["dataset"], method)] = final[0]["lr"]
+                per_seed = len(cell["budgets"]) if _is_budgeted(config, method) else 1
+                expected = len(cell["seeds"]) * per_seed
+                done_sweep = sum(s["id"] in by_id for s in tried)
+                done_final = sum(s["id"] in by_id for s in final)
+                if done_sweep < len(tried) or done_final < expected:
+                    absent = [f"s{s['seed']}" + ("" if s["budget_slots"] is None else f"@{s['budget_slots']}")
+                              for s in final if s["id"] not in by_id]
+                    missing.append(f"- {cell['network']} / {cell['dataset']} / {METHOD_LABEL[method]}: sweep "
+                                   f"{done_sweep} of {len(tried)}, final runs {done_final} of {expected}"
+                                   + (f" (not run: {', '.join(absent)})" if absent else ""))
+    return sweeps, finals, chosen, missing
+
+
+def _determinism(sweeps: list[dict], finals: list[dict], chosen: dict) -> str:
+    """The final run that repeats a sweep run (same seed, budget and lr) must reproduce its validation top-1."""
+    pairs = []
+    for f in finals:
+        for s in sweeps:
+            if (s["network"], s["dataset"], s["method"], s["budget_slots"], s["seed"], s["lr"]) == (
+                    f["network"], f["dataset"], f["method"], f["budget_slots"], f["seed"], f["lr"]):
+                pairs.append(abs(s["val_top1"] - f["val_top1"]))
+    if not pairs:
+        return "No final run repeats a sweep run yet."
+    same = sum(d == 0 for d in pairs)
+    return (f"Reproducibility: {same} of {len(pairs)} final runs that repeat a sweep run (seed 0 at the sweep "
+            f"budget and the chosen lr, retrained from scratch) reproduce its validation top-1 exactly"
+            + ("." if same == len(pairs) else f" (largest gap {100 * max(pairs):.2f} pp)."))
+
+
+def resolved_report(configs: list[dict], command: str, records: list[dict]) -> list[str]:
+    """BENCHMARK.md of a grid with a learning-rate sweep: intervals, paired differences, the default's bar."""
+    import bench_report as br
+
+    sweeps, finals, chosen, missing = _sweep_and_finals(configs, records)
+    if finals:
+        plots(finals)
+    compute = sum(r["wall_seconds"] for r in sweeps + finals) / 60
+    sweep = configs[0]["lr_sweep"]
+    return [
+        "# Benchmark: MeDyate / TraDy / a cost-aware MeDyate, with intervals that say what is resolved", "",
+        "Command (resumes: runs whose record exists in `results/runs/` are skipped):", "",
+        "```", command, "```", "",
+        f"{len(sweeps)} sweep runs and {len(finals)} final runs recorded, {compute:.1f} min of run wall-clock "
+        "(one torch thread a run, on a 2-core CPU shared with other work: step times are noisy). The previous "
+        "grid's report is `results/BENCHMARK_v1.md` (its records stay in `results/runs/`, suite `vision`/`text`).",
+        "",
+        "## Recipe (the same for every method)", "", *recipe_lines(configs), "",
+        f"Learning rate: the same sweep for every method, lr ∈ {{{', '.join(f'{lr:g}' for lr in sweep['lrs'])}}}, "
+        f"trained at seed {sweep['seed']} on the middle budget (index {sweep['budget_index']}; the budget-free "
+        "baselines at their one setting) and scored on the validation split (carved from the training split, "
+        "class-balanced, disjoint from the train subset). The lr with the best validation top-1 is chosen per "
+        "(network, dataset, method) and used at every seed and budget. The test split is evaluated in the final "
+        "runs only. Intervals: 95 % t-interval over seeds; differences paired by seed; *resolved* = the interval "
+        "excludes 0.", "",
+        _notes(RESULTS / "BENCHMARK.md"), "",
+        "## Learning-rate sweep (validation top-1 %, seed 0)", "",
+        *br.sweep_table(sweeps, chosen, METHOD_LABEL), _determinism(sweeps, finals, chosen), "",
+        "## Results (test top-1 on the full test split)", "",
+        "`draws`: channel selections that trained in a run (the first included); `weight slots of the last draw`: "
+        "weight-gradient slots the last selection trains; `clipped steps`: share of steps whose global gradient "
+        "norm exceeded the clip.", "",
+        *br.results_table(finals, METHOD_LABEL),
+        "## Ordering at equal budget", "",
+        *br.claims_table(finals),
+        "## Does more memory help? (per method, paired by seed)", "",
+        *br.trend_table(finals, METHOD_LABEL),
+        "## The default strategy's bar", "",
+        "A default must be ≥ TraDy within the interval at every budget (a − TraDy not resolved below 0) and its "
+        "accuracy must not fall as the budget grows (no budget step resolved below 0, and the largest budget's "
+        "mean at least the smallest's).", "",
+        *br.default_lines(finals, ("medyate", "medyate-ca"), METHOD_LABEL),
+        "Plots: `results/accuracy_vs_budget.png`, `results/memory_vs_accuracy.png` (bars: seed min-max); the "
+        "previous grid's: `results/*_v1.png`.", "",
+        "## What was run and what was not", "",
+        *(missing or ["- every planned run is recorded"]), "",
+        "GPU run at the papers' full recipe (`scripts/bench_configs/vision_full_recipe.yaml`): not run: no GPU lent.",
+        "",
+    ]
+
+
 def report(configs: list[dict], command: str) -> None:
     records = load_records()
     from medyate_peft.atomic import atomic_write, atomic_write_json
 
     atomic_write_json(records, RESULTS / "benchmark_runs.json", sort_keys=True, indent=1)
+    md = RESULTS / "BENCHMARK.md"
+    if any("lr_sweep" in c for c in configs):
+        text = resolved_report(configs, command, records)
+        with atomic_write(md) as handle:
+            handle.write("\n".join(text))
+        print(f"wrote {md}")
+        return
     if records:
         plots(records)
     compute = sum(r["wall_seconds"] for r in records) / 60
-    md = RESULTS / "BENCHMARK.md"
     text = [
         "# Benchmark: MeDyate / TraDy vs full fine-tuning, classifier-only and LoRA", "",
         "Command (resumes: runs whose record exists in `results/runs/` are skipped):", "",
