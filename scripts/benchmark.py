@@ -576,7 +576,7 @@ def resolved_report(configs: list[dict], command: str, records: list[dict]) -> l
         "A default must be ≥ TraDy within the interval at every budget (a − TraDy not resolved below 0) and its "
         "accuracy must not fall as the budget grows (no budget step resolved below 0, and the largest budget's "
         "mean at least the smallest's).", "",
-        *br.default_lines(finals, ("medyate", "medyate-ca"), METHOD_LABEL),
+        *br.default_lines(finals, ("medyate", "medyate-ca", "trady"), METHOD_LABEL),
         "Plots: `results/accuracy_vs_budget.png`, `results/memory_vs_accuracy.png` (bars: seed min-max); the "
         "previous grid's: `results/*_v1.png`.", "",
         "## What was run and what was not", "",

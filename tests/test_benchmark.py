@@ -213,3 +213,5 @@ def test_ordering_marks_which_differences_are_resolved_and_the_default_bar() -> 
     ok, checked = br.meets_default_bar(finals, "medyate-ca")
     assert ok and checked == ["net / data @ 100", "net / data @ 200"]
     assert not br.meets_default_bar([r for r in finals if r["seed"] == 0], "medyate-ca")[0]  # n = 1 decides nothing
+    ok, checked = br.meets_default_bar(finals, "trady")  # the reference: its trend alone
+    assert ok and checked == ["net / data @ 100", "net / data @ 200"]
