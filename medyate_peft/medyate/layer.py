@@ -60,7 +60,8 @@ class MeDyateLayer(BaseTunerLayer):
         # (positions of one input channel in the last input, its leading dim): the tuner divides by the
         # model input's batch, since the leading dim need not be the batch (window attention).
         self.activation_positions: tuple[int, int] | None = None
-        self._weight_cache: tuple[tuple, tuple, torch.Tensor] | None = None  # (deltas key, live versions, weight)
+        # (deltas key, live versions, weight, live layout for `_refresh_live_channels`)
+        self._weight_cache: tuple[tuple, tuple, torch.Tensor, tuple | None] | None = None
         self.kwargs = kwargs
         self.register_state_dict_post_hook(_state_as_saved)
         self.register_load_state_dict_pre_hook(_install_saved_state)
@@ -223,13 +224,13 @@ class MeDyateLayer(BaseTunerLayer):
         versions = tuple(self.live[a][0]._version if a in self.live else -1 for a in adapters)
         cache = self._weight_cache
         if cache is None or cache[0] != key:
-            weight = self._build_weight(base, adapters)
+            weight, layout = self._build_weight(base, adapters), self._live_layout(adapters)
         elif cache[1] != versions:
-            weight = cache[2]
-            self._refresh_live_channels(weight, base, adapters)
+            weight, layout = cache[2], cache[3]
+            self._refresh_live_channels(weight, base, layout)
         else:
             return cache[2]
-        self._weight_cache = (key, versions, weight)
+        self._weight_cache = (key, versions, weight, layout)
         return weight
 
     def _build_weight(self, base: torch.Tensor, adapters: tuple[str, ...]) -> torch.Tensor:
@@ -239,23 +240,37 @@ class MeDyateLayer(BaseTunerLayer):
             add_to_channels(weight, self.groups, index, delta)
         return weight
 
-    def _refresh_live_channels(self, weight: torch.Tensor, base: torch.Tensor, adapters: tuple[str, ...]) -> None:
-        """Rewrite only the live channels of `weight`, by the same additions as `_build_weight`."""
+    def _live_layout(self, adapters: tuple[str, ...]) -> tuple | None:
+        """Where the live channels sit, worked out once per rebuilt weight (`nonzero`/`unique` wait for the
+        device), so that refreshing the weight after each optimizer step never waits: (live channels, per
+        adapter: its name, the positions of its stored channels among them, of its live ones among those)."""
         live = [self.live[a][1].idx for a in adapters if a in self.live]
+        if not live:
+            return None
         channels = torch.unique(torch.cat(live)) if len(live) > 1 else live[0]
+        parts = []
+        for adapter in adapters:
+            index = self.medyate_index[adapter]
+            pos = torch.nonzero(torch.isin(index, channels.to(index.device))).squeeze(1)
+            live_pos = None
+            if adapter in self.live:
+                live_pos = torch.searchsorted(index[pos], self.live[adapter][1].idx.to(index.device))
+            parts.append((adapter, pos, live_pos))
+        return channels, parts
+
+    def _refresh_live_channels(self, weight: torch.Tensor, base: torch.Tensor, layout: tuple) -> None:
+        """Rewrite only the live channels of `weight`, by the same additions as `_build_weight`."""
+        channels, parts = layout
         if self.groups == 1:  # index the base directly: a transposed (fan_in_fan_out) view is not copied whole
             slices = base.index_select(1, channels).reshape(base.shape[0], len(channels), -1).transpose(0, 1).contiguous()
         else:
             slices = gather_channels(base, self.groups, channels)
         set_channels(weight, self.groups, channels, slices)
-        for adapter in adapters:
-            index = self.medyate_index[adapter]
-            pos = torch.nonzero(torch.isin(index, channels.to(index.device))).squeeze(1)
+        for adapter, pos, live_pos in parts:
             delta = self.medyate_delta[adapter].detach()[pos]
-            if adapter in self.live:
-                sel = self.live[adapter][1]
-                delta[torch.searchsorted(index[pos], sel.idx.to(index.device))] += self.live_values(adapter).to(delta.dtype)
-            add_to_channels(weight, self.groups, index[pos], delta)
+            if live_pos is not None:
+                delta[live_pos] += self.live_values(adapter).to(delta.dtype)
+            add_to_channels(weight, self.groups, self.medyate_index[adapter][pos], delta)
 
     def _trainable(self) -> list[tuple[nn.Parameter, Selection]]:
         return [self.live[a] for a in self._contributing_adapters() if a in self.live and self.live[a][0].requires_grad]

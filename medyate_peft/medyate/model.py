@@ -134,6 +134,7 @@ class AdapterPlan:
     growth: GrowthWatch | None = None  # live activation sizes of the pool's layers against the plan's
     growth_layers: list[MeDyateLayer] = field(default_factory=list)  # the pool's layers, in pool order
     layout: SegmentLayout | None = None  # how the flat vector's slots map to pool channels
+    anomalies: guards.ChannelGradientWatch = field(default_factory=guards.ChannelGradientWatch)  # detect_anomalies
 
 
 @dataclass(frozen=True)
@@ -595,8 +596,8 @@ class MeDyateModel(BaseTuner):
         """One backward's gradient of the flat vector: record channel norms on its device, then all-reduce.
 
         The norms of all selected channels come out of the one gradient tensor, so nothing moves to the
-        host per layer; the sums move once, at `resample()`. With `detect_anomalies` one host check per
-        backward looks for NaN/inf. Under DDP the local gradient is averaged over ranks as DDP would
+        host per layer; the sums move once, at `resample()`. With `detect_anomalies` NaN/inf are looked for
+        on the device and read on the host lazily (`guards.ChannelGradientWatch`). Under DDP the local gradient is averaged over ranks as DDP would
         (also inside `no_sync()`, where the result is the same and only the traffic differs).
         """
         plan = self.plans[adapter_name]
@@ -606,11 +607,8 @@ class MeDyateModel(BaseTuner):
             rows = grad.detach()[:used].split(layout.sizes)
             norms = torch.cat([g.view(len(c), -1).norm(dim=1) for g, c in zip(rows, layout.channels, strict=True)])
             finite = torch.isfinite(norms)
-            if self.peft_config[adapter_name].detect_anomalies and not bool(finite.all()):
-                per_layer = zip(layout.names, layout.channels, norms.split([len(c) for c in layout.channels]),
-                                strict=True)
-                for name, channels, layer_norms in reversed(list(per_layer)):  # in backward's order
-                    guards.check_channel_gradients(name, channels, layer_norms.to(torch.float64).cpu(), plan.epoch)
+            if self.peft_config[adapter_name].detect_anomalies:
+                plan.anomalies.note(layout, norms, finite, plan.epoch)
             # A skipped (GradScaler) step says nothing about its channels: non-finite norms are not counted.
             plan.tracker.record(layout.positions, torch.where(finite, norms, 0.0), counted=finite)
         if self._reduce_values and self._under_ddp and dist.is_initialized() and dist.get_world_size() > 1:
@@ -676,6 +674,7 @@ class MeDyateModel(BaseTuner):
                 "resample(optimizer, full_gradient=lambda: loss_of_one_batch)"
             )
         if config.detect_anomalies:  # before any state changes: nothing is half-resampled on error
+            plan.anomalies.check()
             for name, layer in self.medyate_layers().items():
                 live = layer.live_values(adapter_name)
                 if live is not None:
@@ -830,15 +829,16 @@ class MeDyateModel(BaseTuner):
             if a in self.medyate_values and self.medyate_values[a].requires_grad
             and get_strategy(self.peft_config[a].strategy).dynamic and self.peft_config[a].resample_every is None
         ]
-        if self._epoch_warned or not dynamic or torch.compiler.is_compiling():  # the watch reads batches on the host
+        if self._epoch_warned or not dynamic or torch.compiler.is_compiling():  # the watch reads its verdict on the host
             return
         main = kwargs.get(getattr(self.model, "main_input_name", None) or "")
         if main is None:
             main = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
-        if isinstance(main, torch.Tensor) and self._epoch_watch.came_round(main):
+        before = self._epoch_watch.observe(main) if isinstance(main, torch.Tensor) else None
+        if before is not None:
             self._epoch_warned = True
             warnings.warn(
-                f"MeDyate: the training data came round again after {self._epoch_watch.batches - 1} batches without "
+                f"MeDyate: the training data came round again after {before} batches without "
                 "resample() (most samples of this batch were already seen): call model.base_model.resample(optimizer) "
                 "at the end of every epoch (MeDyateCallback does it under the Trainer), or the same channels keep "
                 "training",
