@@ -38,8 +38,10 @@ from ..kernels import (
     ConvSpec,
     Selection,
     add_to_channels,
+    channel_coords,
     gather_channels,
     set_channels,
+    set_channels_at,
 )
 
 
@@ -243,7 +245,8 @@ class MeDyateLayer(BaseTunerLayer):
     def _live_layout(self, adapters: tuple[str, ...]) -> tuple | None:
         """Where the live channels sit, worked out once per rebuilt weight (`nonzero`/`unique` wait for the
         device), so that refreshing the weight after each optimizer step never waits: (live channels, per
-        adapter: its name, the positions of its stored channels among them, of its live ones among those)."""
+        adapter: its name, the positions of its stored channels among them, of its live ones among those,
+        and with one adapter, the coordinates, base slices and stored deltas of those channels)."""
         live = [self.live[a][1].idx for a in adapters if a in self.live]
         if not live:
             return None
@@ -256,16 +259,30 @@ class MeDyateLayer(BaseTunerLayer):
             if adapter in self.live:
                 live_pos = torch.searchsorted(index[pos], self.live[adapter][1].idx.to(index.device))
             parts.append((adapter, pos, live_pos))
-        return channels, parts
+        single = None
+        if len(adapters) == 1 and adapters[0] in self.live:  # channels, stored and live ones: the same list
+            weight = self._base_weight().detach()
+            single = (channel_coords(weight, channels), self._base_slices(weight, channels),
+                      self.medyate_delta[adapters[0]].detach()[parts[0][1]])
+        return channels, parts, single
+
+    def _base_slices(self, base: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1:  # index the base directly: a transposed (fan_in_fan_out) view is not copied whole
+            return base.index_select(1, channels).reshape(base.shape[0], len(channels), -1).transpose(0, 1).contiguous()
+        return gather_channels(base, self.groups, channels)
 
     def _refresh_live_channels(self, weight: torch.Tensor, base: torch.Tensor, layout: tuple) -> None:
-        """Rewrite only the live channels of `weight`, by the same additions as `_build_weight`."""
-        channels, parts = layout
-        if self.groups == 1:  # index the base directly: a transposed (fan_in_fan_out) view is not copied whole
-            slices = base.index_select(1, channels).reshape(base.shape[0], len(channels), -1).transpose(0, 1).contiguous()
-        else:
-            slices = gather_channels(base, self.groups, channels)
-        set_channels(weight, self.groups, channels, slices)
+        """Rewrite only the live channels of `weight`, by the same additions as `_build_weight`
+        (base + (stored delta + live values), rounded once to the weight's dtype)."""
+        channels, parts, single = layout
+        if single is not None:  # one adapter: a few ops on compact slices kept since the rebuild
+            coords, base_slices, stored = single
+            folded = stored + self.live_values(parts[0][0]).to(stored.dtype)
+            wide = torch.promote_types(weight.dtype, folded.dtype)
+            summed = base_slices.to(wide) + folded.view(base_slices.shape).to(wide)
+            set_channels_at(weight, self.groups, coords, summed)
+            return
+        set_channels(weight, self.groups, channels, self._base_slices(base, channels))
         for adapter, pos, live_pos in parts:
             delta = self.medyate_delta[adapter].detach()[pos]
             if live_pos is not None:
