@@ -20,7 +20,11 @@ FREE_KEYS = ("threads", "device")
 
 
 def _identity(spec: dict) -> dict:
-    return {k: v for k, v in spec.items() if k not in FREE_KEYS}
+    """What must not change within a run; the ranking by file name (the checkout may move between machines)."""
+    identity = {k: v for k, v in spec.items() if k not in FREE_KEYS}
+    if identity.get("ranking_path"):
+        identity["ranking_path"] = Path(identity["ranking_path"]).name
+    return identity
 
 
 def save(path: Path, spec: dict, state: dict[str, Any]) -> None:

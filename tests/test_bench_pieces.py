@@ -26,11 +26,11 @@ SAME = ("top1", "adapter_sha256", "adapter_bytes", "final_train_loss", "steps", 
         "saved_activation_bytes", "weight_grad_bytes")
 
 
-def spec_of(method: str) -> dict:
+def spec_of(method: str, precision: str = "fp32") -> dict:
     budget = None if method in bench_common.BASELINES else 4000
     spec = {"suite": "tiny", "network": "mcunet-5fps", "dataset": "cifar10", "method": method, "budget_slots": budget,
             "budget_index": 0, "seed": 1, "recipe": RECIPE, "config": "tiny.yaml", "lora_weight_slots": 4000,
-            "device": "cpu", "precision": "fp32"}
+            "device": "cpu", "precision": precision}
     return {**spec, "id": benchmark.run_id(spec)}
 
 
@@ -58,13 +58,14 @@ def run(spec: dict, folder: Path, checkpoint: bool = True) -> tuple[str, dict | 
     return status, json.loads(record.read_text()) if record.exists() else None
 
 
-@pytest.mark.parametrize("method", ["medyate", "det_rgn", "full", "lora"])
+@pytest.mark.parametrize("method,precision", [("medyate", "fp32"), ("det_rgn", "fp32"), ("full", "fp32"),
+                                              ("lora", "fp32"), ("medyate", "bf16")])
 def test_a_run_in_three_pieces_trains_the_bits_of_the_uninterrupted_run(
-    method: str, data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    method: str, precision: str, data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Cut after step 1 (mid-epoch), then after step 4 (epoch 2, its first checkpoint behind it): the same
-    adapter digest, accuracy, loss and measured memory as one run without checkpoints."""
-    spec = spec_of(method)
+    adapter digest, accuracy, loss and measured memory as one run without checkpoints (bf16: autocast)."""
+    spec = spec_of(method, precision)
     monkeypatch.setattr(bench_common, "_out_of_time", lambda deadline: False)
     _, whole = run(spec, tmp_path / "whole", checkpoint=False)
     pieces = tmp_path / "pieces"
@@ -81,14 +82,18 @@ def test_a_run_in_three_pieces_trains_the_bits_of_the_uninterrupted_run(
     assert status == "done" and not checkpoint.exists()
     assert {k: resumed[k] for k in SAME} == {k: whole[k] for k in SAME}
     assert [p["steps_to"] for p in resumed["pieces"]] == [1, 4, 6] and resumed["steps"] == 6
+    assert resumed["precision"] == precision and spec["id"].endswith("__bf16") == (precision == "bf16")
 
 
 def test_a_checkpoint_of_another_recipe_or_a_damaged_one_is_refused(tmp_path: Path) -> None:
     spec, path = spec_of("medyate"), tmp_path / "run.pt"
-    bench_checkpoint.save(path, spec, {"epoch": 1})
-    assert bench_checkpoint.load(path, {**spec, "device": "cuda", "threads": 4})["epoch"] == 1  # where, not what
+    bench_checkpoint.save(path, {**spec, "ranking_path": "/here/results/rankings/r.json"}, {"epoch": 1})
+    moved = {**spec, "device": "cuda", "threads": 4, "ranking_path": "/there/results/rankings/r.json"}
+    assert bench_checkpoint.load(path, moved)["epoch"] == 1  # where it runs, not what it trains
+    with pytest.raises(ValueError, match="ranking_path: checkpoint 'r.json' vs now 'other.json'"):
+        bench_checkpoint.load(path, {**moved, "ranking_path": "/there/results/rankings/other.json"})
     with pytest.raises(ValueError, match=r"another version of this run \(recipe: checkpoint .*delete the checkpoint"):
-        bench_checkpoint.load(path, {**spec, "recipe": {**RECIPE, "lr": 0.1}})
+        bench_checkpoint.load(path, {**moved, "recipe": {**RECIPE, "lr": 0.1}})
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match=rf"{path} is truncated or corrupt"):
         bench_checkpoint.load(path, spec)
