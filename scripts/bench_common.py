@@ -13,6 +13,7 @@ import json
 import math
 import os
 import resource
+import signal
 import statistics
 import tempfile
 import time
@@ -416,25 +417,44 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 # -- one run ---------------------------------------------------------------------------------------
 PAUSED = "paused"
+_TERMINATED: list[int] = []  # SIGTERM received: stop as at a piece's end
 
 
 def _out_of_time(deadline: float | None) -> bool:
-    return deadline is not None and time.time() >= deadline
+    return bool(_TERMINATED) or deadline is not None and time.time() >= deadline
+
+
+@contextlib.contextmanager
+def _pause_on_sigterm() -> Iterator[None]:
+    """SIGTERM (the benchmark's own stop, `timeout`, a machine going away) ends the run like a piece's end:
+    a checkpoint after the current step."""
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: _TERMINATED.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _TERMINATED.clear()
 
 
 def run_one(spec: dict, record_path: str, checkpoint_path: str | None = None, deadline: float | None = None) -> str:
     """Train and measure the run of `spec`; write its record atomically to `record_path`.
 
     With `checkpoint_path` the run saves its whole state there after every epoch and, past `deadline`
-    (`time.time()`), after the current step, then returns PAUSED; a later call continues from it
-    exactly (same data order, augmentation, draws and arithmetic on the same device). Returns "done"
-    once the record is written (the checkpoint is then removed).
+    (`time.time()`) or on SIGTERM, after the current step, then returns PAUSED; a later call continues
+    from it exactly (same data order, augmentation, draws and arithmetic on the same device). Returns
+    "done" once the record is written (the checkpoint is then removed).
     """
+    if checkpoint_path is None:
+        return _run(spec, record_path, None, deadline)
+    with _pause_on_sigterm():
+        return _run(spec, record_path, Path(checkpoint_path), deadline)
+
+
+def _run(spec: dict, record_path: str, ckpt_path: Path | None, deadline: float | None) -> str:
     torch.set_num_threads(spec.get("threads", 1))  # 1: stable under a shared CPU
     device, precision = run_device(spec.get("device", "cpu")), spec.get("precision", "fp32")
     recipe = spec["recipe"]
     piece_start = time.perf_counter()
-    ckpt_path = Path(checkpoint_path) if checkpoint_path else None
     saved = bench_checkpoint.load(ckpt_path, spec) if ckpt_path else None
     n_classes = num_classes(spec["dataset"])
     model, tokenizer = load_network(spec["network"], n_classes)

@@ -8,7 +8,8 @@ order in which to run it (`stages`). Every run trains in its own child process (
 and leaves a JSON record in results/runs/; a run whose record exists is skipped, so the command
 resumes where it stopped. Within a run, a checkpoint (results/checkpoints/<run id>.pt: weights,
 optimizer, sampler, data order and RNG states, replaced atomically) is written after every epoch, so
-a run killed at any point continues exactly from its last epoch. `--piece-minutes M` makes the
+a run killed at any point continues exactly from its last epoch (stopped with SIGTERM, from its
+current step). `--piece-minutes M` makes the
 command a piece of at most M minutes: past that, every running run checkpoints after its current
 step, the report is rebuilt and the command exits with status 75 (EX_TEMPFAIL); the same command
 again continues (exit 0 once every run is recorded). `--max-minutes` stops launching runs after that
@@ -206,7 +207,10 @@ def execute(
             if process.is_alive() and not timed_out:
                 continue
             if process.is_alive():
-                process.terminate()
+                process.terminate()  # SIGTERM: the run checkpoints after its current step
+                process.join(OVERRUN_S)
+            if process.is_alive():
+                process.kill()  # its last epoch's checkpoint stays
             process.join()
             running.remove(entry)
             done += 1

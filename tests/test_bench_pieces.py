@@ -85,6 +85,29 @@ def test_a_run_in_three_pieces_trains_the_bits_of_the_uninterrupted_run(
     assert resumed["precision"] == precision and spec["id"].endswith("__bf16") == (precision == "bf16")
 
 
+def test_sigterm_pauses_a_run_after_its_current_step(data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark's own stop (and `timeout`, a machine going away) sends SIGTERM: checkpoint, then continue."""
+    spec = spec_of("trady")
+    _, whole = run(spec, tmp_path / "whole", checkpoint=False)
+    losses, loss_of = iter(range(1, 100)), bench_common.loss_of
+
+    def terminated_in_step_2(model, batch):
+        if next(losses) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss_of(model, batch)
+
+    monkeypatch.setattr(bench_common, "loss_of", terminated_in_step_2)
+    folder = tmp_path / "run"
+    record, checkpoint = folder / "run.json", folder / "run.pt"
+    assert bench_common.run_one(spec, str(record), str(checkpoint), None) == bench_common.PAUSED
+    assert bench_checkpoint.load(checkpoint, spec)["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+    monkeypatch.setattr(bench_common, "loss_of", loss_of)
+    assert bench_common.run_one(spec, str(record), str(checkpoint), None) == "done"
+    resumed = json.loads(record.read_text())
+    assert {k: resumed[k] for k in SAME} == {k: whole[k] for k in SAME}
+
+
 def test_a_checkpoint_of_another_recipe_or_a_damaged_one_is_refused(tmp_path: Path) -> None:
     spec, path = spec_of("medyate"), tmp_path / "run.pt"
     bench_checkpoint.save(path, {**spec, "ranking_path": "/here/results/rankings/r.json"}, {"epoch": 1})
