@@ -487,17 +487,7 @@ def _run(spec: dict, record_path: str, ckpt_path: Path | None, deadline: float |
                            "oracle_s": 0.0, "train_s": 0.0, "pieces": [], "loadavg_start": os.getloadavg()[0],
                            "peak_rss_bytes": 0, "peak_cuda_bytes": 0}
     if saved is not None:
-        _, unexpected = setup.model.load_state_dict(saved["model"], strict=False)
-        if unexpected:
-            raise ValueError(f"checkpoint {ckpt_path} holds weights this model lacks ({unexpected[:3]} ...)")
-        if tuner is not None:
-            tuner.load_training_state_dict(saved["medyate"])
-        optimizer.load_state_dict(saved["optimizer"])
-        g.set_state(saved["g"])
-        g_oracle.set_state(saved["g_oracle"])
-        torch.set_rng_state(saved["torch_rng"])
-        if device.type == "cuda" and saved.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+        _load_training_state(saved, setup, tuner, optimizer, (g, g_oracle), device, ckpt_path)
         run.update({k: saved[k] for k in run})
         print(f"{spec['id']}: continues from {ckpt_path} at epoch {run['epoch'] + 1}, batch {run['position']} "
               f"(step {run['step']} of {total})", flush=True)
@@ -508,15 +498,9 @@ def _run(spec: dict, record_path: str, ckpt_path: Path | None, deadline: float |
 
     def checkpoint() -> None:
         piece = {"device": str(device), "seconds": time.perf_counter() - piece_start, "steps_to": run["step"]}
-        state = {
-            **{k: v for k, v in run.items() if k != "pieces"}, "pieces": [*run["pieces"], piece],
-            "peak_rss_bytes": _peak_rss(run), "peak_cuda_bytes": _peak_cuda(run, device),
-            "model": trained_state(setup.model), "medyate": None if tuner is None else tuner.training_state_dict(),
-            "optimizer": optimizer.state_dict(), "g": g.get_state(), "g_oracle": g_oracle.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        }
-        bench_checkpoint.save(ckpt_path, spec, state)
+        state = {**run, "pieces": [*run["pieces"], piece], "peak_rss_bytes": _peak_rss(run),
+                 "peak_cuda_bytes": _peak_cuda(run, device)}
+        bench_checkpoint.save(ckpt_path, spec, {**state, **_training_state(setup, tuner, optimizer, (g, g_oracle), device)})
 
     def pause() -> str:
         checkpoint()
@@ -608,6 +592,32 @@ def _run(spec: dict, record_path: str, ckpt_path: Path | None, deadline: float |
     if ckpt_path:
         ckpt_path.unlink(missing_ok=True)
     return "done"
+
+
+def _training_state(setup: Setup, tuner: Any, optimizer: torch.optim.Optimizer,
+                    generators: tuple[torch.Generator, ...], device: torch.device) -> dict[str, Any]:
+    """What training has changed: weights (MeDyate: also its tuner's exact state), optimizer, every RNG."""
+    return {
+        "model": trained_state(setup.model), "medyate": None if tuner is None else tuner.training_state_dict(),
+        "optimizer": optimizer.state_dict(), "generators": [g.get_state() for g in generators],
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def _load_training_state(state: dict[str, Any], setup: Setup, tuner: Any, optimizer: torch.optim.Optimizer,
+                         generators: tuple[torch.Generator, ...], device: torch.device, path: Path) -> None:
+    _, unexpected = setup.model.load_state_dict(state["model"], strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint {path} holds weights this model lacks ({unexpected[:3]} ...)")
+    if tuner is not None:
+        tuner.load_training_state_dict(state["medyate"])
+    optimizer.load_state_dict(state["optimizer"])
+    for g, saved in zip(generators, state["generators"], strict=True):
+        g.set_state(saved)
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 def _peak_rss(run: dict) -> int:
