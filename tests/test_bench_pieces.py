@@ -58,30 +58,36 @@ def run(spec: dict, folder: Path, checkpoint: bool = True) -> tuple[str, dict | 
     return status, json.loads(record.read_text()) if record.exists() else None
 
 
-@pytest.mark.parametrize("method,precision", [("medyate", "fp32"), ("det_rgn", "fp32"), ("full", "fp32"),
-                                              ("lora", "fp32"), ("medyate", "bf16")])
-def test_a_run_in_three_pieces_trains_the_bits_of_the_uninterrupted_run(
-    method: str, precision: str, data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+# A piece's cuts, each the cut piece's n-th look at the clock; the steps each piece ended at.
+MID_EPOCH_TWICE = ((1, 3), [1, 4, 6])  # after step 1; then after step 4 (epoch 1's checkpoint written before)
+AT_EPOCH_END = ((3,), [3, 6])  # after steps 1, 2 and then at the end of epoch 1
+
+
+@pytest.mark.parametrize("method,precision,cuts", [
+    ("medyate", "fp32", MID_EPOCH_TWICE), ("det_rgn", "fp32", MID_EPOCH_TWICE), ("full", "fp32", MID_EPOCH_TWICE),
+    ("lora", "fp32", MID_EPOCH_TWICE), ("medyate", "bf16", MID_EPOCH_TWICE), ("medyate", "fp32", AT_EPOCH_END),
+], ids=lambda v: v if isinstance(v, str) else "x".join(map(str, v[0])))
+def test_a_run_in_pieces_trains_the_bits_of_the_uninterrupted_run(
+    method: str, precision: str, cuts: tuple, data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Cut after step 1 (mid-epoch), then after step 4 (epoch 2, its first checkpoint behind it): the same
-    adapter digest, accuracy, loss and measured memory as one run without checkpoints (bf16: autocast)."""
+    """The same adapter digest, accuracy, loss and measured memory as one run without checkpoints (bf16:
+    autocast), whether the pieces end inside an epoch or at its end."""
     spec = spec_of(method, precision)
     monkeypatch.setattr(bench_common, "_out_of_time", lambda deadline: False)
     _, whole = run(spec, tmp_path / "whole", checkpoint=False)
     pieces = tmp_path / "pieces"
     checkpoint = pieces / f"{spec['id']}.pt"
-    cut_at(monkeypatch, 1)
-    assert run(spec, pieces) == (bench_common.PAUSED, None)
-    state = bench_checkpoint.load(checkpoint, spec)
-    assert (state["epoch"], state["position"], state["step"]) == (0, 1, 1)
-    cut_at(monkeypatch, 3)  # in this piece: after step 2, at the end of epoch 1 (no cut: checkpoint), after step 4
-    assert run(spec, pieces) == (bench_common.PAUSED, None)
-    assert (bench_checkpoint.load(checkpoint, spec)["epoch"], bench_checkpoint.load(checkpoint, spec)["step"]) == (1, 4)
+    checks, steps = cuts
+    for check, step in zip(checks, steps, strict=False):
+        cut_at(monkeypatch, check)
+        assert run(spec, pieces) == (bench_common.PAUSED, None)
+        state = bench_checkpoint.load(checkpoint, spec)
+        assert (state["epoch"], state["position"], state["step"]) == (step // 3, step % 3, step)
     monkeypatch.setattr(bench_common, "_out_of_time", lambda deadline: False)
     status, resumed = run(spec, pieces)
     assert status == "done" and not checkpoint.exists()
     assert {k: resumed[k] for k in SAME} == {k: whole[k] for k in SAME}
-    assert [p["steps_to"] for p in resumed["pieces"]] == [1, 4, 6] and resumed["steps"] == 6
+    assert [p["steps_to"] for p in resumed["pieces"]] == steps and resumed["steps"] == 6
     assert resumed["precision"] == precision and spec["id"].endswith("__bf16") == (precision == "bf16")
 
 
