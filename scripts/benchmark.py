@@ -475,6 +475,8 @@ def report_name(configs: list[dict]) -> str:
 
 
 def _where(records: list[dict]) -> str:
+    if not records:
+        return "nothing has run yet"
     gpus = sorted({r["gpu"] for r in records if r.get("gpu")})
     if not gpus:
         return ("2-core CPU, shared with other jobs: step times are noisy; each record has the load average at its "
