@@ -8,11 +8,10 @@ order in which to run it (`stages`). Every run trains in its own child process (
 and leaves a JSON record in results/runs/; a run whose record exists is skipped, so the command
 resumes where it stopped. Within a run, a checkpoint (results/checkpoints/<run id>.pt: weights,
 optimizer, sampler, data order and RNG states, replaced atomically) is written after every epoch, so
-a run killed at any point continues exactly from its last epoch (stopped with SIGTERM, from its
-current step). `--piece-minutes M` makes the
-command a piece of at most M minutes: past that, every running run checkpoints after its current
-step, the report is rebuilt and the command exits with status 75 (EX_TEMPFAIL); the same command
-again continues (exit 0 once every run is recorded). `--max-minutes` stops launching runs after that
+a run killed at any point continues exactly from its last epoch (one stopped with SIGTERM, from its
+current step). `--piece-minutes M` makes the command a piece of at most M minutes: past that, every
+running run checkpoints after its current step, the report is rebuilt and the command exits with
+status 75 (EX_TEMPFAIL); the same command again continues (exit 0 once every run is recorded). `--max-minutes` stops launching runs after that
 long; `--jobs N` runs N at a time (step times then share the cores: each record keeps the load average
 at its start and end). `--device auto|cpu|cuda` and `--precision fp32|bf16` override the config's
 `device`/`precision` (default cpu, fp32). At the end (and with --report-only) the records become the
