@@ -147,6 +147,7 @@ bench_common.run_one({spec!r}, {record!r}, {checkpoint!r}, 0.0)
 """
 
 
+@pytest.mark.slow  # a fresh interpreter: ~15 s
 def test_a_kill_while_checkpointing_leaves_the_previous_checkpoint_and_the_run_continues_exactly(
     data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
