@@ -76,7 +76,7 @@ import json, sys
 import torch
 from medyate_peft import MeDyateConfig
 from medyate_peft.ddp import fingerprint
-from medyate_peft.medyate.model import AdapterPlan
+from medyate_peft.planner import AdapterPlan
 config = MeDyateConfig(budget_kb=4)
 config.target_modules = {f"layer{i}.{kind}" for i in range(8) for kind in ("query", "key", "value")}
 config.layer_ranking = {"lara": {f"layer{i}": float(i) for i in range(8)}, "tags": {"a", "b", "c", "d"}}
