@@ -9,6 +9,7 @@ layout onto its layers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ from .step_budget import StepCosts
 from .strategies import channel_order, get_strategy
 
 logger = logging.getLogger(__name__)
+VECTOR_DRAWS = 8  # simulated draws the step scope sizes its flat vector on
 
 
 class PlanSettings(Protocol):
@@ -148,7 +150,43 @@ def build(plan: AdapterPlan, settings: PlanSettings, costs: list[LayerCost], wei
             "MeDyate: the budget (%d slots) covers every candidate channel (%d slots); all are trained",
             plan.budget, total,
         )
+    if plan.step is not None:
+        size_vector(plan, settings)
     draw(plan, settings)
+
+
+def _orders(plan: AdapterPlan, settings: PlanSettings, count: int) -> list[torch.Tensor]:
+    """The orders of the strategy's next `count` draws (one for a static strategy), the plan's RNG untouched."""
+    strategy = get_strategy(settings.strategy)
+    generator = torch.Generator()
+    generator.set_state(plan.generator.get_state())
+    measured = plan.tracker.norms if plan.tracker.epochs_done > 0 else None
+    return [channel_order(strategy, plan.pool.slots, generator, measured, plan.full_norms, settings.draw_weights)
+            for _ in range(count if strategy.dynamic else 1)]
+
+
+def size_vector(plan: AdapterPlan, settings: PlanSettings) -> None:
+    """Fix the step scope's flat vector: of the weight slots that `VECTOR_DRAWS` simulated draws take when
+    weights are paid per channel, the size under which those draws, capped by it, train the most slots.
+
+    Too small a vector leaves weight-heavy draws short of the budget; too large a one is paid for by
+    every draw and left partly unused by light ones. A static strategy draws once: its size is that
+    draw's, and the draw is the same as with weights paid per channel.
+    """
+    step = dataclasses.replace(plan.step, vector=None)
+    orders = _orders(plan, settings, VECTOR_DRAWS)
+    sizes = {int(step.pool_weights(plan.pool)[step.fill(order, plan.pool, plan.budget)].sum()) for order in orders}
+
+    def trained(size: int) -> int:
+        capped = dataclasses.replace(step, vector=size)
+        return sum(step.used(plan.pool, capped.fill(order, plan.pool, plan.budget)) for order in orders)
+
+    plan.step = dataclasses.replace(step, vector=max(sorted(sizes), key=trained))  # ties: the smallest
+
+
+def vector_slots(plan: AdapterPlan, capacity: int) -> int:
+    """Slots the flat vector needs: under the step scope the first draw's weights, else `capacity` (the budget's)."""
+    return capacity if plan.step is None or plan.step.vector is None else plan.step.vector
 
 
 def draw(plan: AdapterPlan, settings: PlanSettings) -> None:

@@ -59,6 +59,16 @@ def _values_as_saved(tuner: MeDyateModel, state_dict: dict, prefix: str, local_m
         state_dict[f"{prefix}medyate_values.{name}"] = torch.zeros_like(values)
 
 
+def _values_as_loaded(tuner: MeDyateModel, state_dict: dict, prefix: str, *args: Any) -> None:
+    """load_state_dict hook: a state dict's flat vectors are zeros (`_values_as_saved`) of the size they had
+    where saved, which under budget_scope="step" is fixed at planning; they load as zeros of this one's size."""
+    for name, values in tuner.medyate_values.items():
+        key = f"{prefix}medyate_values.{name}"
+        incoming = state_dict.get(key)
+        if isinstance(incoming, torch.Tensor) and incoming.shape != values.shape and not bool(incoming.any()):
+            state_dict[key] = torch.zeros_like(values)
+
+
 def _unmatched_targets(targets: list[str] | str | None, names: list[str]) -> list[str]:
     """Entries of target_modules that match no module name, by PEFT's rules (name suffix, or full regex)."""
     if targets is None:
@@ -86,8 +96,8 @@ def _strict_budget(config: MeDyateConfig) -> bool:
 class MeDyateModel(BaseTuner):
     """Wraps candidate Conv2d/Linear layers; trains a budgeted, re-sampled set of their input channels.
 
-    The trainable parameter is one flat vector per adapter (`medyate_values`), sized by the budget,
-    not by the layers: every epoch a layer's selected channels are mapped to a segment at its start,
+    The trainable parameter is one flat vector per adapter (`medyate_values`), sized by the budget
+    (budget_scope="step": by the plan, before any optimizer step, `planner.size_vector`), not by the layers: every epoch a layer's selected channels are mapped to a segment at its start,
     so optimizers built once keep working while the selection changes, and the parameter keeps its
     shape as PEFT's conventions (and sharded wrappers) expect. Each forward splits it once, so a
     backward makes one budget-sized gradient, not one per selected layer. DistributedDataParallel is
@@ -212,6 +222,7 @@ class MeDyateModel(BaseTuner):
             self._input_batch: int | None = None  # samples of the last completed model call
             self._pending_batch: int | None = None
             self.register_state_dict_post_hook(_values_as_saved)
+            self.register_load_state_dict_pre_hook(_values_as_loaded)
             self._epoch_watch, self._epoch_warned = EpochWatch(), False
         # PEFT keeps the trainability of existing adapters when one is added, for parameters of the model;
         # the flat vectors live on the tuner, so they are kept here.
@@ -422,7 +433,27 @@ class MeDyateModel(BaseTuner):
         shapes = {c.name: list(layers[c.name].get_base_layer().weight.shape) for c in costs}
         planner.build(plan, config, costs, shapes, stats)
         self._watch_pool(adapter_name)
+        self._fit_vector(adapter_name)
         self._apply_selection(adapter_name)
+
+    def _fit_vector(self, adapter_name: str, fold: bool = True) -> None:
+        """Give the flat vector the size the plan fixed (budget_scope="step": the first draw's weight slots).
+
+        Planning runs before any optimizer step on the vector (its ranking batches leave it unused), so
+        an optimizer built before keeps working; its state for another size, if a re-plan finds one, is
+        dropped. Live values of a previous plan are folded into the deltas first.
+        """
+        values = self.medyate_values[adapter_name]
+        size = planner.vector_slots(self.plans[adapter_name], values.numel())
+        if size == values.numel():
+            return
+        if fold and bool(values.detach().any()):
+            for layer in self.medyate_layers().values():
+                layer.fold_live(adapter_name)
+        if optim_state.forget(values):
+            logger.warning("MeDyate: adapter %r was re-planned; its optimizer state for the trainable vector "
+                           "belonged to the previous channels and was reset", adapter_name)
+        values.data = values.data.new_zeros(size)  # in place: optimizers and layers hold this parameter
 
     def _draw(self, adapter_name: str) -> None:
         planner.draw(self.plans[adapter_name], self.peft_config[adapter_name])
@@ -484,12 +515,15 @@ class MeDyateModel(BaseTuner):
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
         """Read by DistributedDataParallel at construction (through PeftModel's attribute forwarding).
 
-        DDP would all-reduce the whole budget-sized vector; it leaves the vector out and
-        `_on_values_grad` all-reduces only the selected slots from then on. Names are given as seen
-        from a PeftModel and from this tuner, whichever DDP wraps.
+        DDP would all-reduce the whole flat vector; it leaves the vector out and `_on_values_grad`
+        all-reduces only the selected slots from then on. The layers' deltas and channel indices are
+        buffers that every rank changes alike at `resample()` (ranks are checked to agree); with DDP's
+        default `broadcast_buffers=True` rank 0 would send all of them (every channel ever trained)
+        before every forward. Names are given as seen from a PeftModel and from this tuner.
         """
         self._reduce_values = True
         names = [f"medyate_values.{adapter}" for adapter in self.medyate_values]
+        names += [name for name, _ in self.named_buffers() if ".medyate_delta." in name or ".medyate_index." in name]
         return names + [f"base_model.{name}" for name in names]
 
     def check_finite(self, loss: torch.Tensor | float, what: str = "loss") -> None:
@@ -614,7 +648,8 @@ class MeDyateModel(BaseTuner):
         unknown = sorted({c["name"] for c in state["pool"] or ()} - set(layers))
         if unknown:
             raise ValueError(f"checkpoint's channel pool has layers this model lacks: {unknown[:5]}")
-        if state["values"].shape != values.shape:
+        fixed = (state.get("step") or {}).get("vector")  # budget_scope="step": the vector's size as planned
+        if state["values"].shape != values.shape and state["values"].numel() != fixed:
             raise ValueError(
                 f"checkpoint's trainable vector has {state['values'].numel()} slots, this adapter {values.numel()}: "
                 "was it made with another budget_kb?"
@@ -627,6 +662,7 @@ class MeDyateModel(BaseTuner):
         plan.generator.set_state(state["generator"])
         if state.get("step") is not None:
             plan.step = StepCosts(**{**state["step"], "order": tuple(state["step"]["order"])})
+            self._fit_vector(adapter_name, fold=False)  # the checkpoint's values replace the live ones below
         if state.get("probe") is not None:  # saved while the first batches' dense gradients were measured
             if plan.probe is None:
                 costs = [LayerCost(**c) for c in state["probe"].get("costs", ())]
