@@ -259,10 +259,17 @@ def end_epoch(plan: AdapterPlan, settings: PlanSettings) -> None:
     plan.epoch += 1
 
 
+def charge(plan: AdapterPlan, pool: ChannelPool) -> int:
+    """Slots the selection is charged at `pool`'s costs: the papers' per-channel slots, or the step scope's."""
+    if plan.step is not None:
+        return plan.step.used(pool, plan.selected)
+    return int(pool.slots[plan.selected].sum())
+
+
 def overshoot(plan: AdapterPlan) -> tuple[int, int] | None:
     """(live, planned) slots of the selection if it overshoots the budget at the largest inputs seen, else None."""
-    live, planned = plan.growth.selection_slots(plan.pool, plan.selected)
-    return (live, planned) if live > plan.budget else None
+    live = charge(plan, ChannelPool.build(plan.growth.grown_costs(plan.pool.costs)))
+    return (live, charge(plan, plan.pool)) if live > plan.budget else None
 
 
 def recost_for_growth(plan: AdapterPlan, adapter_name: str) -> bool:
@@ -270,9 +277,9 @@ def recost_for_growth(plan: AdapterPlan, adapter_name: str) -> bool:
     plan.growth.sync()  # a collective under DDP: every rank calls it at every resample
     if not plan.growth.grown():
         return False
-    live, _ = plan.growth.selection_slots(plan.pool, plan.selected)
     plan.pool = ChannelPool.build(plan.growth.grown_costs(plan.pool.costs))  # same channels, same positions
     plan.growth = GrowthWatch.for_pool(plan.pool)
+    live = charge(plan, plan.pool)
     logger.info("MeDyate: re-planned adapter %r for the larger training inputs seen (channel costs "
                 "re-measured%s)", adapter_name, "; the selection is re-drawn" if live > plan.budget else "")
     return live > plan.budget

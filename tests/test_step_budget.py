@@ -266,3 +266,24 @@ def test_the_papers_scope_keeps_the_budget_sized_vector():
     tuner = model.base_model
     assert tuner.plans["default"].step is None
     assert tuner.medyate_values["default"].numel() == 6 * 1024 // 4 > tuner.plans["default"].layout.used
+
+
+def test_the_strict_scope_refuses_longer_inputs_by_the_step_charge():
+    """Planned at 16 tokens, a batch of 20 grows every selected channel's activations: the step charge (which the
+    plan filled) overshoots, though the papers' slots of the selection stay far below the budget."""
+    from test_transformers import _bert, batch
+
+    from medyate_peft.sampling import ChannelPool
+
+    model = get_peft_model(_bert(), MeDyateConfig(task_type="SEQ_CLS", budget_kb=24, strategy="full_random",
+                                                  input_size=[16], budget_scope="step"))
+    model.train()
+    plan = model.base_model.plans["default"]
+    inputs, labels = batch("SEQ_CLS", 16)
+    model(**inputs, labels=labels).loss.backward()
+    inputs, labels = batch("SEQ_CLS", 20)
+    with pytest.raises(ValueError, match="strict budget refuses"):
+        model(**inputs, labels=labels)
+    longer = ChannelPool.build([dataclasses.replace(c, activation_slots=c.activation_slots * 20 // 16)
+                                for c in plan.pool.costs])
+    assert int(longer.slots[plan.selected].sum()) < plan.budget / 2

@@ -761,7 +761,7 @@ class MeDyateModel(BaseTuner):
         message = (
             f"MeDyate: training inputs are larger than those adapter {adapter_name!r} was planned on (e.g. "
             f"{plan.pool.costs[grown].name} stores {plan.growth.peak[grown]} activation slots per sample "
-            f"and channel, planned {plan.growth.planned[grown]}): the selected channels hold {kb(live)} kB "
+            f"and channel, planned {plan.growth.planned[grown]}): the selection is charged {kb(live)} kB "
             f"per sample against budget_kb={config.budget_kb} (planned {kb(planned)} kB, "
             f"{live / plan.budget - 1:+.0%} over)"
         )
