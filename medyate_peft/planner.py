@@ -285,6 +285,41 @@ def recost_for_growth(plan: AdapterPlan, adapter_name: str) -> bool:
     return live > plan.budget
 
 
+def state_dict(plan: AdapterPlan) -> dict[str, Any]:
+    """The plan's part of a training state: epoch, RNG, step costs and, once planned, pool, norms and selection."""
+    state: dict[str, Any] = {
+        "epoch": plan.epoch,
+        "generator": plan.generator.get_state(),
+        "pool": None,
+        "step": None if plan.step is None else dataclasses.asdict(plan.step),
+    }
+    if plan.pool is not None:
+        state["pool"] = [dataclasses.asdict(c) for c in plan.pool.costs]
+        state["tracker"] = plan.tracker.state_dict()
+        state["selected"] = plan.selected.clone()
+    return state
+
+
+def checked_pool(state: dict[str, Any]) -> ChannelPool | None:
+    """The pool of a training state (None: saved before planning), after `check_state`; nothing changes."""
+    check_state(state)
+    return None if state["pool"] is None else ChannelPool.build([LayerCost(**c) for c in state["pool"]])
+
+
+def load_state_dict(plan: AdapterPlan, state: dict[str, Any], pool: ChannelPool | None) -> None:
+    """Restore the plan's part of a training state (`pool` from `checked_pool`)."""
+    plan.epoch = state["epoch"]
+    plan.generator.set_state(state["generator"])
+    if state.get("step") is not None:
+        plan.step = StepCosts(**{**state["step"], "order": tuple(state["step"]["order"])})
+    if pool is not None:
+        plan.pool = pool
+        plan.growth = GrowthWatch.for_pool(pool)
+        plan.tracker = NormTracker(len(pool))
+        plan.tracker.load_state_dict(state["tracker"])
+        plan.selected = state["selected"].clone()
+
+
 def check_state(state: dict[str, Any]) -> None:
     """A tampered training state must not resume: epoch, trained values and selection are checked."""
     epoch = state["epoch"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import warnings
@@ -36,16 +35,14 @@ from ..candidates import (
 )
 from ..ddp import check_ranks_agree, fingerprint
 from ..epochs import EpochWatch
-from ..growth import GrowthWatch
 from ..kernels import SegmentedVector, Selection
 from ..lean import apply_lean_backward, remove_lean_backward
 from ..oracles import DenseGradientProbe, FullGradient, measure_full_gradient
 from ..planner import AdapterPlan, SegmentLayout
 from ..ranking import GradientStats, candidate_shapes, shipped_ranking, with_architecture
 from ..rollback import restored_on_error
-from ..sampling import ChannelPool, NormTracker
 from ..sparse_probe import SparseGradientProbe
-from ..step_budget import StepCosts, measure_frozen_path, step_costs
+from ..step_budget import measure_frozen_path, step_costs
 from ..strategies import get_strategy
 from .config import MeDyateConfig
 from .layer import Conv1D, Conv2d, Linear, MeDyateLayer
@@ -609,22 +606,14 @@ class MeDyateModel(BaseTuner):
                    "delta": layer.medyate_delta[adapter_name].detach().cpu().clone()}
             for name, layer in self.medyate_layers().items()
         }
-        state: dict[str, Any] = {
+        return {
             "adapter": adapter_name,
             "strategy": self.peft_config[adapter_name].strategy,
-            "epoch": plan.epoch,
-            "generator": plan.generator.get_state(),
             "values": self.medyate_values[adapter_name].detach().cpu().clone(),
             "layers": layers,
-            "pool": None,
             "probe": None if plan.probe is None else plan.probe.state_dict(),
-            "step": None if plan.step is None else dataclasses.asdict(plan.step),
+            **planner.state_dict(plan),
         }
-        if plan.pool is not None:
-            state["pool"] = [dataclasses.asdict(c) for c in plan.pool.costs]
-            state["tracker"] = plan.tracker.state_dict()
-            state["selected"] = plan.selected.clone()
-        return state
 
     def load_training_state_dict(self, state: dict[str, Any], adapter_name: str | None = None) -> None:
         """Restore a `training_state_dict` (same base model and config) so training continues identically."""
@@ -654,15 +643,11 @@ class MeDyateModel(BaseTuner):
                 f"checkpoint's trainable vector has {state['values'].numel()} slots, this adapter {values.numel()}: "
                 "was it made with another budget_kb?"
             )
-        planner.check_state(state)
-        pool = None if state["pool"] is None else ChannelPool.build([LayerCost(**c) for c in state["pool"]])
+        pool = planner.checked_pool(state)
         for name, entry in state["layers"].items():
             layers[name].set_delta(adapter_name, entry["index"], entry["delta"])
-        plan.epoch = state["epoch"]
-        plan.generator.set_state(state["generator"])
-        if state.get("step") is not None:
-            plan.step = StepCosts(**{**state["step"], "order": tuple(state["step"]["order"])})
-            self._fit_vector(adapter_name, fold=False)  # the checkpoint's values replace the live ones below
+        planner.load_state_dict(plan, state, pool)
+        self._fit_vector(adapter_name, fold=False)  # the checkpoint's values replace the live ones below
         if state.get("probe") is not None:  # saved while the first batches' dense gradients were measured
             if plan.probe is None:
                 costs = [LayerCost(**c) for c in state["probe"].get("costs", ())]
@@ -672,12 +657,7 @@ class MeDyateModel(BaseTuner):
             plan.probe.close()
             plan.probe = None
         if pool is not None:
-            plan.pool = pool
-            plan.growth = GrowthWatch.for_pool(pool)
             self._watch_pool(adapter_name)
-            plan.tracker = NormTracker(len(plan.pool))
-            plan.tracker.load_state_dict(state["tracker"])
-            plan.selected = state["selected"].clone()
             self._apply_selection(adapter_name)
         with torch.no_grad():
             values.copy_(state["values"])
