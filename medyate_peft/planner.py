@@ -47,7 +47,6 @@ class PlanSettings(Protocol):
     max_activation_share: float | None
     draw_weights: str
     rescale_norms: bool
-    detect_anomalies: bool
 
 
 @dataclass(frozen=True)
