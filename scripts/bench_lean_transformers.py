@@ -233,9 +233,12 @@ def step_peak(network: str, method: str, budget_kb: float, batch: dict[str, torc
         optimizer.step()
 
     step()  # creates the optimizer state (and plans MeDyate's selection)
-    before = _live_bytes(model, optimizer)
     owner = model.base_model if method.startswith("MeDyate") else model
     saved, _ = measure_training_step(lambda: _loss(model, batch), model, owner=owner)
+    # Measuring restores the buffers (a new version of MeDyate's deltas): one more step, so the profiled one
+    # starts from what a training step starts from (effective weights built, not rebuilt inside it).
+    step()
+    before = _live_bytes(model, optimizer)
     allocated = _allocated_peak(step)
     return {
         **before, "grad_bytes": grads["bytes"], "saved_bytes": sum(saved.values()), "step_allocated_peak": allocated,
@@ -353,7 +356,31 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-NOTES = """PLACEHOLDER"""
+NOTES = """## Notes
+
+- What the frozen path can drop without rerunning a weight matmul (the default lean backward), judged per
+  saved tensor above: the attention probabilities, their dropout noise and the dropped probabilities (plain
+  eager autograd: three heads x seq^2 tensors per block) are recomputed from q, k, v; the matmuls that reruns
+  (QK^T and PV, seq^2 x d per head) are a few per cent of a block's FLOPs at sequence 128 and no weight matmul.
+  Dropout masks are kept as bits. A LayerNorm/RMSNorm's normalized output with its rstd is as large as its
+  input (and only approximately invertible), so the input stays. The GELU input (or gate and up) can only be
+  had again by rerunning the MLP's first linear layer(s). The embeddings keep nothing (frozen, no gradient
+  below them). What remains per block, in units of one hidden state h: q, k, v (3h; 1.67h with the Llama's
+  grouped key/value heads), both norms' inputs (2h) and the GELU input (4h; gate and up 5.3h): the *lean*
+  column, 0.53x / 0.71x of autograd's bytes on BERT-base / the Llama, no exact scheme without a weight-matmul
+  rerun goes below that.
+- Below a quarter therefore takes `lean_recompute`, which reruns frozen projections from tensors the norms
+  keep anyway: the MLP's first layer(s) from the norm below them, and the attention module (q/k/v
+  projections, rotary, core; the Llama's also its output projection) from the norm below it. What then
+  remains is the two norm inputs per block, and q, k, v where the block's input needs no gradient (block 0
+  with frozen embeddings): the cost is in the FLOPs and time columns.
+- The Llama runs with `use_cache=False`: a training forward with a cache fills it with every layer's key
+  and value, and a rerun would fill it twice, so `lean_recompute` keeps q/k/v (and warns) when one is filled.
+- *held*: each MeDyate layer whose channels changed keeps an effective weight (base + deltas, a full copy of
+  the layer's weight) between steps, for speed. With trained channels in most layers (`full_random`) that is
+  most of the model's weights again, the reason MeDyate's peak is not below LoRA's on the two larger
+  networks; the earlier version of this table left it out.
+"""
 
 
 def main() -> None:

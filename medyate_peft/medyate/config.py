@@ -289,7 +289,7 @@ class MeDyateConfig(PeftConfig):
         metadata={
             "help": "With lean_backward: keep a smooth activation's (GELU, SiLU, ...) smaller frozen Conv2d/Linear "
             "input instead of the activation's and re-run that layer in backward, and re-run attention modules "
-            "from their norm's kept input: less memory, more compute (+28 % FLOPs on a BERT step)."
+            "from their norm's kept input: less memory, more compute (+23-37 % FLOPs on transformers)."
         },
     )
     detect_anomalies: bool = field(
