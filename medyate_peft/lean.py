@@ -528,7 +528,8 @@ def _lean_attention_core(module: nn.Module, query, key, value, attention_mask, *
     core = ALL_ATTENTION_FUNCTIONS.get_interface(config.wrapped._attn_implementation, config.eager)
     tensors = (query, key, value)
     mask_grad = isinstance(attention_mask, torch.Tensor) and attention_mask.requires_grad
-    if not torch.is_grad_enabled() or mask_grad or not any(t.requires_grad for t in tensors) or _IN_CHECKPOINT.get():
+    rerun = not torch.compiler.is_compiling() and _IN_CHECKPOINT.get()  # (a traced graph has no checkpoint of ours)
+    if not torch.is_grad_enabled() or mask_grad or not any(t.requires_grad for t in tensors) or rerun:
         return core(module, query, key, value, attention_mask, **kwargs)
     if torch.compiler.is_compiling():
         # The compiler traces checkpoint's recompute (not torch.autograd.grad inside a Function's backward).
@@ -564,16 +565,17 @@ def _checkpointed_attention(attn: nn.Module, *args: Any, **kwargs: Any):
             "(or set model.config.use_cache = False) to rerun attention from the norm's input instead",
             stacklevel=2,
         )
-    if src is None or cached or len(args) > 1 or not _grad_through(hidden) or torch.compiler.is_compiling():
+    if src is None or cached or not _grad_through(hidden) or torch.compiler.is_compiling():
         return type(attn).forward(attn, *args, **kwargs)
+    rest = args[1:] if "hidden_states" not in kwargs else args
     kwargs.pop("hidden_states", None)
-    return checkpoint(_rerun_attention, attn, source[0], src, use_reentrant=False, **kwargs)
+    return checkpoint(_rerun_attention, attn, source[0], src, *rest, use_reentrant=False, **kwargs)
 
 
-def _rerun_attention(attn: nn.Module, norm: nn.Module, src: torch.Tensor, **kwargs: Any):
+def _rerun_attention(attn: nn.Module, norm: nn.Module, src: torch.Tensor, *args: Any, **kwargs: Any):
     token = _IN_CHECKPOINT.set(True)
     try:
-        return type(attn).forward(attn, type(norm).forward(norm, src), **kwargs)
+        return type(attn).forward(attn, type(norm).forward(norm, src), *args, **kwargs)
     finally:
         _IN_CHECKPOINT.reset(token)
 

@@ -17,6 +17,8 @@ from transformers import (
     BertForSequenceClassification,
     LlamaConfig,
     LlamaForSequenceClassification,
+    ViTConfig,
+    ViTForImageClassification,
 )
 
 import medyate_peft  # noqa: F401
@@ -193,6 +195,23 @@ def test_recompute_keeps_at_most_a_quarter_of_autograds_frozen_path(network):
     assert any(".0." in name for name in selected)  # trained channels in the first block
     off, on = (report.lean_comparison[k]["frozen_path_saved_bytes"] for k in ("off", "on"))
     assert on / off <= 0.25  # measured 0.169 (BERT-shaped), 0.209 (Llama-shaped)
+
+
+def test_recompute_reruns_pre_norm_vit_attention_called_with_a_positional_mask():
+    """ViT: LayerNorm, then attention(hidden, mask): rerun from the norm's input, dropout drawn again identically."""
+    config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=3, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    torch.manual_seed(0)
+    model = _wrap(ViTForImageClassification(config), [3, 16, 16], recompute=True)
+
+    def step(model) -> torch.Tensor:
+        x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+        F.cross_entropy(model(pixel_values=x).logits, torch.tensor([0, 2])).backward()
+        return x
+
+    _assert_same_grads(model, step)
+    report = model.memory_report(pixel_values=torch.randn(2, 3, 16, 16))
+    assert not any(".attention" in name for name in report.saved_bytes_by_module), report.saved_bytes_by_module
 
 
 def test_recompute_with_a_filled_cache_warns_and_keeps_attention_inputs():
