@@ -413,11 +413,12 @@ def _lean_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if _grad_through(x) and isinstance(y, torch.Tensor) and not torch.compiler.is_compiling():
         _tag_through(y, functools.partial(type(norm).forward, norm), x, layer=False)
         if _norm_keeps_input(x):
-            setattr(y, _NORM_INPUT_ATTR, (norm, weakref.ref(x)))
+            setattr(y, _NORM_INPUT_ATTR, (norm, weakref.ref(x), x._version, y._version))
     return y
 
 
-# On a norm's output: (norm, weakref to its input), an input the norm's own backward keeps.
+# On a norm's output: (norm, weakref to its input, the input's and the output's versions), an input the
+# norm's own backward keeps.
 _NORM_INPUT_ATTR = "_medyate_norm_input"
 
 
@@ -556,7 +557,8 @@ def _checkpointed_attention(attn: nn.Module, *args: Any, **kwargs: Any):
     (query, key, value kept by the lean core) when its input is not such a norm's output or a cache is filled."""
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
     source = getattr(hidden, _NORM_INPUT_ATTR, None)
-    src = source[1]() if source is not None else None
+    src = source[1]() if source is not None and hidden._version == source[3] else None  # not changed in place
+    src = src if src is not None and src._version == source[2] else None
     cached = any(kwargs.get(name) is not None for name in ("cache", "past_key_values", "past_key_value"))
     if src is not None and cached and attn.training and _grad_through(hidden):
         warnings.warn(
@@ -569,10 +571,16 @@ def _checkpointed_attention(attn: nn.Module, *args: Any, **kwargs: Any):
         return type(attn).forward(attn, *args, **kwargs)
     rest = args[1:] if "hidden_states" not in kwargs else args
     kwargs.pop("hidden_states", None)
-    return checkpoint(_rerun_attention, attn, source[0], src, *rest, use_reentrant=False, **kwargs)
+    return checkpoint(_rerun_attention, attn, source[:3], src, *rest, use_reentrant=False, **kwargs)
 
 
-def _rerun_attention(attn: nn.Module, norm: nn.Module, src: torch.Tensor, *args: Any, **kwargs: Any):
+def _rerun_attention(attn: nn.Module, source: tuple, src: torch.Tensor, *args: Any, **kwargs: Any):
+    norm, _, version = source
+    if src._version != version:  # as autograd refuses a saved tensor changed in place
+        raise RuntimeError(
+            f"lean_recompute: the input of {type(norm).__name__} was modified in place after the norm ran, so "
+            "the attention above it cannot be rerun from it; set lean_recompute=False for this model"
+        )
     token = _IN_CHECKPOINT.set(True)
     try:
         return type(attn).forward(attn, type(norm).forward(norm, src), *args, **kwargs)

@@ -225,6 +225,25 @@ def test_recompute_with_a_filled_cache_warns_and_keeps_attention_inputs():
         _assert_same_grads(model, step)
 
 
+def test_recompute_refuses_a_norm_input_changed_in_place_before_backward():
+    """What the attention reruns from must be what the norm saw, as autograd requires of any saved tensor."""
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=48, vocab_size=100, max_position_embeddings=16, pad_token_id=0,
+                         use_cache=False)
+    torch.manual_seed(0)
+    model = _wrap(LlamaForSequenceClassification(config), [8], recompute=True)
+    model.train()
+    seen = []
+    norm = model.base_model.model.model.layers[1].input_layernorm
+    handle = norm.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    loss = model(input_ids=torch.randint(1, 100, (2, 8)), labels=torch.tensor([0, 1])).loss
+    handle.remove()
+    with torch.no_grad():
+        seen[0].mul_(2)
+    with pytest.raises(RuntimeError, match="modified (in place|by an inplace operation)"):
+        loss.backward()
+
+
 def test_recompute_through_batch_norm_and_unload_restores_forwards():
     """conv(4->16) -> BN -> hard-swish keeps the 4-channel input, not the 16-channel activation."""
     torch.manual_seed(0)
