@@ -55,7 +55,7 @@ class MemoryReport:
     measured_selected_saved_bytes: int | None = None  # x[:, S] of the selected layers, whole batch
     measured_frozen_path_saved_bytes: int | None = None  # everything else autograd kept, whole batch
     measured_weight_grad_bytes_used: int | None = None  # slots of the flat vector that selected channels use
-    measured_weight_grad_bytes_allocated: int | None = None  # the flat vector's .grad (fixed, <= budget)
+    measured_weight_grad_bytes_allocated: int | None = None  # the flat vector's .grad (budget-sized; step: planned)
     measured_head_grad_bytes: int | None = None  # modules_to_save (classifier), trained in full
     optimizer_state_bytes: int | None = None  # momentum / Adam moments of the trainable tensors (SGD: 0)
     saved_bytes_by_module: dict[str, int] = field(default_factory=dict)
@@ -124,8 +124,8 @@ class MemoryReport:
                 f"measured (one training step, batch {self.batch_size}):",
                 f"  saved activations of selected channels: {self.measured_selected_saved_bytes / per:.1f} kB/sample",
                 f"  weight gradients of selected channels: {self.measured_weight_grad_bytes_used / 1024:.1f} kB used "
-                f"of a {self.measured_weight_grad_bytes_allocated / 1024:.1f} kB fixed gradient vector",
-                f"  beside the budget: frozen-path activations {self.measured_frozen_path_saved_bytes / per:.1f} "
+                f"of the {self.measured_weight_grad_bytes_allocated / 1024:.1f} kB gradient vector a step allocates",
+                f"  beside the papers' budget: frozen-path activations {self.measured_frozen_path_saved_bytes / per:.1f} "
                 f"kB/sample, head gradients {self.measured_head_grad_bytes / 1024:.1f} kB",
             ]
             if self.optimizer_state_bytes is not None:
