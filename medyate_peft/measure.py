@@ -152,10 +152,13 @@ class MemoryReport:
 
 
 @contextlib.contextmanager
-def record_saved_tensors(model: nn.Module, owner: nn.Module | None = None) -> Iterator[dict[str, int]]:
+def record_saved_tensors(
+    model: nn.Module, owner: nn.Module | None = None, on_save: Callable[[str, torch.Tensor], None] | None = None
+) -> Iterator[dict[str, int]]:
     """Bytes of the distinct storages autograd saves, keyed by the innermost module of `model` that saved them.
 
     Parameters and buffers of `owner` (default: `model`) are excluded: saving them costs nothing.
+    `on_save(module_name, tensor)` is called once per counted storage (for a per-tensor breakdown).
     """
     owner = model if owner is None else owner
     excluded = {t.untyped_storage().data_ptr() for t in [*owner.parameters(), *owner.buffers()]}
@@ -177,6 +180,8 @@ def record_saved_tensors(model: nn.Module, owner: nn.Module | None = None) -> It
         if ptr not in excluded and ptr not in seen:
             seen.add(ptr)
             by_module[stack[-1]] = by_module.get(stack[-1], 0) + storage.nbytes()
+            if on_save is not None:
+                on_save(stack[-1], tensor)
         return tensor
 
     try:
