@@ -221,6 +221,7 @@ class MeDyateModel(BaseTuner):
             self.register_state_dict_post_hook(_values_as_saved)
             self.register_load_state_dict_pre_hook(_values_as_loaded)
             self._epoch_watch, self._epoch_warned = EpochWatch(), False
+            self._measuring = False  # memory_report's measured step is not a training batch
         # PEFT keeps the trainability of existing adapters when one is added, for parameters of the model;
         # the flat vectors live on the tuner, so they are kept here.
         trainable = {name: values.requires_grad for name, values in self.medyate_values.items()}
@@ -695,7 +696,8 @@ class MeDyateModel(BaseTuner):
             if a in self.medyate_values and self.medyate_values[a].requires_grad
             and get_strategy(self.peft_config[a].strategy).dynamic and self.peft_config[a].resample_every is None
         ]
-        if self._epoch_warned or not dynamic or torch.compiler.is_compiling():  # the watch reads its verdict on the host
+        # the watch reads its verdict on the host, hence not while compiling
+        if self._epoch_warned or self._measuring or not dynamic or torch.compiler.is_compiling():
             return
         main = kwargs.get(getattr(self.model, "main_input_name", None) or "")
         if main is None:
@@ -901,5 +903,9 @@ class MeDyateModel(BaseTuner):
         from ..measure import memory_report
 
         adapter_name = adapter_name or self.active_adapters[0]
-        return memory_report(self, adapter_name, args, kwargs, compare_lean=compare_lean, optimizer=optimizer)
+        measuring, self._measuring = self._measuring, True
+        try:
+            return memory_report(self, adapter_name, args, kwargs, compare_lean=compare_lean, optimizer=optimizer)
+        finally:
+            self._measuring = measuring
 
