@@ -108,12 +108,17 @@ def _epoch(model, optimizer, data) -> None:
         optimizer.step()
 
 
-def test_a_second_epoch_without_resample_warns_once():
+def _model_optimizer_data(seed: int, batches: int) -> tuple:
     model = conv_zoo_model()
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    g = torch.Generator().manual_seed(3)
-    data = [(torch.randn(4, *INPUT, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(5)]
+    g = torch.Generator().manual_seed(seed)
+    data = [(torch.randn(4, *INPUT, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(batches)]
+    return model, optimizer, data
+
+
+def test_a_second_epoch_without_resample_warns_once():
+    model, optimizer, data = _model_optimizer_data(3, 5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
@@ -130,11 +135,7 @@ def test_a_second_epoch_without_resample_warns_once():
 
 
 def test_a_memory_report_on_a_training_batch_is_not_taken_for_the_data_coming_round():
-    model = conv_zoo_model()
-    model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    g = torch.Generator().manual_seed(4)
-    data = [(torch.randn(4, *INPUT, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(3)]
+    model, optimizer, data = _model_optimizer_data(4, 3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _epoch(model, optimizer, data)
