@@ -28,16 +28,32 @@ def test_rotation_covers_every_channel_once_within_the_budget():
     by_name = {c.name: c for c in costs}
     for parts in slices:
         assert sum((end - start) * by_name[n].channel_slots for n, start, end in parts) <= 50
+        assert len({n for n, _, _ in parts}) == len(parts)  # one consecutive chunk per layer and slice
         for name, start, end in parts:
             seen[name] += range(start, end)
-    assert seen == {"a": list(range(4)), "b": list(range(10)), "c": list(range(3)), "huge": []}
-    # b does not fit beside a: a fresh slice, cut in chunks of 2 channels; c fits whole in none of the rest
-    assert slices == [[("a", 0, 4)], *[[("b", k, k + 2)] for k in range(0, 10, 2)], [("c", 0, 3)]]
+    assert {n: sorted(v) for n, v in seen.items()} == {"a": list(range(4)), "b": list(range(10)),
+                                                        "c": list(range(3)), "huge": []}
+    # stratified: k = ceil(255 / 50) = 6 slices (whole layers in forward order need 7), and every layer is
+    # spread over min(its channels, k) slices in chunks of ceil(C / k) channels (b: 2 a slice, 5 slices)
+    assert len(slices) == 6
+    assert {n: sum(n == m for p in slices for m, _, _ in p) for n in "abc"} == {"a": 4, "b": 5, "c": 3}
     # a slice reserve (what the step holds below its lowest layer) shrinks that slice
     reserved = rotation(costs[:1], budget=50, reserve=lambda name: 30)
     assert reserved == [[("a", 0, 2)], [("a", 2, 4)]]
     with pytest.raises(ValueError, match="cannot hold one channel of any layer; the cheapest needs 202 slots"):
         rotation(costs[3:], budget=50, reserve=lambda name: 1)
+
+
+def test_a_large_reserve_below_the_first_layer_keeps_the_forward_rotation():
+    """Stratified slices all hold the first layer, so each pays its reserve: forward order is then fewer slices."""
+    costs = linear_costs(("low", 4, 9), ("high", 8, 9))  # 40 + 80 slots
+    reserve = {"low": 40, "high": 0}.get
+    slices = rotation(costs, budget=60, reserve=reserve)
+    assert slices == [[("low", 0, 2)], [("low", 2, 4)], [("high", 0, 6)], [("high", 6, 8)]]
+    by_name = {c.name: c for c in costs}
+    for parts in slices:
+        lowest = parts[0][0]
+        assert sum((e - s) * by_name[n].channel_slots for n, s, e in parts) + reserve(lowest) <= 60
 
 
 def test_budgeted_ranking_equals_the_dense_one_at_fixed_weights():
