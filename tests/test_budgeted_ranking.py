@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import math
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +16,7 @@ import medyate_peft  # noqa: F401
 from medyate_peft import MeDyateConfig, rank_layers
 from medyate_peft.budget import LayerCost, budget_slots
 from medyate_peft.measure import record_saved_tensors
-from medyate_peft.ranking import candidate_shapes, shipped_ranking
+from medyate_peft.ranking import candidate_shapes, default_loss, rank_in_tuner, shipped_ranking
 from medyate_peft.sparse_probe import SparseGradientProbe, rotation
 
 
@@ -66,6 +70,28 @@ def test_budgeted_ranking_equals_the_dense_one_at_fixed_weights():
         assert budgeted["lara"][name] == pytest.approx(dense["lara"][name], rel=1e-5)
         assert budgeted["rgn"][name] == pytest.approx(dense["rgn"][name], rel=1e-5)
     assert budgeted["shapes"] == dense["shapes"] and budgeted["fingerprint"] == dense["fingerprint"]
+
+
+@pytest.mark.slow  # ~10 s: a real net, 21 probe batches
+def test_on_a_real_net_the_budgeted_pool_is_the_dense_one_at_fixed_weights():
+    """mcunet-5fps at 64x64, one batch, lr=0: every slice sees the dense step's gradient, so the stratified
+    chunks (pointwise and depthwise convs cut over many batches) add up to the dense probe's LaRa, the
+    rotation takes the bound's k batches, and the tuner builds the same alpha-rule pool from either ranking."""
+    from medyate_peft.backbones import load_mcu_model
+
+    model = load_mcu_model("mcunet-5fps", num_classes=10)
+    data, budget_kb = [(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,)))], 128.0
+    dense = rank_in_tuner(copy.deepcopy(model), data, 1, default_loss, 0.0, False, budget_kb, mode="dense")
+    budgeted = rank_layers(model, data, steps=1, lr=0.0, progress=False, budget_kb=budget_kb)
+    k = int(re.search(r"(\d+) training batch", budgeted["source"]).group(1))
+    assert 10 <= k <= math.ceil(sum(dense["layer_slots"].values()) / budget_slots(budget_kb, 4)) + 1
+    assert budgeted["lara"] == pytest.approx(dense["lara"], rel=1e-4)
+    assert budgeted["rgn"] == pytest.approx(dense["rgn"], rel=1e-4)
+    pools = []
+    for ranking in (dense, budgeted):
+        config = MeDyateConfig(budget_kb=budget_kb, input_size=[3, 64, 64], layer_ranking=ranking)
+        pools.append([c.name for c in get_peft_model(copy.deepcopy(model), config).base_model.plans["default"].pool.costs])
+    assert pools[0] == pools[1] and 1 < len(pools[0]) < len(dense["lara"])
 
 
 def test_every_ranking_batch_holds_no_more_than_the_budget_then_channels_train():
