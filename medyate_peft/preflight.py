@@ -26,26 +26,50 @@ _SLACK_BYTES = 16 * _MIB  # model card, configs, file system overhead
 LOCK_FILE = ".medyate-train.lock"
 
 
-def check_output_dir(folder: Path) -> None:
-    """Create the output folder and write a file there, so a read-only or missing parent fails now."""
+def check_output_dir(folder: Path) -> list[Path]:
+    """Create the output folder and write a file there, so a read-only or missing parent fails now.
+
+    Returns the folders this call created, deepest first (empty if `folder` existed)."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
+        _remove_if_empty(missing)
         raise OSError(err.errno, f"--output-dir {folder} is not writable ({err.strerror}); pick a folder you can "
                       "write to") from err
+    return missing
+
+
+def _remove_if_empty(created: list[Path]) -> None:
+    """Remove the folders a failed run created, deepest first, as long as nothing is in them (`rmdir`
+    cannot delete content: what the run wrote, or anyone else put there meanwhile, stays)."""
+    for path in created:
+        try:
+            path.rmdir()
+        except OSError:
+            return
 
 
 @contextlib.contextmanager
 def exclusive(folder: Path) -> Iterator[None]:
     """Hold `folder/.medyate-train.lock` for the run: a second run started into the same folder meanwhile
-    would write its checkpoints among this one's. Only rank 0 of a distributed run takes it."""
-    check_output_dir(folder)
+    would write its checkpoints among this one's. Only rank 0 of a distributed run takes it.
+
+    A run that fails leaves no trace of its own: the lock file it created and the folders it created
+    go, unless something was written into them."""
+    created = check_output_dir(folder)
     if int(os.environ.get("RANK", "0")) != 0:
-        yield
+        try:
+            yield
+        except BaseException:
+            _remove_if_empty(created)
+            raise
         return
-    with open(folder / LOCK_FILE, "a") as handle:
+    lock = folder / LOCK_FILE
+    new_lock = not lock.exists()
+    with open(lock, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -55,6 +79,11 @@ def exclusive(folder: Path) -> Iterator[None]:
             ) from None
         try:
             yield
+        except BaseException:
+            if new_lock:  # removed while still held, so that no other run can have taken it
+                lock.unlink(missing_ok=True)
+            _remove_if_empty(created)
+            raise
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 

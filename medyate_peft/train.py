@@ -369,7 +369,7 @@ def _reschedule(optimizer: torch.optim.Optimizer, scheduler: Any, lr: float) -> 
     scheduler._last_lr = rates
 
 
-def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Trained parameters and the buffers (BatchNorm statistics); MeDyate's own state is saved apart."""
     state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
     state.update({n: b.detach().cpu().clone() for n, b in model.named_buffers() if "medyate_" not in n})
@@ -713,7 +713,7 @@ def _save_final(
         from safetensors.torch import save_file
 
         with atomic_directory(output_dir / "model") as tmp:
-            save_file(_model_state(model), tmp / "model.safetensors")
+            save_file(trained_state(model), tmp / "model.safetensors")
     results = {"metrics": metrics, "history": history, "settings": _resume_settings(args), "processes": processes}
     atomic_write_json(results, output_dir / "results.json")
 
@@ -759,7 +759,7 @@ def save_checkpoint(
             "epoch": epoch,
             "settings": _resume_settings(args),
             "history": history,
-            "model": _model_state(model),
+            "model": trained_state(model),
             "optimizer": optimizer.optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
         }

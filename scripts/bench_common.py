@@ -7,10 +7,13 @@ data, order, augmentation, schedule and measurement; only what is trained differ
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
 import resource
+import signal
 import statistics
 import tempfile
 import time
@@ -24,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import bench_checkpoint  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -33,9 +37,13 @@ from torch import nn  # noqa: E402
 import medyate_peft  # noqa: E402, F401  (registers the MEDYATE peft type)
 from medyate_peft.atomic import atomic_write_json  # noqa: E402
 from medyate_peft.lora_baseline import lora_rank, lora_targets  # noqa: E402
+from medyate_peft.train import trained_state  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("MEDYATE_DATA_DIR", REPO.parent / "shared" / "assets" / "data"))
+# $MEDYATE_DATA_DIR, else the shared assets beside the checkout (CI) or inside it (a copied working tree)
+DATA_DIR = Path(os.environ.get("MEDYATE_DATA_DIR") or next(
+    (p for p in (REPO.parent / "shared" / "assets" / "data", REPO / "shared" / "assets" / "data") if p.is_dir()),
+    REPO.parent / "shared" / "assets" / "data"))
 CACHE_DIR = Path(os.environ.get("MEDYATE_BENCH_CACHE", Path.home() / ".cache" / "medyate-bench"))
 MEDYATE_METHODS = ("static_random", "trady", "medyate", "det_rgn", "full_random", "topk_random", "prob_raw")
 BASELINES = ("full", "classifier", "lora")
@@ -131,16 +139,23 @@ class Task:
     num_classes: int
     input_size: list[int]
 
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return math.ceil(len(self.train[1]) / batch_size)
+
     def train_batches(self, batch_size: int, g: torch.Generator, image_size: int) -> Iterator[Any]:
-        n = len(self.train[1])
-        order = torch.randperm(n, generator=g)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            if self.kind == "image":
-                x = torch.stack([_random_resized_crop(self.train[0][i], image_size, g) for i in idx.tolist()])
-                yield normalise(x), self.train[1][idx]
-            else:
-                yield self._text_batch(self.train, idx.tolist())
+        order = torch.randperm(len(self.train[1]), generator=g)
+        for position in range(self.steps_per_epoch(batch_size)):
+            yield self.train_batch(order, position, batch_size, g, image_size)
+
+    def train_batch(self, order: torch.Tensor, position: int, batch_size: int, g: torch.Generator,
+                    image_size: int) -> Any:
+        """Batch `position` of an epoch's `order`; its augmentation draws from `g` (so a run can stop after any batch
+        and continue from the order, the position and the state of `g`)."""
+        idx = order[position * batch_size : (position + 1) * batch_size]
+        if self.kind == "image":
+            x = torch.stack([_random_resized_crop(self.train[0][i], image_size, g) for i in idx.tolist()])
+            return normalise(x), self.train[1][idx]
+        return self._text_batch(self.train, idx.tolist())
 
     def eval_batches(self, batch_size: int) -> Iterator[Any]:
         n = len(self.eval[1])
@@ -336,26 +351,31 @@ def measure_step(setup: Setup, spec: dict, batch: Any) -> dict:
     return out
 
 
-def adapter_bytes(setup: Setup, spec: dict) -> int:
-    """Size of what one would ship: the PEFT adapter file, the head, or the whole state dict."""
+def adapter_file(setup: Setup, spec: dict) -> tuple[int, str]:
+    """Size and SHA-256 of what one would ship: the PEFT adapter file, the head, or the whole state dict
+    (the digest tells whether two runs, e.g. one resumed from a checkpoint, trained the same bits)."""
     from safetensors.torch import save_model
 
     with tempfile.TemporaryDirectory() as d:
         if spec["method"] in BASELINES[:2]:
             module = setup.model if spec["method"] == "full" else setup.model.get_submodule("classifier")
-            save_model(module, f"{d}/model.safetensors")
-            return os.path.getsize(f"{d}/model.safetensors")
-        setup.model.save_pretrained(d)
-        return os.path.getsize(f"{d}/adapter_model.safetensors")
+            path = Path(d) / "model.safetensors"
+            save_model(module, str(path))
+        else:
+            setup.model.save_pretrained(d)
+            path = Path(d) / "adapter_model.safetensors"
+        return path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task) -> float:
+def evaluate(model: nn.Module, task: Task, device: torch.device | None = None, precision: str = "fp32") -> float:
     model.eval()
     correct = total = 0
     for batch in task.eval_batches(128):
+        batch = to_device(batch, device or torch.device("cpu"))
         labels = batch["labels"] if isinstance(batch, dict) else batch[1]
-        correct += int((logits_of(model, batch).argmax(-1) == labels).sum())
+        with autocast(device or torch.device("cpu"), precision):
+            correct += int((logits_of(model, batch).argmax(-1) == labels).sum())
         total += len(labels)
     return correct / total
 
@@ -367,66 +387,176 @@ def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+# -- device and precision -------------------------------------------------------------------------
+PRECISIONS = ("fp32", "bf16")
+
+
+def run_device(wanted: str) -> torch.device:
+    """`auto`: the GPU when torch sees one, else the CPU; `cuda` without one is an error, not a silent CPU run."""
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(wanted)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {wanted!r} asked for, but torch {torch.__version__} sees no GPU "
+                           "(torch.cuda.is_available() is False); pass --device cpu or --device auto")
+    return device
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """fp32: as the papers; bf16: autocast (weights, gradients and optimizer stay fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: use one of {PRECISIONS}")
+    return contextlib.nullcontext() if precision == "fp32" else torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
 # -- one run ---------------------------------------------------------------------------------------
-def run_one(spec: dict, record_path: str) -> None:
-    """Train and measure the run of `spec`; write its record atomically to `record_path`."""
+PAUSED = "paused"
+_TERMINATED: list[int] = []  # SIGTERM received: stop as at a piece's end
+
+
+def _out_of_time(deadline: float | None) -> bool:
+    return bool(_TERMINATED) or deadline is not None and time.time() >= deadline
+
+
+@contextlib.contextmanager
+def _pause_on_sigterm() -> Iterator[None]:
+    """SIGTERM (the benchmark's own stop, `timeout`, a machine going away) ends the run like a piece's end:
+    a checkpoint after the current step."""
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: _TERMINATED.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _TERMINATED.clear()
+
+
+def run_one(spec: dict, record_path: str, checkpoint_path: str | None = None, deadline: float | None = None) -> str:
+    """Train and measure the run of `spec`; write its record atomically to `record_path`.
+
+    With `checkpoint_path` the run saves its whole state there after every epoch and, past `deadline`
+    (`time.time()`) or on SIGTERM, after the current step, then returns PAUSED; a later call continues
+    from it exactly (same data order, augmentation, draws and arithmetic on the same device). Returns
+    "done" once the record is written (the checkpoint is then removed).
+    """
+    if checkpoint_path is None:
+        return _run(spec, record_path, None, deadline)
+    with _pause_on_sigterm():
+        return _run(spec, record_path, Path(checkpoint_path), deadline)
+
+
+def _run(spec: dict, record_path: str, ckpt_path: Path | None, deadline: float | None) -> str:
     torch.set_num_threads(spec.get("threads", 1))  # 1: stable under a shared CPU
+    device, precision = run_device(spec.get("device", "cpu")), spec.get("precision", "fp32")
     recipe = spec["recipe"]
-    t0 = time.perf_counter()
-    load_start = os.getloadavg()[0]
+    piece_start = time.perf_counter()
+    saved = bench_checkpoint.load(ckpt_path, spec) if ckpt_path else None
     n_classes = num_classes(spec["dataset"])
     model, tokenizer = load_network(spec["network"], n_classes)
     task = load_task(spec["dataset"], recipe, tokenizer)
     torch.manual_seed(spec["seed"])  # LoRA's init; data order and augmentation use `g` below
     setup = setup_method(spec, model, task)
+    setup.model.to(device)
     g = torch.Generator().manual_seed(spec["seed"])
     optimizer = torch.optim.SGD(setup.params, lr=recipe["lr"], momentum=0.0, weight_decay=0.0)
     batch_size = recipe["batch_size"]
-    steps_per_epoch = math.ceil(len(task.train[1]) / batch_size)
+    steps_per_epoch = task.steps_per_epoch(batch_size)
     total, warmup = steps_per_epoch * recipe["epochs"], steps_per_epoch * recipe["warmup_epochs"]
     oracle = spec["method"] == "det_rgn"
     tuner = setup.model.base_model if spec["method"] in MEDYATE_METHODS else None
     g_oracle = torch.Generator().manual_seed(10_000 + spec["seed"])
+    image_size = recipe.get("image_size", 0)
 
     def full_gradient() -> Callable[[], torch.Tensor]:
         """One training batch (own RNG) for the oracle's dense gradient."""
-        batch = next(task.train_batches(batch_size, g_oracle, recipe.get("image_size", 0)))
-        return lambda: loss_of(setup.model, batch)
+        batch = to_device(next(task.train_batches(batch_size, g_oracle, image_size)), device)
 
-    oracle_s = 0.0
-    if oracle:
+        def loss() -> torch.Tensor:
+            with autocast(device, precision):
+                return loss_of(setup.model, batch)
+
+        return loss
+
+    # What a checkpoint carries besides the weights: where the run is and what it measured so far.
+    run: dict[str, Any] = {"epoch": 0, "position": 0, "order": None, "step": 0, "step_times": [], "losses": [],
+                           "oracle_s": 0.0, "train_s": 0.0, "pieces": [], "loadavg_start": os.getloadavg()[0],
+                           "peak_rss_bytes": 0, "peak_cuda_bytes": 0}
+    if saved is not None:
+        _load_training_state(saved, setup, tuner, optimizer, (g, g_oracle), device, ckpt_path)
+        run.update({k: saved[k] for k in run})
+        print(f"{spec['id']}: continues from {ckpt_path} at epoch {run['epoch'] + 1}, batch {run['position']} "
+              f"(step {run['step']} of {total})", flush=True)
+    elif oracle:
         t = time.perf_counter()
         tuner.plan(full_gradient=full_gradient())
-        oracle_s += time.perf_counter() - t
-    step, step_times, losses = 0, [], []
+        run["oracle_s"] += time.perf_counter() - t
+
+    def checkpoint() -> None:
+        piece = {"device": str(device), "seconds": time.perf_counter() - piece_start, "steps_to": run["step"]}
+        state = {**run, "pieces": [*run["pieces"], piece], "peak_rss_bytes": _peak_rss(run),
+                 "peak_cuda_bytes": _peak_cuda(run, device)}
+        bench_checkpoint.save(ckpt_path, spec, {**state, **_training_state(setup, tuner, optimizer, (g, g_oracle), device)})
+
+    def pause() -> str:
+        checkpoint()
+        print(f"{PAUSED}: {spec['id']} at epoch {run['epoch'] + 1}/{recipe['epochs']}, batch {run['position']}/"
+              f"{steps_per_epoch} (step {run['step']} of {total}); checkpoint {ckpt_path}", flush=True)
+        return PAUSED
+
     t_train = time.perf_counter()
-    for epoch in range(recipe["epochs"]):
+    while run["epoch"] < recipe["epochs"]:
         setup.train_mode()
-        for batch in task.train_batches(batch_size, g, recipe.get("image_size", 0)):
+        if run["order"] is None:
+            run["order"] = torch.randperm(len(task.train[1]), generator=g)
+        while run["position"] < steps_per_epoch:
+            batch = to_device(task.train_batch(run["order"], run["position"], batch_size, g, image_size), device)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, warmup, recipe["lr"])
+                group["lr"] = lr_at(run["step"], total, warmup, recipe["lr"])
             t = time.perf_counter()
-            loss = loss_of(setup.model, batch)
+            with autocast(device, precision):
+                loss = loss_of(setup.model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.get("clip_grad_norm"):
                 torch.nn.utils.clip_grad_norm_(setup.params, recipe["clip_grad_norm"])
             optimizer.step()
-            step_times.append(time.perf_counter() - t)
-            losses.append(loss.item())
-            step += 1
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"loss is {losses[-1]} at step {step}")
-        if tuner is not None and epoch + 1 < recipe["epochs"]:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the step's kernels, not just their launch
+            run["step_times"].append(time.perf_counter() - t)
+            run["losses"].append(loss.item())
+            run["step"] += 1
+            run["position"] += 1
+            if not math.isfinite(run["losses"][-1]):
+                raise FloatingPointError(f"loss is {run['losses'][-1]} at step {run['step']}")
+            if ckpt_path and run["position"] < steps_per_epoch and _out_of_time(deadline):
+                run["train_s"] += time.perf_counter() - t_train
+                return pause()
+        if tuner is not None and run["epoch"] + 1 < recipe["epochs"]:
             t = time.perf_counter()
             tuner.resample(optimizer=optimizer, **({"full_gradient": full_gradient()} if oracle else {}))
-            oracle_s += time.perf_counter() - t if oracle else 0.0
-    train_s = time.perf_counter() - t_train
+            run["oracle_s"] += time.perf_counter() - t if oracle else 0.0
+        run.update(epoch=run["epoch"] + 1, position=0, order=None, losses=run["losses"][-steps_per_epoch:])
+        if ckpt_path and run["epoch"] < recipe["epochs"]:
+            run["train_s"] += time.perf_counter() - t_train
+            if _out_of_time(deadline):
+                return pause()
+            checkpoint()
+            t_train = time.perf_counter()
+    run["train_s"] += time.perf_counter() - t_train
     t = time.perf_counter()
-    top1 = evaluate(setup.model, task)
+    top1 = evaluate(setup.model, task, device, precision)
     eval_s = time.perf_counter() - t
-    measured = measure_step(setup, spec, task.measure_batch(batch_size))
-    skip = min(len(step_times) - 1, recipe.get("timing_skip_steps", 5))
+    with autocast(device, precision):
+        measured = measure_step(setup, spec, to_device(task.measure_batch(batch_size), device))
+    skip = min(len(run["step_times"]) - 1, recipe.get("timing_skip_steps", 5))
+    size, digest = adapter_file(setup, spec)
+    pieces = [*run["pieces"], {"device": str(device), "seconds": time.perf_counter() - piece_start,
+                               "steps_to": run["step"]}]
     record = {
         **{k: v for k, v in spec.items() if k not in ("recipe", "ranking_path", "threads")},
         "recipe": recipe,
@@ -434,38 +564,86 @@ def run_one(spec: dict, record_path: str) -> None:
         "top1": top1,
         "train_size": len(task.train[1]),
         "eval_size": len(task.eval[1]),
-        "steps": step,
-        "final_train_loss": statistics.fmean(losses[-steps_per_epoch:]),
-        "step_time_median_s": statistics.median(step_times[skip:]),
-        "train_seconds": train_s,
-        "oracle_seconds": oracle_s,
+        "steps": run["step"],
+        "final_train_loss": statistics.fmean(run["losses"][-steps_per_epoch:]),
+        "step_time_median_s": statistics.median(run["step_times"][skip:]),
+        "train_seconds": run["train_s"],
+        "oracle_seconds": run["oracle_s"],
         "eval_seconds": eval_s,
         "trainable_params": sum(p.numel() for p in setup.params),
-        "adapter_bytes": adapter_bytes(setup, spec),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "adapter_bytes": size,
+        "adapter_sha256": digest,
+        "peak_rss_bytes": _peak_rss(run),
         "measure_batch_size": batch_size,
-        "loadavg_start": load_start,
+        "loadavg_start": run["loadavg_start"],
         "loadavg_end": os.getloadavg()[0],
-        "wall_seconds": time.perf_counter() - t0,
+        "wall_seconds": sum(piece["seconds"] for piece in pieces),
         "torch": torch.__version__,
+        "device": str(device),
+        "precision": precision,
         **setup.info,
         **measured,
     }
+    if len(pieces) > 1:
+        record["pieces"] = pieces
+    if device.type == "cuda":
+        record |= {"peak_cuda_bytes": _peak_cuda(run, device), "gpu": torch.cuda.get_device_name(device)}
     atomic_write_json(record, Path(record_path), sort_keys=True, indent=1)
+    if ckpt_path:
+        ckpt_path.unlink(missing_ok=True)
+    return "done"
 
 
-def make_ranking(network: str, dataset: str, recipe: dict, steps: int, path: Path) -> None:
+def _training_state(setup: Setup, tuner: Any, optimizer: torch.optim.Optimizer,
+                    generators: tuple[torch.Generator, ...], device: torch.device) -> dict[str, Any]:
+    """What training has changed: weights (MeDyate: also its tuner's exact state), optimizer, every RNG."""
+    return {
+        "model": trained_state(setup.model), "medyate": None if tuner is None else tuner.training_state_dict(),
+        "optimizer": optimizer.state_dict(), "generators": [g.get_state() for g in generators],
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def _load_training_state(state: dict[str, Any], setup: Setup, tuner: Any, optimizer: torch.optim.Optimizer,
+                         generators: tuple[torch.Generator, ...], device: torch.device, path: Path) -> None:
+    _, unexpected = setup.model.load_state_dict(state["model"], strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint {path} holds weights this model lacks ({unexpected[:3]} ...)")
+    if tuner is not None:
+        tuner.load_training_state_dict(state["medyate"])
+    optimizer.load_state_dict(state["optimizer"])
+    for g, saved in zip(generators, state["generators"], strict=True):
+        g.set_state(saved)
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def _peak_rss(run: dict) -> int:
+    """The largest `ru_maxrss` of the run's processes (one per piece)."""
+    return max(run["peak_rss_bytes"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def _peak_cuda(run: dict, device: torch.device) -> int:
+    return max(run["peak_cuda_bytes"], torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0)
+
+
+def make_ranking(network: str, dataset: str, recipe: dict, steps: int, path: Path, device: str = "cpu") -> None:
     """LaRa/RGN layer ranking from a short dense fine-tuning on `dataset` (not the target), saved as JSON."""
     from medyate_peft.ranking import rank_layers, save_ranking
 
     torch.set_num_threads(1)
+    on = run_device(device)
     model, tokenizer = load_network(network, num_classes(dataset))
+    model.to(on)
     batch_size = recipe["batch_size"]
     task = load_task(dataset, recipe, tokenizer, train_size=min(steps * batch_size, recipe.get("ranking_size", 2000)))
     g = torch.Generator().manual_seed(0)
     batches = []
     while len(batches) < steps:
         batches += list(task.train_batches(batch_size, g, recipe.get("image_size", 128)))
-    ranking = rank_layers(model, batches[:steps], steps=steps, lr=recipe.get("ranking_lr", 0.01), progress=False)
+    batches = [to_device(b, on) for b in batches[:steps]]
+    ranking = rank_layers(model, batches, steps=steps, lr=recipe.get("ranking_lr", 0.01), progress=False)
     ranking["source"] = f"{network} on {dataset} (train subset), {steps} dense SGD steps, batch {batch_size}"
     save_ranking(ranking, path)

@@ -11,7 +11,9 @@ formula; plain autograd through the frozen path (no lean backward). Each network
 timed on one batch in rounds that visit every method once in a shuffled order, so that a load
 change hits all of them; ratios are of per-round medians. Where a sparse step is above 1.10x its
 floor, one profiled step of each (torch.profiler, self CPU time per op) says which ops hold the
-difference. Writes results/speed.md and results/speed.json.
+difference. Writes results/speed.md and results/speed.json; on a GPU (`--device cuda`, each step
+synchronised before its clock is read; `--precisions fp32 bf16` times both, bf16 as autocast)
+results/speed_cuda.md and results/speed_cuda.json.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ VISION_BUDGETS = {"mbv2-w0.35": 27946, "mcunet-5fps": 15936, "proxyless-w0.3": 2
 TEXT_BUDGET = 262144
 TEXT_NETWORKS = ("minilm", "bert-base", "llama-100m")
 TARGET = 1.10
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -59,6 +62,8 @@ class Entry:
     setup: bench_common.Setup
     optimizer: torch.optim.Optimizer
     mode: str  # "step" (lean backward as configured), "lean off", "floor"
+    device: torch.device = CPU
+    precision: str = "fp32"
 
 
 # -- networks --------------------------------------------------------------------------------------
@@ -109,7 +114,7 @@ def lora_setup(model: nn.Module, kind: str, budget: int) -> bench_common.Setup:
     from peft import LoraConfig, get_peft_model
 
     head = head_name(model)
-    targets = [n for n in bench_common.lora_targets(model, kind) if not n.startswith(head)]
+    targets = [n for n in bench_common.lora_targets(model) if not n.startswith(head)]
     per_rank = sum(m.in_features + m.out_features if isinstance(m, nn.Linear) else m.in_channels + m.out_channels
                    for m in (model.get_submodule(n) for n in targets))
     r = max(1, round(budget / per_rank))
@@ -125,22 +130,23 @@ def lora_setup(model: nn.Module, kind: str, budget: int) -> bench_common.Setup:
 
 
 def entries_for(base: nn.Module, kind: str, budget: int, input_size: list[int], ranking: Callable[[str], Path | None],
-                batch) -> dict[str, Entry]:
+                batch, device: torch.device = CPU, precision: str = "fp32") -> dict[str, Entry]:
     out = {}
     full = copy.deepcopy(base)
     for p in full.parameters():
         p.requires_grad_(True)
     out["full"] = bench_common.Setup(full, list(full.parameters()), full.train, {})
     out["lora"] = lora_setup(copy.deepcopy(base), kind, budget)
-    entries = {label: Entry(s, torch.optim.SGD(s.params, lr=1e-4), "step") for label, s in out.items()}
+    entries = {label: Entry(s, torch.optim.SGD(s.params, lr=1e-4), "step", device, precision)
+               for label, s in out.items()}
     for method in SPARSE:
         setup = sparse_setup(method, copy.deepcopy(base), kind, budget, input_size, ranking(method))
         optimizer = torch.optim.SGD(setup.params, lr=1e-4)
         tuner = setup.model.base_model
         while not tuner.is_planned("default"):  # the automatic layer ranking's dense batches, if no ranking
-            time_step(Entry(setup, optimizer, "step"), batch)
+            time_step(Entry(setup, optimizer, "step", device, precision), batch)
         for mode in ("step", "lean off", "floor"):
-            entries[method if mode == "step" else f"{method} {mode}"] = Entry(setup, optimizer, mode)
+            entries[method if mode == "step" else f"{method} {mode}"] = Entry(setup, optimizer, mode, device, precision)
     return entries
 
 
@@ -203,20 +209,32 @@ def time_step(entry: Entry, batch, clip: float = 1.0, profiler: contextlib.Abstr
     with (lean_backward(setup.model, False) if lean_off else contextlib.nullcontext()), \
             (floor_of(setup.model) if entry.mode == "floor" else contextlib.nullcontext()), \
             (profiler or contextlib.nullcontext()):
+        synchronize(entry.device)
         start = time.perf_counter()
-        loss = bench_common.loss_of(setup.model, batch)
+        with bench_common.autocast(entry.device, entry.precision):
+            loss = bench_common.loss_of(setup.model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(setup.params, clip)
         optimizer.step()
+        synchronize(entry.device)  # a GPU step ends when its kernels do, not when they are queued
         return time.perf_counter() - start
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def op_times(entry: Entry, batch) -> dict[str, float]:
-    """Self CPU milliseconds per op name over one profiled step."""
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    """Self CPU (+ self GPU, on a GPU) milliseconds per op name over one profiled step."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if entry.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    prof = torch.profiler.profile(activities=activities)
     time_step(entry, batch, profiler=prof)
-    return {e.key: e.self_cpu_time_total / 1000 for e in prof.key_averages()}
+    return {e.key: (e.self_cpu_time_total + getattr(e, "self_device_time_total", 0)) / 1000
+            for e in prof.key_averages()}
 
 
 def excess_ops(entry: Entry, floor: Entry, batch, top: int = 4) -> str:
@@ -232,6 +250,7 @@ def batch_size(batch) -> str:
 
 
 def run_network(network: str, entries: dict[str, Entry], batch, rounds: int, warmup: int) -> list[dict]:
+    first = next(iter(entries.values()))
     times: dict[str, list[float]] = {label: [] for label in entries}
     order = list(entries)
     rng = random.Random(0)
@@ -244,6 +263,7 @@ def run_network(network: str, entries: dict[str, Entry], batch, rounds: int, war
     rows = []
     for label, ts in times.items():
         row = {"network": network, "method": label, "command": command(), "batch": batch_size(batch), "rounds": len(ts),
+               "device": str(first.device), "precision": first.precision,
                "median_ms": 1000 * statistics.median(ts),
                "ratio_to_full": statistics.median(ts) / statistics.median(times["full"]),
                "ratio_to_lora": statistics.median(ts) / statistics.median(times["lora"])}
@@ -257,7 +277,7 @@ def run_network(network: str, entries: dict[str, Entry], batch, rounds: int, war
             if label == method and row["ratio_to_floor"] > TARGET:
                 row["excess_ops"] = excess_ops(entries[label], entries[f"{method} floor"], batch)
         rows.append(row)
-        print(f"{network:<20} {label:<18} {row['median_ms']:8.1f} ms  /full {row['ratio_to_full']:.2f}"
+        print(f"{network:<20} {first.precision} {label:<18} {row['median_ms']:8.1f} ms  /full {row['ratio_to_full']:.2f}"
               f"  /floor {row.get('ratio_to_floor', float('nan')):.2f}", flush=True)
     return rows
 
@@ -266,42 +286,56 @@ def command() -> str:
     return f"python scripts/bench_speed.py {' '.join(sys.argv[1:])}"
 
 
-def write(rows: list[dict], args: argparse.Namespace, recipe: dict) -> None:
-    """results/speed.{md,json}; with --keep-others, rows of networks not run now are kept from the last file."""
-    if args.keep_others and (RESULTS / "speed.json").exists():
-        ran = {r["network"] for r in rows}
-        kept = [r for r in json.loads((RESULTS / "speed.json").read_text()) if r["network"] not in ran]
+def where(device: torch.device, threads: int) -> str:
+    """The machine line of the report: the CPU under load, or the GPU."""
+    host = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {threads} torch thread(s)"
+    if device.type == "cuda":
+        return (f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), {host} on the host; every step "
+                "synchronised before its clock is read; bf16 rows: autocast (weights, gradients, optimizer fp32)")
+    return (f"{host}, CPU only (no GPU run yet), measured on a shared 2-core machine under load (load average ~10): "
+            "ratios of medians in one process are the numbers to read, absolute times are not")
+
+
+def write(rows: list[dict], args: argparse.Namespace, device: torch.device) -> None:
+    """results/speed.{md,json} (speed_cuda.* on a GPU); with --keep-others, rows of networks (and precisions) not
+    run now are kept from the last file."""
+    stem = "speed" if device.type == "cpu" else "speed_cuda"
+    if args.keep_others and (RESULTS / f"{stem}.json").exists():
+        ran = {(r["network"], r.get("precision", "fp32")) for r in rows}
+        kept = [r for r in json.loads((RESULTS / f"{stem}.json").read_text())
+                if (r["network"], r.get("precision", "fp32")) not in ran]
         rows = kept + rows
     commands = list(dict.fromkeys(r["command"] for r in rows))
     lines = [
         "# Step time against the floor (one process, interleaved rounds)", "",
         "Commands (one process per network group, each network's methods interleaved within it):", "",
         *[f"    {c}" for c in commands], "",
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} torch thread(s), "
-        f"CPU only (no GPU run yet), measured on a shared 2-core machine under load (load average ~10): ratios "
-        "of medians in one process are the numbers to read, absolute times are not. Vision: one real cifar10 "
+        f"{where(device, args.threads)}. Vision: one real cifar10 "
         "batch; transformers: random tokens (column *batch*). Timed rounds (column *rounds*) "
         f"after warm-up round(s); each round times one training step (forward, backward, clip, "
         "SGD step) of every method in a shuffled order. *lean off*: the same model stepped with plain autograd "
         "through the frozen path. *floor*: the same model's base layers with every weight frozen, gradients from "
         "the lowest selected layer up plus the compact weight gradients (module docstring). LoRA: r matched to "
         "the budget's weight slots over the pointwise convs / every Linear.", "",
-        "| network | batch | method | rounds | median step ms | / full FT | / LoRA | / its floor | per-round / floor p25-p75 |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| network | batch | precision | method | rounds | median step ms | / full FT | / LoRA | / its floor | "
+        "per-round / floor p25-p75 |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         floor = f"{r['ratio_to_floor']:.2f}" if "ratio_to_floor" in r else "—"
         spread = f"{r['floor_round_p25']:.2f}-{r['floor_round_p75']:.2f}" if "ratio_to_floor" in r else "—"
-        lines.append(f"| {r['network']} | {r['batch']} | {r['method']} | {r['rounds']} | {r['median_ms']:.1f} | {r['ratio_to_full']:.2f} | "
-                     f"{r['ratio_to_lora']:.2f} | {floor} | {spread} |")
+        lines.append(f"| {r['network']} | {r['batch']} | {r.get('precision', 'fp32')} | {r['method']} | {r['rounds']} | "
+                     f"{r['median_ms']:.1f} | {r['ratio_to_full']:.2f} | {r['ratio_to_lora']:.2f} | {floor} | {spread} |")
     held = [r for r in rows if r.get("excess_ops")]
     if held:
         lines += ["", f"## Above {TARGET:.2f}x the floor: where the extra time goes", "",
-                  "Self CPU time per op, one profiled step of the method minus one of its floor (largest first):", ""]
-        lines += [f"- {r['network']}, {r['method']} ({r['ratio_to_floor']:.2f}x): {r['excess_ops']}" for r in held]
-    with atomic_write(RESULTS / "speed.md") as handle:
+                  "Self CPU (on a GPU: + self GPU) time per op, one profiled step of the method minus one of its floor "
+                  "(largest first):", ""]
+        lines += [f"- {r['network']} {r.get('precision', 'fp32')}, {r['method']} ({r['ratio_to_floor']:.2f}x): "
+                  f"{r['excess_ops']}" for r in held]
+    with atomic_write(RESULTS / f"{stem}.md") as handle:
         handle.write("\n".join(lines) + "\n")
-    atomic_write_json(rows, RESULTS / "speed.json", indent=1)
+    atomic_write_json(rows, RESULTS / f"{stem}.json", indent=1)
 
 
 def main() -> None:
@@ -314,10 +348,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the benchmark runs use 1)")
     parser.add_argument("--text-batch", type=int, default=4)
     parser.add_argument("--text-length", type=int, default=128)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                        help="where to time (auto: cuda when torch sees a GPU); a GPU writes results/speed_cuda.*")
+    parser.add_argument("--precisions", nargs="+", choices=bench_common.PRECISIONS, default=["fp32"],
+                        help="fp32 and/or bf16 (autocast), each network timed in each")
     parser.add_argument("--keep-others", action="store_true",
                         help="keep the recorded rows of networks not run now (to run networks one process at a time)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = bench_common.run_device(args.device)
     recipe = yaml.safe_load(args.config.read_text())["recipe"]
     rows = []
     for network in args.networks:
@@ -333,11 +372,15 @@ def main() -> None:
             batch, input_size = task.measure_batch(recipe["batch_size"]), task.input_size
             rankings = {network: RANKINGS / f"{network}__caltech101.json"}
         path = rankings.get(network)
-        entries = entries_for(base, kind, budget, input_size,
-                              lambda method, p=path: p if p is not None and p.exists() else None, batch)
-        rows += run_network(network, entries, batch, args.rounds, args.warmup)
-        del entries, base
-        write(rows, args, recipe)
+        base, batch = base.to(device), bench_common.to_device(batch, device)
+        for precision in args.precisions:
+            entries = entries_for(base, kind, budget, input_size,
+                                  lambda method, p=path: p if p is not None and p.exists() else None, batch, device,
+                                  precision)
+            rows += run_network(network, entries, batch, args.rounds, args.warmup)
+            del entries
+            write(rows, args, device)
+        del base
 
 
 if __name__ == "__main__":

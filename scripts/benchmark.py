@@ -6,9 +6,17 @@
 Each config describes a suite's full grid (networks x datasets x methods x budgets x seeds) and the
 order in which to run it (`stages`). Every run trains in its own child process (peak RSS per run)
 and leaves a JSON record in results/runs/; a run whose record exists is skipped, so the command
-resumes where it stopped. `--max-minutes` stops launching runs after that long; `--jobs N` runs N at a
-time (step times then share the cores: each record keeps the load average at its start and end). At the end (and
-with --report-only) the records become results/benchmark_runs.json, results/BENCHMARK.md and the plots.
+resumes where it stopped. Within a run, a checkpoint (results/checkpoints/<run id>.pt: weights,
+optimizer, sampler, data order and RNG states, replaced atomically) is written after every epoch, so
+a run killed at any point continues exactly from its last epoch (one stopped with SIGTERM, from its
+current step). `--piece-minutes M` makes the command a piece of at most M minutes: past that, every
+running run checkpoints after its current step, the report is rebuilt and the command exits with
+status 75 (EX_TEMPFAIL); the same command again continues (exit 0 once every run is recorded). `--max-minutes` stops launching runs after that
+long; `--jobs N` runs N at a time (step times then share the cores: each record keeps the load average
+at its start and end). `--device auto|cpu|cuda` and `--precision fp32|bf16` override the config's
+`device`/`precision` (default cpu, fp32). At the end (and with --report-only) the records become the
+report: results/BENCHMARK.md, results/benchmark_runs.json and the plots, or the files a config's
+`report:` names (its own suite's records only).
 """
 
 from __future__ import annotations
@@ -31,6 +39,13 @@ REPO = SCRIPTS.parent
 RESULTS = REPO / "results"
 RUNS = RESULTS / "runs"
 RANKINGS = RESULTS / "rankings"
+CHECKPOINTS = RESULTS / "checkpoints"
+PAUSED_STATUS = 75  # EX_TEMPFAIL: not finished, run the same command again
+PIECE_RESERVE_S = 30  # of a piece, for the children's last step and checkpoint, the report and the exit
+LAUNCH_MARGIN_S = 60  # no run is started this close to a piece's end (loading it would take most of that)
+OVERRUN_S = 20  # a child still running this long after the piece's end is stopped (its last epoch stays)
+DEFAULT_RANKING_STEPS = 50  # rankings made with another number of steps carry it in their file name
+DEFAULT_REPORT = "BENCHMARK"
 BUDGET_METHODS = ("static_random", "trady", "medyate", "det_rgn")
 METHOD_LABEL = {
     "full": "full fine-tuning", "classifier": "classifier only", "lora": "LoRA (pointwise)",
@@ -64,15 +79,25 @@ def grid(config: dict) -> list[dict]:
                 if method in ("trady", "medyate"):
                     source = config["ranking_dataset"][cell["dataset"]]
                     spec["ranking_dataset"] = source
-                    spec["ranking_path"] = str(RANKINGS / f"{cell['network']}__{source}.json")
+                    spec["ranking_path"] = str(ranking_path(cell["network"], source, config["recipe"]))
+                spec["device"] = config.get("device", "cpu")
+                spec["precision"] = config.get("precision", "fp32")
                 spec["id"] = run_id(spec)
                 specs.append(spec)
     return specs
 
 
 def run_id(spec: dict) -> str:
+    """Names the record and the checkpoint; a precision other than the papers' fp32 is part of it."""
     budget = "na" if spec["budget_slots"] is None else str(spec["budget_slots"])
-    return f"{spec['suite']}__{spec['network']}__{spec['dataset']}__{spec['method']}__b{budget}__s{spec['seed']}"
+    precision = "" if spec.get("precision", "fp32") == "fp32" else f"__{spec['precision']}"
+    return (f"{spec['suite']}__{spec['network']}__{spec['dataset']}__{spec['method']}__b{budget}__s{spec['seed']}"
+            f"{precision}")
+
+
+def ranking_path(network: str, source: str, recipe: dict) -> Path:
+    steps = recipe["ranking_steps"]
+    return RANKINGS / f"{network}__{source}{'' if steps == DEFAULT_RANKING_STEPS else f'__{steps}steps'}.json"
 
 
 def _matches(spec: dict, stage: dict) -> bool:
@@ -110,74 +135,104 @@ def _child(target: str, *args: Any) -> None:
     sys.path.insert(0, str(SCRIPTS))
     import bench_common
 
-    getattr(bench_common, target)(*args)
+    if getattr(bench_common, target)(*args) == bench_common.PAUSED:
+        sys.exit(PAUSED_STATUS)
 
 
-def _ensure_ranking(ctx: mp.context.BaseContext, spec: dict, run_timeout: float) -> bool:
-    """Make the spec's layer ranking first if it needs one that is not there yet (before any run uses it)."""
+def _ensure_ranking(ctx: mp.context.BaseContext, spec: dict, timeout: float) -> str:
+    """Make the spec's layer ranking first if it needs one that is not there yet (before any run uses it):
+    "ok", "timeout" (the next command makes it) or "failed"."""
     path = spec.get("ranking_path")
     if not path or Path(path).exists():
-        return True
+        return "ok"
     print(f"ranking {Path(path).name} ...", flush=True)
     recipe = spec["recipe"]
     process = ctx.Process(target=_child, args=("make_ranking", spec["network"], spec["ranking_dataset"], recipe,
-                                               recipe["ranking_steps"], Path(path)))
+                                               recipe["ranking_steps"], Path(path), spec.get("device", "cpu")))
     process.start()
-    process.join(run_timeout)
+    process.join(max(timeout, 0))
     if process.is_alive():
         process.terminate()
         process.join()
-    return process.exitcode == 0 and Path(path).exists()
+        return "timeout"
+    return "ok" if process.exitcode == 0 and Path(path).exists() else "failed"
 
 
 def execute(
-    specs: list[dict], max_minutes: float | None, run_timeout: float, jobs: int, runs: Path | None = None
-) -> None:
-    """Run what has no record in `runs` (default RUNS) yet, `jobs` child processes at a time (1 torch thread each)."""
-    runs = runs or RUNS
+    specs: list[dict], max_minutes: float | None, run_timeout: float, jobs: int, runs: Path | None = None,
+    piece_minutes: float | None = None, checkpoints: Path | None = None,
+) -> int:
+    """Run what has no record in `runs` (default RUNS) yet, `jobs` child processes at a time.
+
+    Returns 0 when every run is recorded, PAUSED_STATUS when some are left for the next identical
+    command (piece or time limit reached; their checkpoints in `checkpoints` carry them on), 1 when a
+    run failed.
+    """
+    runs, checkpoints = runs or RUNS, checkpoints or CHECKPOINTS
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "peft", "transformers", "timm"])
-    start = time.monotonic()
+    start = time.time()
+    deadline = None if piece_minutes is None else start + 60 * piece_minutes - PIECE_RESERVE_S
     todo = [s for s in specs if not (runs / f"{s['id']}.json").exists()]
-    print(f"{len(specs) - len(todo)} of {len(specs)} runs already recorded; {len(todo)} to go, "
-          f"{jobs} at a time", flush=True)
+    resuming = sum((checkpoints / f"{s['id']}.pt").exists() for s in todo)
+    print(f"{len(specs) - len(todo)} of {len(specs)} runs already recorded; {len(todo)} to go ({resuming} continue "
+          f"from a checkpoint), {jobs} at a time", flush=True)
     running: list[tuple[Any, dict, float]] = []
-    pending, done = list(todo), 0
+    pending, done, left, failed = list(todo), 0, 0, 0
     while pending or running:
-        elapsed = (time.monotonic() - start) / 60
-        if pending and max_minutes is not None and elapsed >= max_minutes:
+        elapsed = (time.time() - start) / 60
+        piece_over = deadline is not None and time.time() > deadline - LAUNCH_MARGIN_S
+        if pending and (piece_over or max_minutes is not None and elapsed >= max_minutes):
             print(f"time limit reached after {elapsed:.1f} min: {len(pending)} runs not started", flush=True)
+            left += len(pending)
             pending = []
         while pending and len(running) < jobs:
             spec = pending.pop(0)
-            if not _ensure_ranking(ctx, spec, run_timeout):
-                print(f"  ranking failed; skipping {spec['id']}", flush=True)
+            budget = run_timeout if deadline is None else min(run_timeout, deadline - time.time())
+            ranking = _ensure_ranking(ctx, spec, budget)
+            if ranking != "ok":
+                print(f"  ranking {ranking}; {spec['id']} not started", flush=True)
+                left, failed = left + (ranking == "timeout"), failed + (ranking == "failed")
                 continue
-            process = ctx.Process(target=_child, args=("run_one", spec, str(runs / f"{spec['id']}.json")))
+            args = (spec, str(runs / f"{spec['id']}.json"), str(checkpoints / f"{spec['id']}.pt"), deadline)
+            process = ctx.Process(target=_child, args=("run_one", *args))
             process.start()
             running.append((process, spec, time.monotonic()))
         time.sleep(1)
         for entry in list(running):
             process, spec, t = entry
-            timed_out = time.monotonic() - t > run_timeout
+            overrun = deadline is not None and time.time() > deadline + OVERRUN_S
+            timed_out = time.monotonic() - t > run_timeout or overrun
             if process.is_alive() and not timed_out:
                 continue
             if process.is_alive():
-                process.terminate()
+                process.terminate()  # SIGTERM: the run checkpoints after its current step
+                process.join(OVERRUN_S)
+            if process.is_alive():
+                process.kill()  # its last epoch's checkpoint stays
             process.join()
             running.remove(entry)
             done += 1
             record = runs / f"{spec['id']}.json"
             ok = process.exitcode == 0 and record.exists()
-            status = "ok" if ok else ("timeout" if timed_out else f"failed ({process.exitcode})")
-            top1 = json.loads(record.read_text())["top1"] if ok else None
-            print(f"[{done}/{len(todo)}] {spec['id']}: {status}" + (f", top-1 {top1:.4f}" if top1 is not None else "")
-                  + f" in {time.monotonic() - t:.0f} s", flush=True)
+            if ok:
+                status = f"ok, top-1 {json.loads(record.read_text())['top1']:.4f}"
+            elif process.exitcode == PAUSED_STATUS:
+                status, left = "paused: the next identical command continues it from its checkpoint", left + 1
+            elif timed_out:
+                status, left = "timeout: the next identical command continues it from its last epoch", left + 1
+            else:
+                status, failed = f"failed ({process.exitcode})", failed + 1
+            print(f"[{done}/{len(todo)}] {spec['id']}: {status} in {time.monotonic() - t:.0f} s", flush=True)
+    if left:
+        return PAUSED_STATUS
+    return 1 if failed else 0
 
 
 # -- report ----------------------------------------------------------------------------------------
-def load_records() -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
+def load_records(suites: set[str] | None = None) -> list[dict]:
+    records = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
+    return [r for r in records if suites is None or r["suite"] in suites]
 
 
 def _group(records: list[dict]) -> dict[tuple, list[dict]]:
@@ -324,7 +379,7 @@ def not_run(configs: list[dict], records: list[dict]) -> list[str]:
     return lines
 
 
-def plots(records: list[dict]) -> None:
+def plots(records: list[dict], prefix: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -351,7 +406,7 @@ def plots(records: list[dict]) -> None:
                    [max(v) - m for m, v in zip(means, vals, strict=True)]]
             ax.errorbar(x, means, yerr=err, marker="o", capsize=3, color=colours[method], label=METHOD_LABEL[method])
         _style_axis(ax, cell, "budget (slots, per sample)", "top-1 % (bars: seed min-max)")
-    _save_figure(fig, axes, len(cells), "accuracy_vs_budget.png")
+    _save_figure(fig, axes, len(cells), f"{prefix}accuracy_vs_budget.png")
 
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
     for ax, cell in zip(axes.flat, cells, strict=False):
@@ -361,7 +416,7 @@ def plots(records: list[dict]) -> None:
                 ax.scatter([_memory(r) / 2**20 for r in rs], [100 * r["top1"] for r in rs], s=18,
                            color=colours[method], label=METHOD_LABEL[method])
         _style_axis(ax, cell, "saved act. + weight grads, MiB (batch 32)", "top-1 %")
-    _save_figure(fig, axes, len(cells), "memory_vs_accuracy.png")
+    _save_figure(fig, axes, len(cells), f"{prefix}memory_vs_accuracy.png")
 
 
 def _style_axis(ax: Any, cell: tuple, xlabel: str, ylabel: str) -> None:
@@ -409,21 +464,55 @@ def recipe_lines(configs: list[dict]) -> list[str]:
     return lines
 
 
+def report_name(configs: list[dict]) -> str:
+    """The report the configs name (`report:`; default BENCHMARK); one command writes one report."""
+    names = {c.get("report", DEFAULT_REPORT) for c in configs}
+    if len(names) > 1:
+        raise ValueError(f"these configs write different reports ({', '.join(sorted(names))}): run each in its own "
+                         "command")
+    return names.pop()
+
+
+def _where(records: list[dict]) -> str:
+    if not records:
+        return "nothing has run yet"
+    gpus = sorted({r["gpu"] for r in records if r.get("gpu")})
+    if not gpus:
+        return ("2-core CPU, shared with other jobs: step times are noisy; each record has the load average at its "
+                "start and end")
+    precisions = sorted({r.get("precision", "fp32") for r in records})
+    return f"on {', '.join(gpus)} where a record says so, precision {', '.join(precisions)}"
+
+
+def _full_recipe_line(name: str) -> list[str]:
+    if name != DEFAULT_REPORT:
+        return []
+    recorded = load_records({"vision_full_recipe"})
+    if not recorded:
+        return ["GPU run at the papers' full recipe (`scripts/bench_configs/vision_full_recipe.yaml`): not run: no "
+                "GPU lent.", ""]
+    return [f"GPU run at the papers' full recipe: {len(recorded)} runs recorded, in "
+            "`results/BENCHMARK_full_recipe.md`.", ""]
+
+
 def report(configs: list[dict], command: str) -> None:
-    records = load_records()
+    name = report_name(configs)
+    default = name == DEFAULT_REPORT
+    records = load_records(None if default else {c["suite"] for c in configs})
     from medyate_peft.atomic import atomic_write, atomic_write_json
 
-    atomic_write_json(records, RESULTS / "benchmark_runs.json", sort_keys=True, indent=1)
+    atomic_write_json(records, RESULTS / ("benchmark_runs.json" if default else f"{name.lower()}_runs.json"),
+                      sort_keys=True, indent=1)
     if records:
-        plots(records)
+        plots(records, "" if default else f"{name.lower()}_")
     compute = sum(r["wall_seconds"] for r in records) / 60
-    md = RESULTS / "BENCHMARK.md"
+    md = RESULTS / f"{name}.md"
     text = [
         "# Benchmark: MeDyate / TraDy vs full fine-tuning, classifier-only and LoRA", "",
-        "Command (resumes: runs whose record exists in `results/runs/` are skipped):", "",
+        "Command (resumes: runs whose record exists in `results/runs/` are skipped, a run with a checkpoint in "
+        "`results/checkpoints/` continues from it):", "",
         "```", command, "```", "",
-        f"{len(records)} runs recorded, {compute:.1f} min of run wall-clock in total (2-core CPU, shared with "
-        "other jobs: step times are noisy; each record has the load average at its start and end).", "",
+        f"{len(records)} runs recorded, {compute:.1f} min of run wall-clock in total ({_where(records)}).", "",
         "## Recipe (the same for every method of a suite)", "", *recipe_lines(configs), "",
         _notes(md), "",
         "## Results", "",
@@ -438,11 +527,11 @@ def report(configs: list[dict], command: str) -> None:
         *headline_tables(records),
         "## Ordering at equal budget: MeDyate ≥ TraDy ≥ static random?", "",
         *ordering_analysis(records),
-        "Plots: `results/accuracy_vs_budget.png`, `results/memory_vs_accuracy.png`.", "",
+        f"Plots: `results/{'' if default else name.lower() + '_'}accuracy_vs_budget.png`, "
+        f"`results/{'' if default else name.lower() + '_'}memory_vs_accuracy.png`.", "",
         "## What was run and what was not", "",
         *not_run(configs, records), "",
-        "GPU run at the papers' full recipe (`scripts/bench_configs/vision_full_recipe.yaml`): not run: no GPU lent.",
-        "",
+        *_full_recipe_line(name),
     ]
     with atomic_write(md) as handle:
         handle.write("\n".join(text))
@@ -453,18 +542,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="+", type=Path, help="suite configs (scripts/bench_configs/*.yaml)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop launching runs after this long")
+    parser.add_argument("--piece-minutes", type=float, default=None,
+                        help="checkpoint every run and exit (status 75) after this long; the same command continues")
     parser.add_argument("--run-timeout", type=float, default=1800, help="seconds before one run is killed")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own 1-thread process")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: stable on a shared CPU)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where runs train (default: the config's "
+                        "`device`, else cpu); auto: cuda when torch sees a GPU")
+    parser.add_argument("--precision", choices=("fp32", "bf16"),
+                        help="default: the config's `precision`, else fp32 (the papers'); bf16: autocast")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from the records")
     args = parser.parse_args()
+    if args.piece_minutes is not None and args.piece_minutes * 60 <= PIECE_RESERVE_S + LAUNCH_MARGIN_S:
+        parser.error(f"--piece-minutes {args.piece_minutes:g} leaves no time to train: give at least "
+                     f"{(PIECE_RESERVE_S + LAUNCH_MARGIN_S) / 60 + 1:g}")
     sys.path.insert(0, str(SCRIPTS))
     configs = [load_config(p.resolve()) for p in args.configs]
-    command = " ".join(["python scripts/benchmark.py", *(c["path"] for c in configs),
-                        *([f"--max-minutes {args.max_minutes:g}"] if args.max_minutes else []),
-                        *([f"--jobs {args.jobs}"] if args.jobs > 1 else [])])
+    for config in configs:
+        config.update({k: v for k, v in (("device", args.device), ("precision", args.precision)) if v})
+    report_name(configs)  # one report per command, before anything runs
+    options = [(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}")
+               for k, v in (("max_minutes", args.max_minutes), ("piece_minutes", args.piece_minutes),
+                            ("device", args.device), ("precision", args.precision)) if v]
+    options += [f"--{k} {v}" for k, v in (("jobs", args.jobs), ("threads", args.threads)) if v > 1]
+    command = " ".join(["python scripts/benchmark.py", *(c["path"] for c in configs), *options])
+    status = 0
     if not args.report_only:
-        execute(ordered(configs), args.max_minutes, args.run_timeout, args.jobs)
+        specs = ordered(configs)
+        for spec in specs:
+            spec["threads"] = args.threads
+        status = execute(specs, args.max_minutes, args.run_timeout, args.jobs, piece_minutes=args.piece_minutes)
     report(configs, command)
+    if status == PAUSED_STATUS:
+        print(f"not finished: run the same command again to continue ({command}); exit status {PAUSED_STATUS}",
+              flush=True)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

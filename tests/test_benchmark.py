@@ -31,6 +31,24 @@ def test_stages_schedule_every_run_of_the_grid_once(path: Path) -> None:
                 (seed, b or 0) for seed in cell["seeds"] for b in budgets)
 
 
+def test_the_full_recipe_names_its_device_precision_rankings_and_report() -> None:
+    """device auto / fp32 from the config; bf16 runs get ids of their own; its 500-step rankings do not take
+    the 50-step files of the CPU grid; one command writes one report."""
+    full = benchmark.load_config(REPO / "scripts" / "bench_configs" / "vision_full_recipe.yaml")
+    specs = benchmark.grid(full)
+    assert len(specs) == 90 and {(s["device"], s["precision"]) for s in specs} == {("auto", "fp32")}
+    assert {Path(s["ranking_path"]).name for s in specs if "ranking_path" in s} == {
+        "mbv2-w0.35__caltech101__500steps.json", "mcunet-5fps__caltech101__500steps.json"}
+    cpu = benchmark.load_config(REPO / "scripts" / "bench_configs" / "vision.yaml")
+    assert all(Path(s["ranking_path"]).exists() for s in benchmark.grid(cpu) if "ranking_path" in s)
+    assert all(s["device"] == "cpu" and s["precision"] == "fp32" for s in benchmark.grid(cpu))
+    bf16 = benchmark.grid({**full, "precision": "bf16"})
+    assert [s["id"] for s in bf16] == [f"{s['id']}__bf16" for s in specs]
+    assert benchmark.report_name([full]) == "BENCHMARK_full_recipe" and benchmark.report_name([cpu]) == "BENCHMARK"
+    with pytest.raises(ValueError, match="different reports"):
+        benchmark.report_name([cpu, full])
+
+
 def test_recorded_runs_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     config = benchmark.load_config(REPO / "scripts" / "bench_configs" / "text.yaml")
     specs = benchmark.ordered([config])

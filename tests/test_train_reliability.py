@@ -117,7 +117,7 @@ def test_an_empty_eval_split_fails_before_the_first_step(image_folder: Path, tmp
     common = [*TINY, "--dataset", str(image_folder), "--epochs", "1", "--strategy", "full_random"]
     with pytest.raises(ValueError, match="the 'test' split is empty"):
         _run(*common, "--output-dir", str(tmp_path / "out"), "--max-eval-samples", "0")
-    assert [p.name for p in (tmp_path / "out").iterdir()] == [preflight.LOCK_FILE]  # no epoch ran
+    assert not (tmp_path / "out").exists()  # no epoch ran: the folder it made goes again
 
 
 def test_a_run_into_a_folder_another_run_is_writing_is_refused(tmp_path: Path) -> None:
@@ -127,6 +127,35 @@ def test_a_run_into_a_folder_another_run_is_writing_is_refused(tmp_path: Path) -
         _run(*TINY, "--dataset", str(tmp_path / "unused"), "--output-dir", str(out))
     with preflight.exclusive(out):  # released afterwards, also after an error
         pass
+
+
+def test_a_failed_run_leaves_no_folder_it_made_and_keeps_the_users(tmp_path: Path, capsys) -> None:
+    """A bad --dataset fails after the output folder (and its parents) were made: they go again, the lock with
+    them; a folder the user made stays as it was; a second run into it is not refused."""
+    from medyate_peft.cli import main as cli_main
+
+    argv = ["train", *TINY, "--dataset", str(tmp_path / "no-such-dataset")]
+    assert cli_main([*argv, "--output-dir", str(tmp_path / "new" / "deeper" / "out")]) == 2
+    assert "no-such-dataset" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    for _ in range(2):  # the first failure released its lock
+        assert cli_main([*argv, "--output-dir", str(user)]) == 2
+        assert "another medyate train run" not in capsys.readouterr().err
+        assert [(p.name, p.read_text()) for p in user.iterdir()] == [("notes.txt", "keep me")]
+
+
+def test_a_folder_a_failed_run_wrote_into_stays(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt), preflight.exclusive(out):
+        (out / "log.json").write_text("[]")
+        raise KeyboardInterrupt
+    assert [p.name for p in out.iterdir()] == ["log.json"]
+    with preflight.exclusive(out):  # the lock was released; a successful run keeps its folder and lock file
+        pass
+    assert sorted(p.name for p in out.iterdir()) == sorted(["log.json", preflight.LOCK_FILE])
 
 
 def test_unlabeled_and_out_of_range_labels_are_named() -> None:
