@@ -72,7 +72,7 @@ def rotation(costs: list[LayerCost], budget: int, reserve: Reserve | None = None
         slices = _stratified(measurable, budget, reserve, count)
         if slices is not None:
             return slices
-        count += 1
+        count += max(1, count // 50)  # a few tries even where thousands of slices are needed
     return forward
 
 
@@ -88,17 +88,17 @@ def _stratified(costs: list[LayerCost], budget: int, reserve: Reserve | None, co
 
     for cost in sorted(costs, key=lambda c: c.channel_slots, reverse=True):
         start, chunk = 0, math.ceil(cost.in_channels / count)
-        free = list(range(count))  # slices without a chunk of this layer yet
-        while start < cost.in_channels:
-            free.sort(key=lambda s: room(s, cost.name), reverse=True)
-            if not free or room(free[0], cost.name) < cost.channel_slots:
-                return None
-            s = free.pop(0)
-            n = min(chunk, cost.in_channels - start, room(s, cost.name) // cost.channel_slots)
-            slices[s].append((cost.name, start, start + n))
-            used[s] += n * cost.channel_slots
+        # placing a chunk changes only its own slice's room: one ordering serves the whole layer
+        for s in sorted(range(count), key=lambda s: room(s, cost.name), reverse=True):
+            fits = min(chunk, cost.in_channels - start, room(s, cost.name) // cost.channel_slots)
+            if fits <= 0:
+                break
+            slices[s].append((cost.name, start, start + fits))
+            used[s] += fits * cost.channel_slots
             lowest[s] = min(lowest[s], position[cost.name])
-            start += n
+            start += fits
+        if start < cost.in_channels:
+            return None
     return [sorted(parts, key=lambda p: position[p[0]]) for parts in slices]
 
 
