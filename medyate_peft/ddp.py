@@ -17,8 +17,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from .medyate.config import MeDyateConfig
-    from .medyate.model import AdapterPlan
+    from .planner import AdapterPlan
 
 # Config fields that change which channels are drawn (their values are compared and shown).
 SELECTION_FIELDS = (
@@ -57,8 +56,8 @@ def _shown(value: Any) -> str:
     return text if len(text) <= _SHOWN_CHARS else f"<digest {_digest(value)}>"
 
 
-def fingerprint(config: MeDyateConfig, plan: AdapterPlan) -> dict[str, str]:
-    """What must be equal on every rank: selection-relevant config, epoch, pool, norms, RNG, selection."""
+def fingerprint(config: Any, plan: AdapterPlan) -> dict[str, str]:
+    """What must be equal on every rank: the config's `SELECTION_FIELDS`, epoch, pool, norms, RNG, selection."""
     out = {name: _shown(getattr(config, name)) for name in SELECTION_FIELDS}
     out["epoch"] = str(plan.epoch)
     out["random state"] = _digest(plan.generator.get_state())

@@ -24,14 +24,13 @@ class GrowthWatch:
     """Per pool layer: planned and largest live activation slots per sample."""
 
     planned: list[int]
-    weight: list[int]  # weight slots per channel
     peak: list[int]  # the largest live activation slots per sample seen
     warned: bool = False
 
     @classmethod
     def for_pool(cls, pool: ChannelPool) -> GrowthWatch:
         planned = [c.activation_slots for c in pool.costs]
-        return cls(planned=planned, weight=[c.weight_slots for c in pool.costs], peak=list(planned))
+        return cls(planned=planned, peak=list(planned))
 
     def observe(self, live: list[int | None]) -> list[int] | None:
         """Record one training forward's per-sample activation slots (None: not reached).
@@ -44,13 +43,6 @@ class GrowthWatch:
                 before = before or list(self.peak)
                 self.peak[i] = value
         return before
-
-    def selection_slots(self, pool: ChannelPool, selected: torch.Tensor) -> tuple[int, int]:
-        """(slots per sample of the selected pool positions at the peak sizes, at the planned sizes)."""
-        counts = torch.bincount(pool.layer[selected], minlength=len(pool.costs)).tolist()
-        live = sum(n * (w + p) for n, w, p in zip(counts, self.weight, self.peak, strict=True))
-        planned = sum(n * (w + p) for n, w, p in zip(counts, self.weight, self.planned, strict=True))
-        return live, planned
 
     def largest_growth(self) -> int:
         """Pool layer index whose activation grew the most."""

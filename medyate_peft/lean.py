@@ -16,16 +16,26 @@ with respect to the input is wanted here, and for these ops it needs much less:
 * attention (transformers' eager and SDPA cores): only query, key and value; the probabilities
   (eager: softmax output, dropout noise and dropped probabilities, each batch x heads x seq^2) or
   SDPA's output and log-sum-exp are recomputed from them in backward, under the forward's random
-  state (time cost: one extra attention core, no weight matmul);
+  state (time cost: one extra attention core, no weight matmul). With `recompute=True`, an attention module
+  right above a LayerNorm/RMSNorm keeps nothing: the whole module (q/k/v projections included) is rerun in
+  backward from the norm's input, which the norm keeps anyway (`torch.utils.checkpoint`; time cost: its
+  projections and core again; with the MLP recompute below, +23-37 % FLOPs and +14-37 % time over the
+  default lean step on MiniLM, BERT-base and a Llama decoder, results/lean_transformers.md);
 * smooth activations (GELU, SiLU, hard-swish, transformers' own activation modules, ...) keep their
   input. Only with `recompute=True`, when that input was produced by a frozen Conv2d/Linear
   (optionally through an eval BatchNorm) from a *smaller* tensor, that smaller tensor is kept and the
-  activation input is recomputed in backward (time cost: one extra forward of that conv/linear, e.g.
-  +14 % FLOPs on a BERT step: off by default);
+  activation input is recomputed in backward (time cost: one extra forward of that conv/linear, the MLP's
+  first layer(s) on a transformer: off by default);
 * gated MLPs (Llama's ``down(act(gate(x)) * up(x))`` and its copies): gate and up only, not also
   act(gate); act(gate) is recomputed elementwise in backward;
 * LayerNorm and RMSNorm keep what autograd keeps (their input and per-row statistics: nothing smaller
-  gives their gradient exactly); linear ops, residual adds and reshapes keep nothing.
+  gives their gradient exactly; their output instead would be as large and only approximately invertible);
+  linear ops, residual adds and reshapes keep nothing.
+
+Without `recompute`, what a transformer block keeps is close to the least any exact backward that reruns no
+weight matmul can keep: q, k, v (the softmax needs q and k, its gradient v), both norms' inputs and the MLP
+activation's input (GELU) or gate and up (gated MLP), 0.53x / 0.71x of autograd's bytes on BERT-base / a
+Llama decoder at sequence 128 (results/lean_transformers.md). Below a quarter needs the projections rerun.
 
 Everything here is exact: forward outputs are computed by the module's own code and are bitwise
 unchanged; gradients equal standard autograd's (up to float summation order in max-pool).
@@ -44,9 +54,11 @@ then raises, as it does for any saved tensor); turn it off for such a model.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import sys
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -71,15 +83,18 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
     Each run of 8 bool bytes is read as one int64 word; multiplying by `_GATHER` moves the low bit
     of byte k to bit 56+k and every other partial product to a distinct bit outside 56..63, so the
-    top byte of the (wrapping) product is the packed byte.
+    top byte of the (wrapping) product is the packed byte. On a little-endian machine that byte is
+    read in place (every 8th byte, one copy), instead of a shift and a conversion (two more passes).
     """
     flat = mask.reshape(-1)
     pad = (-flat.numel()) % 8
     # Whole, aligned int64 words (compiled: always a fresh copy, which the compiler fuses away).
     if pad or torch.compiler.is_compiling() or flat.storage_offset() % 8:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    words = flat.view(torch.uint8).view(torch.int64)
-    return ((words * _GATHER) >> 56).to(torch.uint8)
+    product = flat.view(torch.uint8).view(torch.int64) * _GATHER
+    if sys.byteorder == "little":
+        return product.view(torch.uint8)[7::8].contiguous()
+    return (product >> 56).to(torch.uint8)
 
 
 def _spread_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -125,7 +140,7 @@ class EvalBatchNorm(torch.autograd.Function):
         invstd = (1 / torch.sqrt(bn.running_var.double() + bn.eps)).to(grad_y.dtype)
         grad_x = grad_y * invstd.view(shape)
         if bn.weight is not None:
-            grad_x = grad_x * bn.weight.to(grad_y.dtype).view(shape)
+            grad_x.mul_(bn.weight.to(grad_y.dtype).view(shape))  # in place: no second activation-sized tensor
         return grad_x, None
 
 
@@ -151,7 +166,8 @@ class MaskedActivation(torch.autograd.Function):
         if ctx.slope:
             mask = unpack_bits(packed, ctx.shape)
             return torch.where(mask, grad_y, grad_y * ctx.slope), None, None, None
-        return grad_y * unpack_factor(packed, ctx.shape, grad_y.dtype), None, None, None
+        # The factor is a fresh tensor: multiplied in place (the same products), one allocation fewer.
+        return unpack_factor(packed, ctx.shape, grad_y.dtype).mul_(grad_y), None, None, None
 
 
 class CpuDropout(torch.autograd.Function):
@@ -395,11 +411,25 @@ def _tag_through(y: torch.Tensor, fn: Callable, x: torch.Tensor, layer: bool) ->
 
 def _lean_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """LayerNorm/RMSNorm (recompute option): the output is tagged as recomputable from the input the norm's
-    own backward keeps, so a smooth activation or gated MLP above the next frozen linear keeps nothing new."""
+    own backward keeps, so a smooth activation or gated MLP above the next frozen linear keeps nothing new,
+    and an attention module right above it can be rerun from that input (`_checkpointed_attention`)."""
     y = type(norm).forward(norm, x)
     if _grad_through(x) and isinstance(y, torch.Tensor) and not torch.compiler.is_compiling():
         _tag_through(y, functools.partial(type(norm).forward, norm), x, layer=False)
+        if _norm_keeps_input(x):
+            setattr(y, _NORM_INPUT_ATTR, (norm, weakref.ref(x), x._version, y._version))
     return y
+
+
+# On a norm's output: (norm, weakref to its input, the input's and the output's versions), an input the
+# norm's own backward keeps.
+_NORM_INPUT_ATTR = "_medyate_norm_input"
+
+
+def _norm_keeps_input(x: torch.Tensor) -> bool:
+    """Whether LayerNorm/RMSNorm keep `x` itself for backward: in fp32 without autocast they do (in lower
+    precision, transformers' RMSNorm keeps an fp32 copy instead and autocast may cast it)."""
+    return x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
 
 
 def _lean_bn(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
@@ -503,7 +533,8 @@ def _lean_attention_core(module: nn.Module, query, key, value, attention_mask, *
     core = ALL_ATTENTION_FUNCTIONS.get_interface(config.wrapped._attn_implementation, config.eager)
     tensors = (query, key, value)
     mask_grad = isinstance(attention_mask, torch.Tensor) and attention_mask.requires_grad
-    if not torch.is_grad_enabled() or mask_grad or not any(t.requires_grad for t in tensors):
+    rerun = not torch.compiler.is_compiling() and _IN_CHECKPOINT.get()  # (a traced graph has no checkpoint of ours)
+    if not torch.is_grad_enabled() or mask_grad or not any(t.requires_grad for t in tensors) or rerun:
         return core(module, query, key, value, attention_mask, **kwargs)
     if torch.compiler.is_compiling():
         # The compiler traces checkpoint's recompute (not torch.autograd.grad inside a Function's backward).
@@ -516,6 +547,49 @@ def _lean_attention_core(module: nn.Module, query, key, value, attention_mask, *
 
 def _call_core(core: Callable, module: nn.Module, query, key, value, mask, **kwargs: Any):
     return core(module, query, key, value, mask, **kwargs)
+
+
+# Set while an attention module runs inside `_checkpointed_attention`: the checkpoint already keeps nothing of
+# its inside, so the core runs as it is (no second rerun of it in backward).
+_IN_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar("medyate_attention_checkpoint", default=False)
+
+
+def _checkpointed_attention(attn: nn.Module, *args: Any, **kwargs: Any):
+    """Recompute option: a whole attention module (q/k/v projections, rotary, core, output projection) rerun in
+    backward from the input of the norm below it, which that norm's backward keeps anyway, so nothing of the
+    module is kept (time cost: its frozen projections and core run twice). Falls back to the module's forward
+    (query, key, value kept by the lean core) when its input is not such a norm's output or a cache is filled."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
+    source = getattr(hidden, _NORM_INPUT_ATTR, None)
+    src = source[1]() if source is not None and hidden._version == source[3] else None  # not changed in place
+    src = src if src is not None and src._version == source[2] else None
+    cached = any(kwargs.get(name) is not None for name in ("cache", "past_key_values", "past_key_value"))
+    if src is not None and cached and attn.training and _grad_through(hidden):
+        warnings.warn(
+            "lean_recompute: the model fills a key/value cache while training (use_cache=True), which a rerun "
+            "would fill twice, so attention keeps its query, key and value; pass use_cache=False to the forward "
+            "(or set model.config.use_cache = False) to rerun attention from the norm's input instead",
+            stacklevel=2,
+        )
+    if src is None or cached or not _grad_through(hidden) or torch.compiler.is_compiling():
+        return type(attn).forward(attn, *args, **kwargs)
+    rest = args[1:] if "hidden_states" not in kwargs else args
+    kwargs.pop("hidden_states", None)
+    return checkpoint(_rerun_attention, attn, source[:3], src, *rest, use_reentrant=False, **kwargs)
+
+
+def _rerun_attention(attn: nn.Module, source: tuple, src: torch.Tensor, *args: Any, **kwargs: Any):
+    norm, _, version = source
+    if src._version != version:  # as autograd refuses a saved tensor changed in place
+        raise RuntimeError(
+            f"lean_recompute: the input of {type(norm).__name__} was modified in place after the norm ran, so "
+            "the attention above it cannot be rerun from it; set lean_recompute=False for this model"
+        )
+    token = _IN_CHECKPOINT.set(True)
+    try:
+        return type(attn).forward(attn, type(norm).forward(norm, src), *args, **kwargs)
+    finally:
+        _IN_CHECKPOINT.reset(token)
 
 
 def _attention_eager(module: nn.Module) -> Callable | None:
@@ -656,6 +730,8 @@ def apply_lean_backward(model: nn.Module, recompute: bool = False) -> int:
         if eager is not None:
             _register_lean_attention()
             module.config = _LeanAttentionConfig(module.config, eager)
+            if recompute and "forward" not in module.__dict__:
+                module.forward = functools.partial(_checkpointed_attention, module)
             count += 1
             continue
         lean = _lean_forward_for(module, recompute)

@@ -55,7 +55,7 @@ class MemoryReport:
     measured_selected_saved_bytes: int | None = None  # x[:, S] of the selected layers, whole batch
     measured_frozen_path_saved_bytes: int | None = None  # everything else autograd kept, whole batch
     measured_weight_grad_bytes_used: int | None = None  # slots of the flat vector that selected channels use
-    measured_weight_grad_bytes_allocated: int | None = None  # the flat vector's .grad (fixed, <= budget)
+    measured_weight_grad_bytes_allocated: int | None = None  # the flat vector's .grad (budget-sized; step: planned)
     measured_head_grad_bytes: int | None = None  # modules_to_save (classifier), trained in full
     optimizer_state_bytes: int | None = None  # momentum / Adam moments of the trainable tensors (SGD: 0)
     saved_bytes_by_module: dict[str, int] = field(default_factory=dict)
@@ -124,8 +124,8 @@ class MemoryReport:
                 f"measured (one training step, batch {self.batch_size}):",
                 f"  saved activations of selected channels: {self.measured_selected_saved_bytes / per:.1f} kB/sample",
                 f"  weight gradients of selected channels: {self.measured_weight_grad_bytes_used / 1024:.1f} kB used "
-                f"of a {self.measured_weight_grad_bytes_allocated / 1024:.1f} kB fixed gradient vector",
-                f"  beside the budget: frozen-path activations {self.measured_frozen_path_saved_bytes / per:.1f} "
+                f"of the {self.measured_weight_grad_bytes_allocated / 1024:.1f} kB gradient vector a step allocates",
+                f"  beside the papers' budget: frozen-path activations {self.measured_frozen_path_saved_bytes / per:.1f} "
                 f"kB/sample, head gradients {self.measured_head_grad_bytes / 1024:.1f} kB",
             ]
             if self.optimizer_state_bytes is not None:
@@ -152,10 +152,13 @@ class MemoryReport:
 
 
 @contextlib.contextmanager
-def record_saved_tensors(model: nn.Module, owner: nn.Module | None = None) -> Iterator[dict[str, int]]:
+def record_saved_tensors(
+    model: nn.Module, owner: nn.Module | None = None, on_save: Callable[[str, torch.Tensor], None] | None = None
+) -> Iterator[dict[str, int]]:
     """Bytes of the distinct storages autograd saves, keyed by the innermost module of `model` that saved them.
 
     Parameters and buffers of `owner` (default: `model`) are excluded: saving them costs nothing.
+    `on_save(module_name, tensor)` is called once per counted storage (for a per-tensor breakdown).
     """
     owner = model if owner is None else owner
     excluded = {t.untyped_storage().data_ptr() for t in [*owner.parameters(), *owner.buffers()]}
@@ -177,6 +180,8 @@ def record_saved_tensors(model: nn.Module, owner: nn.Module | None = None) -> It
         if ptr not in excluded and ptr not in seen:
             seen.add(ptr)
             by_module[stack[-1]] = by_module.get(stack[-1], 0) + storage.nbytes()
+            if on_save is not None:
+                on_save(stack[-1], tensor)
         return tensor
 
     try:

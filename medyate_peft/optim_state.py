@@ -72,6 +72,14 @@ def reset(optimizer: Optimizer | None, values: torch.Tensor, adapter: str) -> No
             )
 
 
+def forget(values: torch.Tensor) -> bool:
+    """Drop the state of `values` from every optimizer that stepped it; whether any held some."""
+    held = False
+    for stepped in list(_STEPPED):
+        held |= stepped.state.pop(values, None) is not None
+    return held
+
+
 def warn_if_untrained(values: torch.Tensor, steps: float, adapter: str, epoch: int) -> None:
     """After an epoch with `steps` backward passes: an unchanged vector means no optimizer trains it."""
     if values.requires_grad and steps > 0 and not bool(values.detach().any()):

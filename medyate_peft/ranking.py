@@ -294,12 +294,11 @@ def rank_in_tuner(work: nn.Module, dataloader: Iterable[Any], steps: int, loss_f
                   progress: bool, budget_kb: float, bytes_per_slot: int = 4, mode: str = "budgeted") -> dict[str, Any]:
     """The tuner's own ranking path (its first training batches, `mode` as MeDyateConfig.ranking_mode) run to
     completion on `work`, which it wraps (pass a copy)."""
-    from peft import get_peft_model
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING, get_peft_model  # the tuner, as registered with PEFT
 
-    from .medyate.config import MeDyateConfig  # the probe runs in the tuner's layers; imported only here
-
-    config = MeDyateConfig(budget_kb=budget_kb, bytes_per_slot=bytes_per_slot, strategy="medyate",
-                           ranking_batches=steps, use_shipped_ranking=False, ranking_mode=mode)
+    config = PEFT_TYPE_TO_CONFIG_MAPPING["MEDYATE"](budget_kb=budget_kb, bytes_per_slot=bytes_per_slot,
+                                                    strategy="medyate", ranking_batches=steps,
+                                                    use_shipped_ranking=False, ranking_mode=mode)
     peft_model = get_peft_model(work, config)
     peft_model.train()
     tuner = peft_model.base_model

@@ -9,6 +9,14 @@ state of what is trained. Under this scope the planner charges all of it before 
     reserve(L) = bytes per sample the frozen path keeps when L is the lowest trained layer
     cost(i, c) = C^W * (1 + optimizer_slots) + C^A                          (per selected channel)
 
+The trained weights live in one flat vector whose whole gradient (and optimizer state) a step
+allocates, so the vector's size is what is paid for weights, not the selection's slots. Its size is
+fixed when the plan is made (an optimizer or DDP wrapper built once must keep working) and charged
+before any channel is drawn: a draw then fills `vector` weight slots at most, and
+`budget - fixed - vector * (1 + optimizer_slots)` with activations and the frozen path. The planner
+picks the size (`planner.size_vector`) among the weight slots of a few simulated draws of the
+strategy under the charge above, the one that lets those draws train the most.
+
 `reserve` is measured, not modelled: one forward (train mode, the RNG and buffers restored) in
 which the input of the first wrapped layer requires grad, with autograd's saved tensors recorded in
 execution order; reserve(L) is what was saved from L's forward on, plus the loss's share (twice the
@@ -39,6 +47,7 @@ class StepCosts:
     order: tuple[str, ...]  # wrapped layers in forward order (lowest first)
     fixed: int  # head gradients and their optimizer state, slots
     optimizer_slots: int  # optimizer tensors per trained element (0 plain SGD, 1 momentum, 2 Adam)
+    vector: int | None = None  # weight slots of the flat vector, fixed at planning and charged before any draw
 
     def channel_slots(self, cost: LayerCost) -> int:
         return cost.weight_slots * (1 + self.optimizer_slots) + cost.activation_slots
@@ -71,29 +80,47 @@ class StepCosts:
                 "accounting)"
             )
 
+    def vector_charge(self) -> int:
+        """Slots the flat vector's gradient and optimizer state take once its size is fixed (0 before)."""
+        return (self.vector or 0) * (1 + self.optimizer_slots)
+
+    @staticmethod
+    def pool_weights(pool: ChannelPool) -> torch.Tensor:
+        return torch.tensor([c.weight_slots for c in pool.costs], dtype=torch.long)[pool.layer]
+
+    @staticmethod
+    def pool_activations(pool: ChannelPool) -> torch.Tensor:
+        return torch.tensor([c.activation_slots for c in pool.costs], dtype=torch.long)[pool.layer]
+
     def fill(self, order: torch.Tensor, pool: ChannelPool, budget: int) -> torch.Tensor:
         """Greedy fill in `order` under the step budget: each channel pays its slots, plus the frozen path
         it adds when it lowers the deepest trained layer."""
-        slots, reserve = self.pool_slots(pool).tolist(), self.pool_reserve(pool).tolist()
-        remaining = budget - self.fixed
+        reserve, weights = self.pool_reserve(pool).tolist(), self.pool_weights(pool).tolist()
+        if self.vector is None:  # weights and their optimizer state are paid per channel
+            slots, weight_room = self.pool_slots(pool).tolist(), math.inf
+        else:  # paid up front as the vector: a channel pays its activations, its weights take vector slots
+            slots, weight_room = self.pool_activations(pool).tolist(), self.vector
+        remaining = budget - self.fixed - self.vector_charge()
         held = 0  # reserve of the current lowest selected layer
-        smallest = min(slots, default=budget + 1)
+        smallest, lightest = min(slots, default=budget + 1), min(weights, default=0)
         taken = []
         for pos in order.tolist():
             extra = max(reserve[pos] - held, 0)
-            if slots[pos] + extra <= remaining:
+            if slots[pos] + extra <= remaining and weights[pos] <= weight_room:
                 taken.append(pos)
                 remaining -= slots[pos] + extra
+                weight_room -= weights[pos]
                 held += extra
-                if remaining < smallest:
+                if remaining < smallest or weight_room < lightest:
                     break
         return torch.tensor(taken, dtype=torch.long)
 
     def used(self, pool: ChannelPool, taken: torch.Tensor) -> int:
         """Slots the step scope charges for a selection (what `fill` kept within the budget)."""
-        if not len(taken):
-            return self.fixed
-        return self.fixed + int(self.pool_slots(pool)[taken].sum()) + int(self.pool_reserve(pool)[taken].max())
+        reserve = int(self.pool_reserve(pool)[taken].max()) if len(taken) else 0
+        if self.vector is None:
+            return self.fixed + int(self.pool_slots(pool)[taken].sum()) + reserve
+        return self.fixed + self.vector_charge() + int(self.pool_activations(pool)[taken].sum()) + reserve
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int:

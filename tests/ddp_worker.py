@@ -23,6 +23,7 @@ WORLD = 2
 EPOCHS = 4
 STEPS = 3
 STRATEGIES = ("medyate", "prob_raw")
+STEP_SCOPE = "full_random, budget_scope=step"  # planned at the first batch, under a DDP wrapper built before
 
 
 def data(rank: int, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,15 +33,18 @@ def data(rank: int, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(6, *INPUT, generator=g), torch.randint(0, 4, (6,), generator=g)
 
 
-def train(rank: int, strategy: str) -> list[dict]:
+def train(rank: int, strategy: str, scope: str = "selection") -> list[dict]:
     from peft import get_peft_model
     from test_ranking import INPUT, net
 
     import medyate_peft  # noqa: F401
     from medyate_peft import MeDyateConfig
 
-    config = MeDyateConfig(budget_kb=1.0, input_size=INPUT, strategy=strategy, ranking_batches=2, seed=3,
-                           ranking_mode="dense")
+    if scope == "step":
+        config = MeDyateConfig(budget_kb=2.0, strategy=strategy, seed=3, budget_scope="step", optimizer_slots=1)
+    else:
+        config = MeDyateConfig(budget_kb=1.0, input_size=INPUT, strategy=strategy, ranking_batches=2, seed=3,
+                               ranking_mode="dense")
     model = get_peft_model(net(), config)
     tuner = model.base_model
     # The ranking batches train only the head, so the channel vector is unused in them.
@@ -58,8 +62,17 @@ def train(rank: int, strategy: str) -> list[dict]:
         reduced.append(tensor.numel())
         return all_reduce(tensor, *args, **kwargs)
 
+    broadcast = dist._broadcast_coalesced
+    broadcast_medyate: list[int] = []  # bytes of the layers' delta and index buffers DDP broadcasts
+
+    def counting_broadcast(group, tensors, *args, **kwargs):
+        mine = {b.data_ptr() for name, b in tuner.named_buffers() if ".medyate_" in name and b.numel()}
+        broadcast_medyate.append(sum(t.nbytes for t in tensors if t.numel() and t.data_ptr() in mine))
+        return broadcast(group, tensors, *args, **kwargs)
+
     ddp.register_comm_hook(None, counting_allreduce)
     dist.all_reduce = counting_all_reduce
+    dist._broadcast_coalesced = counting_broadcast
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2, momentum=0.9)
     history = []
     for epoch in range(EPOCHS):
@@ -80,7 +93,10 @@ def train(rank: int, strategy: str) -> list[dict]:
             "reduced_sizes": reduced_sizes,
             "capacity": values.numel(),
             "selection_slots": sum(len(idx) * math.prod(layers[n].slice_shape) for n, idx in tuner.selection().items()),
+            "broadcast_medyate_bytes": sum(broadcast_medyate),
+            "delta_bytes": sum(b.nbytes for name, b in tuner.named_buffers() if ".medyate_delta." in name),
         }
+        broadcast_medyate.clear()
         plan = tuner.plans["default"]
         local_sums = plan.tracker.epoch_sum.clone() if plan.tracker is not None else None
         x, y = data(rank, epoch, STEPS)
@@ -91,10 +107,11 @@ def train(rank: int, strategy: str) -> list[dict]:
             "norms": plan.tracker.norms.clone(),
             "full_norms": None if plan.full_norms is None else plan.full_norms.clone(),
             "local_sums": local_sums,
-            "lara": dict(tuner.peft_config["default"].layer_ranking["lara"]),
+            "lara": dict((tuner.peft_config["default"].layer_ranking or {"lara": {}})["lara"]),
             **trained,
         })
     dist.all_reduce = all_reduce
+    dist._broadcast_coalesced = broadcast
     return history
 
 
@@ -127,6 +144,7 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     results = {strategy: train(rank, strategy) for strategy in STRATEGIES}
+    results[STEP_SCOPE] = train(rank, "full_random", scope="step")
     results["growth"] = grow(rank)
     # Each DDP reducer holds the group and lives on in reference cycles; a group freed at interpreter exit
     # instead of here can abort the process (gloo threads outliving Python).

@@ -64,6 +64,29 @@ def test_all_reduce_payload_is_what_is_trained(ranks, strategy):
         assert epoch["selection_slots"] in epoch["reduced_sizes"] and epoch["capacity"] not in epoch["reduced_sizes"]
 
 @pytest.mark.ddp
+@pytest.mark.parametrize("run", ["medyate", "prob_raw", "full_random, budget_scope=step"])
+def test_the_layers_deltas_are_not_broadcast_before_every_forward(ranks, run):
+    """They are buffers: DDP's default broadcast_buffers=True would send every trained channel's delta from rank 0."""
+    history = ranks[0][run]
+    assert history[-1]["delta_bytes"] > 0  # there were deltas to broadcast
+    assert [epoch["broadcast_medyate_bytes"] for epoch in history] == [0] * len(history)
+
+
+@pytest.mark.ddp
+def test_a_step_scoped_vector_fixed_at_the_first_batch_trains_under_a_wrapper_built_before(ranks):
+    """The vector shrinks to the first draw's weight slots when the first batch plans; DDP and SGD with momentum
+    were built on the budget-sized one and keep working over resamples; ranks agree; what is trained is reduced."""
+    first, second = ranks[0]["full_random, budget_scope=step"], ranks[1]["full_random, budget_scope=step"]
+    assert len({str(e["selection"]) for e in first}) > 1, "the selection never changed"
+    for a, b in zip(first, second, strict=True):
+        assert a["selection"] == b["selection"] and torch.equal(a["values"], b["values"])
+        assert a["capacity"] == first[0]["capacity"] < 2 * 1024 // 4  # fixed, below the budget's slots
+        assert 0 < a["selection_slots"] <= a["capacity"]
+        assert a["ddp_payload"] == a["other_trainable"] > 0
+        assert a["selection_slots"] in a["reduced_sizes"]
+
+
+@pytest.mark.ddp
 def test_ranks_replan_alike_for_the_longest_inputs_of_any_rank(ranks):
     first, second = ranks[0]["growth"], ranks[1]["growth"]
     assert first == second
@@ -76,7 +99,7 @@ import json, sys
 import torch
 from medyate_peft import MeDyateConfig
 from medyate_peft.ddp import fingerprint
-from medyate_peft.medyate.model import AdapterPlan
+from medyate_peft.planner import AdapterPlan
 config = MeDyateConfig(budget_kb=4)
 config.target_modules = {f"layer{i}.{kind}" for i in range(8) for kind in ("query", "key", "value")}
 config.layer_ranking = {"lara": {f"layer{i}": float(i) for i in range(8)}, "tags": {"a", "b", "c", "d"}}

@@ -144,11 +144,14 @@ class MeDyateConfig(PeftConfig):
             Save no activations for frozen layers on the backward path.
         lean_recompute (`bool`, defaults to `False`):
             With `lean_backward`, keep the smaller input of the frozen Conv2d/Linear below a smooth activation
-            or gated MLP instead of the activation's input, and rerun that layer in backward (less memory,
-            one extra forward of those layers).
+            or gated MLP instead of the activation's input, and rerun that layer in backward; rerun attention
+            modules that sit on a LayerNorm/RMSNorm from the norm's kept input (less memory, one extra forward
+            of those layers; train decoders with `use_cache=False`).
         detect_anomalies (`bool`, defaults to `True`):
             Raise, naming the layer, on a NaN/inf gradient of a selected channel or trained value at resample.
-            Set it to `False` under fp16 with a GradScaler, which skips such steps itself.
+            On the CPU the gradient check runs in that backward; on an accelerator its flag stays on the device
+            and is read every 32 backwards and at resample (no host sync per step). Set it to `False` under fp16
+            with a GradScaler, which skips such steps itself.
         init_weights (`bool`, defaults to `True`):
             `True`: the adapter starts as the identity (no channel changed). `False`: random non-zero deltas on
             about half of each layer's input channels, for tests (as PEFT's `init_lora_weights=False`).
@@ -287,8 +290,8 @@ class MeDyateConfig(PeftConfig):
         default=False,
         metadata={
             "help": "With lean_backward: keep a smooth activation's (GELU, SiLU, ...) smaller frozen Conv2d/Linear "
-            "input instead of the activation's and re-run that layer in backward: less memory, more compute "
-            "(+14 % FLOPs on a BERT step)."
+            "input instead of the activation's and re-run that layer in backward, and re-run attention modules "
+            "from their norm's kept input: less memory, more compute (+23-37 % FLOPs on transformers)."
         },
     )
     detect_anomalies: bool = field(

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import re
 import warnings
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -18,14 +15,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import guards, optim_state
+from .. import guards, optim_state, planner
 from ..budget import (
     LayerCost,
     budget_slots,
     layer_cost,
     model_batch_size,
     per_sample,
-    slots_to_kb,
     weight_slots_per_channel,
 )
 from ..candidates import (
@@ -39,34 +35,35 @@ from ..candidates import (
 )
 from ..ddp import check_ranks_agree, fingerprint
 from ..epochs import EpochWatch
-from ..growth import GrowthWatch
 from ..kernels import SegmentedVector, Selection
 from ..lean import apply_lean_backward, remove_lean_backward
 from ..oracles import DenseGradientProbe, FullGradient, measure_full_gradient
-from ..pools import preselect
-from ..ranking import (
-    GradientStats,
-    candidate_shapes,
-    check_architecture,
-    load_ranking,
-    scores_for_costs,
-    shipped_ranking,
-    with_architecture,
-)
+from ..planner import AdapterPlan, SegmentLayout
+from ..ranking import GradientStats, candidate_shapes, shipped_ranking, with_architecture
 from ..rollback import restored_on_error
-from ..sampling import ChannelPool, NormTracker, greedy_fill
 from ..sparse_probe import SparseGradientProbe
-from ..step_budget import StepCosts, measure_frozen_path, step_costs
-from ..strategies import channel_order, get_strategy
+from ..step_budget import measure_frozen_path, step_costs
+from ..strategies import get_strategy
 from .config import MeDyateConfig
 from .layer import Conv1D, Conv2d, Linear, MeDyateLayer
 
 logger = logging.getLogger(__name__)
 
+
 def _values_as_saved(tuner: MeDyateModel, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """state_dict() hook: the flat vectors read as zeros, since the layers' entries hold their values folded."""
     for name, values in tuner.medyate_values.items():
         state_dict[f"{prefix}medyate_values.{name}"] = torch.zeros_like(values)
+
+
+def _values_as_loaded(tuner: MeDyateModel, state_dict: dict, prefix: str, *args: Any) -> None:
+    """load_state_dict hook: a state dict's flat vectors are zeros (`_values_as_saved`) of the size they had
+    where saved, which under budget_scope="step" is fixed at planning; they load as zeros of this one's size."""
+    for name, values in tuner.medyate_values.items():
+        key = f"{prefix}medyate_values.{name}"
+        incoming = state_dict.get(key)
+        if isinstance(incoming, torch.Tensor) and incoming.shape != values.shape and not bool(incoming.any()):
+            state_dict[key] = torch.zeros_like(values)
 
 
 def _unmatched_targets(targets: list[str] | str | None, names: list[str]) -> list[str]:
@@ -93,64 +90,11 @@ def _strict_budget(config: MeDyateConfig) -> bool:
     return getattr(config, "budget_scope", None) == "step"
 
 
-def _kb_up(slots: int, bytes_per_slot: int) -> float:
-    """kB for `slots`, rounded up to 0.01 kB so that the value shown is enough."""
-    return math.ceil(slots_to_kb(slots, bytes_per_slot) * 100) / 100
-
-
-def _check_sampler_state(state: dict[str, Any]) -> None:
-    """A tampered training state must not resume: epoch, trained values and selection are checked."""
-    epoch = state["epoch"]
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-        raise ValueError(f"checkpoint's epoch {epoch!r} is not a count of epochs; the file is damaged")
-    if not bool(torch.isfinite(state["values"]).all()):
-        raise guards.NonFiniteError("checkpoint's trained values hold NaN/inf; resume from an earlier checkpoint")
-    if state["pool"] is None:
-        return
-    size, selected = sum(c["in_channels"] for c in state["pool"]), state["selected"]
-    if (
-        selected.dim() != 1
-        or selected.is_floating_point()
-        or (len(selected) and (int(selected.min()) < 0 or int(selected.max()) >= size))
-        or len(torch.unique(selected)) != len(selected)
-    ):
-        raise ValueError(f"checkpoint's selected channels are not distinct indices into its pool of {size} channels; "
-                         "the file is damaged")
-
-
-@dataclass
-class AdapterPlan:
-    """Sampling state of one adapter: the channel pool, its norms, the RNG and the live selection."""
-
-    budget: int
-    generator: torch.Generator
-    pool: ChannelPool | None = None
-    tracker: NormTracker | None = None
-    selected: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    epoch: int = 0
-    probe: DenseGradientProbe | SparseGradientProbe | None = None  # open while the first batches rank layers
-    full_norms: torch.Tensor | None = None  # oracles: n(i, c) of every pool channel from a full gradient
-    step: StepCosts | None = None  # budget_scope="step": the frozen path and head charged beside the channels
-    growth: GrowthWatch | None = None  # live activation sizes of the pool's layers against the plan's
-    growth_layers: list[MeDyateLayer] = field(default_factory=list)  # the pool's layers, in pool order
-    layout: SegmentLayout | None = None  # how the flat vector's slots map to pool channels
-
-
-@dataclass(frozen=True)
-class SegmentLayout:
-    """The live selection in the flat vector: per layer its slot count and channels, in vector order."""
-
-    names: tuple[str, ...]
-    sizes: list[int]  # slots of each layer's segment
-    channels: tuple[torch.Tensor, ...]  # each layer's selected input channels (CPU)
-    positions: torch.Tensor  # pool position of every selected channel, in vector order (on the vector's device)
-
-
 class MeDyateModel(BaseTuner):
     """Wraps candidate Conv2d/Linear layers; trains a budgeted, re-sampled set of their input channels.
 
-    The trainable parameter is one flat vector per adapter (`medyate_values`), sized by the budget,
-    not by the layers: every epoch a layer's selected channels are mapped to a segment at its start,
+    The trainable parameter is one flat vector per adapter (`medyate_values`), sized by the budget
+    (budget_scope="step": by the plan, before any optimizer step, `planner.size_vector`), not by the layers: every epoch a layer's selected channels are mapped to a segment at its start,
     so optimizers built once keep working while the selection changes, and the parameter keeps its
     shape as PEFT's conventions (and sharded wrappers) expect. Each forward splits it once, so a
     backward makes one budget-sized gradient, not one per selected layer. DistributedDataParallel is
@@ -263,6 +207,7 @@ class MeDyateModel(BaseTuner):
         if not hasattr(self, "medyate_values"):
             self.medyate_values = nn.ParameterDict({})
             self.plans: dict[str, AdapterPlan] = {}
+            self._growth_layers: dict[str, list[MeDyateLayer]] = {}  # per adapter: its pool's layers, in pool order
             self._observing = False
             self._reduce_values = False  # set once a DistributedDataParallel wrapper leaves the vector to us
             self._under_ddp = False  # whether the last forward ran inside that wrapper
@@ -274,7 +219,9 @@ class MeDyateModel(BaseTuner):
             self._input_batch: int | None = None  # samples of the last completed model call
             self._pending_batch: int | None = None
             self.register_state_dict_post_hook(_values_as_saved)
+            self.register_load_state_dict_pre_hook(_values_as_loaded)
             self._epoch_watch, self._epoch_warned = EpochWatch(), False
+            self._measuring = False  # memory_report's measured step is not a training batch
         # PEFT keeps the trainability of existing adapters when one is added, for parameters of the model;
         # the flat vectors live on the tuner, so they are kept here.
         trainable = {name: values.requires_grad for name, values in self.medyate_values.items()}
@@ -350,6 +297,7 @@ class MeDyateModel(BaseTuner):
         super().delete_adapter(adapter_name)
         del self.medyate_values[adapter_name]
         del self.plans[adapter_name]
+        self._growth_layers.pop(adapter_name, None)
 
     def train(self, mode: bool = True) -> MeDyateModel:
         """Train mode, except BatchNorm layers outside modules_to_save keep frozen running statistics."""
@@ -471,75 +419,42 @@ class MeDyateModel(BaseTuner):
                 "MeDyate could not learn any layer's activation shape: pass input_size=[...] (one sample's shape) "
                 "in MeDyateConfig, or run a training forward pass first"
             )
-        if plan.step is not None:  # says the smallest budget a whole step fits in
-            plan.step.check(costs, plan.budget, config.budget_kb, config.bytes_per_slot)
-        smallest = min(c.channel_slots for c in costs)
-        if smallest > plan.budget:
-            raise ValueError(
-                f"budget_kb={config.budget_kb} ({plan.budget} slots) is too small for any single channel; the "
-                f"cheapest channel needs {smallest} slots: use budget_kb >= {_kb_up(smallest, config.bytes_per_slot)}"
-            )
-        strategy = get_strategy(config.strategy)
-        if stats is not None:
-            stats.all_reduce(costs)
-            if stats.steps == 0:  # every measured batch was skipped as non-finite, or none reached backward
-                raise RuntimeError(
-                    "MeDyate measured no finite dense gradient in its first training batch(es) (each had NaN/inf, "
-                    "e.g. fp16 overflows, and was left out): pass layer_ranking=... from rank_layers (run in fp32), "
-                    "or raise MeDyateConfig(ranking_batches=...)"
-                )
-            if strategy.layers != "all" and config.layer_ranking is None:
-                source = source or f"dense gradients of the first {stats.steps} training batch(es)"
-                ranking = stats.ranking(costs, source=source)
-                config.layer_ranking = with_architecture(ranking, candidate_shapes(self.model))
-                logger.warning(
-                    "MeDyate: computed a layer ranking (%s); it is kept in peft_config[%r].layer_ranking (save it "
-                    "with medyate_peft.save_ranking to reuse it)", source, adapter_name,
-                )
-        pool_costs = self._preselect(config, costs, plan.budget)
-        pool_smallest = min(c.channel_slots for c in pool_costs)
-        if pool_smallest > plan.budget:
-            raise ValueError(
-                f"budget_kb={config.budget_kb} ({plan.budget} slots) is too small for any channel of the layers "
-                f"strategy {config.strategy!r} pre-selected; their cheapest channel needs {pool_smallest} slots: use "
-                f"budget_kb >= {_kb_up(pool_smallest, config.bytes_per_slot)}"
-            )
-        if plan.step is not None:
-            plan.step.check(pool_costs, plan.budget, config.budget_kb, config.bytes_per_slot)
-        plan.pool = ChannelPool.build(pool_costs)
-        self._watch_pool(plan)
-        plan.tracker = NormTracker(len(plan.pool))
-        plan.full_norms = stats.pool_vector(pool_costs) if strategy.needs_full_gradient else None
-        total = sum(c.layer_slots for c in pool_costs)
-        if total <= plan.budget:
+        planner.check_costs(plan, config, costs)
+        ranking = None if stats is None else planner.ranking_from_stats(config, stats, costs, source)
+        if ranking is not None:
+            config.layer_ranking = with_architecture(ranking, candidate_shapes(self.model))
             logger.warning(
-                "MeDyate: the budget (%d slots) covers every candidate channel (%d slots); all are trained",
-                plan.budget, total,
+                "MeDyate: computed a layer ranking (%s); it is kept in peft_config[%r].layer_ranking (save it "
+                "with medyate_peft.save_ranking to reuse it)", ranking["source"], adapter_name,
             )
-        self._draw(adapter_name)
+        layers = self.medyate_layers()
+        shapes = {c.name: list(layers[c.name].get_base_layer().weight.shape) for c in costs}
+        planner.build(plan, config, costs, shapes, stats)
+        self._watch_pool(adapter_name)
+        self._fit_vector(adapter_name)
+        self._apply_selection(adapter_name)
 
-    def _preselect(self, config: MeDyateConfig, costs: list[LayerCost], budget: int) -> list[LayerCost]:
-        strategy = get_strategy(config.strategy)
-        ranking = None
-        if strategy.layers != "all":
-            ranking = load_ranking(config.layer_ranking)
-            layers = self.medyate_layers()
-            check_architecture(ranking, {c.name: list(layers[c.name].get_base_layer().weight.shape) for c in costs})
-            lara, rgn = scores_for_costs(ranking, costs)
-            ranking = {**ranking, "lara": lara, "rgn": rgn}
-        return preselect(strategy, costs, ranking, budget, config.alpha_opt, config.rgn_coverage,
-                         config.lara_within_rgn, config.max_activation_share)
+    def _fit_vector(self, adapter_name: str, fold: bool = True) -> None:
+        """Give the flat vector the size the plan fixed (budget_scope="step": the first draw's weight slots).
+
+        Planning runs before any optimizer step on the vector (its ranking batches leave it unused), so
+        an optimizer built before keeps working; its state for another size, if a re-plan finds one, is
+        dropped. Live values of a previous plan are folded into the deltas first.
+        """
+        values = self.medyate_values[adapter_name]
+        size = planner.vector_slots(self.plans[adapter_name], values.numel())
+        if size == values.numel():
+            return
+        if fold and bool(values.detach().any()):
+            for layer in self.medyate_layers().values():
+                layer.fold_live(adapter_name)
+        if optim_state.forget(values):
+            logger.warning("MeDyate: adapter %r was re-planned; its optimizer state for the trainable vector "
+                           "belonged to the previous channels and was reset", adapter_name)
+        values.data = values.data.new_zeros(size)  # in place: optimizers and layers hold this parameter
 
     def _draw(self, adapter_name: str) -> None:
-        config: MeDyateConfig = self.peft_config[adapter_name]
-        plan = self.plans[adapter_name]
-        measured = plan.tracker.norms if plan.tracker.epochs_done > 0 else None
-        order = channel_order(get_strategy(config.strategy), plan.pool.slots, plan.generator, measured,
-                              plan.full_norms, config.draw_weights)
-        if plan.step is not None:
-            plan.selected = plan.step.fill(order, plan.pool, plan.budget)
-        else:
-            plan.selected = greedy_fill(order, plan.pool.slots, plan.budget)
+        planner.draw(self.plans[adapter_name], self.peft_config[adapter_name])
         self._apply_selection(adapter_name)
 
     def _full_gradient(self, closure: FullGradient, batches: int = 1) -> GradientStats:
@@ -550,39 +465,22 @@ class MeDyateModel(BaseTuner):
         finally:
             self._observing = observing
 
-    def _selected_layers(self, pool: ChannelPool, selected: torch.Tensor) -> list[tuple[str, torch.Tensor, int]]:
-        """(layer name, its selected channels, its weight slots) in the flat vector's order."""
-        chosen = pool.to_selection(selected)
-        return [(name, chosen[name], len(chosen[name]) * math.prod(layer.slice_shape))
-                for name, layer in self.medyate_layers().items() if name in chosen]
-
     def _apply_selection(self, adapter_name: str) -> None:
         """Map the selected channels to consecutive segments at the start of the flat vector."""
-        plan = self.plans[adapter_name]
         values = self.medyate_values[adapter_name]
-        entries = self._selected_layers(plan.pool, plan.selected)
-        sizes = [slots for _, _, slots in entries]
-        if sum(sizes) > values.numel():
-            raise AssertionError(f"selection needs {sum(sizes)} weight slots, flat vector holds {values.numel()}")
-        vector = SegmentedVector(values, sizes)
-        starts = plan.pool.offsets()
-        live = {name: (slot, idx) for slot, (name, idx, _) in enumerate(entries)}
+        layout = planner.segment_layout(self.plans[adapter_name], values.numel(), values.device)
+        vector = SegmentedVector(values, layout.sizes)
+        live = {name: slot for slot, name in enumerate(layout.names)}
         offset = 0
         for name, layer in self.medyate_layers().items():
             if name not in live:
                 layer.set_live(adapter_name, values, None)
                 continue
-            slot, idx = live[name]
-            sel = Selection(idx=idx.to(values.device), offset=offset, numel=sizes[slot], vector=vector, slot=slot)
+            slot = live[name]
+            sel = Selection(idx=layout.channels[slot].to(values.device), offset=offset, numel=layout.sizes[slot],
+                            vector=vector, slot=slot)
             layer.set_live(adapter_name, values, sel)
-            offset += sizes[slot]
-        positions = torch.cat([starts[name] + idx for name, idx, _ in entries]) if entries else torch.zeros(0)
-        plan.layout = SegmentLayout(
-            names=tuple(name for name, _, _ in entries),
-            sizes=sizes,
-            channels=tuple(idx for _, idx, _ in entries),
-            positions=positions.to(device=values.device, dtype=torch.long),
-        )
+            offset += layout.sizes[slot]
 
     def _hook_values(self, adapter_name: str) -> None:
         """Register `_on_values_grad` on the adapter's vector (again on a copy: deepcopy drops tensor hooks)."""
@@ -594,25 +492,14 @@ class MeDyateModel(BaseTuner):
     def _on_values_grad(self, adapter_name: str, grad: torch.Tensor) -> torch.Tensor | None:
         """One backward's gradient of the flat vector: record channel norms on its device, then all-reduce.
 
-        The norms of all selected channels come out of the one gradient tensor, so nothing moves to the
-        host per layer; the sums move once, at `resample()`. With `detect_anomalies` one host check per
-        backward looks for NaN/inf. Under DDP the local gradient is averaged over ranks as DDP would
+        With `detect_anomalies` NaN/inf are flagged on the device and read on the host lazily
+        (`guards.ChannelGradientWatch`). Under DDP the local gradient is averaged over ranks as DDP would
         (also inside `no_sync()`, where the result is the same and only the traffic differs).
         """
         plan = self.plans[adapter_name]
         layout = plan.layout
-        used = sum(layout.sizes) if layout is not None else 0
-        if layout is not None and plan.tracker is not None and used:
-            rows = grad.detach()[:used].split(layout.sizes)
-            norms = torch.cat([g.view(len(c), -1).norm(dim=1) for g, c in zip(rows, layout.channels, strict=True)])
-            finite = torch.isfinite(norms)
-            if self.peft_config[adapter_name].detect_anomalies and not bool(finite.all()):
-                per_layer = zip(layout.names, layout.channels, norms.split([len(c) for c in layout.channels]),
-                                strict=True)
-                for name, channels, layer_norms in reversed(list(per_layer)):  # in backward's order
-                    guards.check_channel_gradients(name, channels, layer_norms.to(torch.float64).cpu(), plan.epoch)
-            # A skipped (GradScaler) step says nothing about its channels: non-finite norms are not counted.
-            plan.tracker.record(layout.positions, torch.where(finite, norms, 0.0), counted=finite)
+        used = layout.used if layout is not None else 0
+        planner.record_gradient(plan, grad, strict=self.peft_config[adapter_name].detect_anomalies)
         if self._reduce_values and self._under_ddp and dist.is_initialized() and dist.get_world_size() > 1:
             if self._agreed.get(adapter_name) is not layout:  # ranks with other selections would mismatch sizes
                 when = f"the first backward of adapter {adapter_name!r}, epoch {plan.epoch}"
@@ -627,12 +514,15 @@ class MeDyateModel(BaseTuner):
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
         """Read by DistributedDataParallel at construction (through PeftModel's attribute forwarding).
 
-        DDP would all-reduce the whole budget-sized vector; it leaves the vector out and
-        `_on_values_grad` all-reduces only the selected slots from then on. Names are given as seen
-        from a PeftModel and from this tuner, whichever DDP wraps.
+        DDP would all-reduce the whole flat vector; it leaves the vector out and `_on_values_grad`
+        all-reduces only the selected slots from then on. The layers' deltas and channel indices are
+        buffers that every rank changes alike at `resample()` (ranks are checked to agree); with DDP's
+        default `broadcast_buffers=True` rank 0 would send all of them (every channel ever trained)
+        before every forward. Names are given as seen from a PeftModel and from this tuner.
         """
         self._reduce_values = True
         names = [f"medyate_values.{adapter}" for adapter in self.medyate_values]
+        names += [name for name, _ in self.named_buffers() if ".medyate_delta." in name or ".medyate_index." in name]
         return names + [f"base_model.{name}" for name in names]
 
     def check_finite(self, loss: torch.Tensor | float, what: str = "loss") -> None:
@@ -676,16 +566,16 @@ class MeDyateModel(BaseTuner):
                 "resample(optimizer, full_gradient=lambda: loss_of_one_batch)"
             )
         if config.detect_anomalies:  # before any state changes: nothing is half-resampled on error
+            plan.anomalies.check()
             for name, layer in self.medyate_layers().items():
                 live = layer.live_values(adapter_name)
                 if live is not None:
                     guards.check_trained_values(name, live, plan.epoch)
         check_ranks_agree(fingerprint(config, plan), f"resample() of adapter {adapter_name!r}, epoch {plan.epoch}")
-        self._sync_norms(plan.tracker)
+        planner.sync_norms(plan.tracker)
         optim_state.warn_if_untrained(values, float(plan.tracker.epoch_count.sum()), adapter_name, plan.epoch)
-        plan.tracker.end_epoch(plan.selected, rescale=config.rescale_norms)
-        plan.epoch += 1
-        overshoots = self._recost_for_growth(adapter_name)
+        planner.end_epoch(plan, config)
+        overshoots = planner.recost_for_growth(plan, adapter_name)
         if not strategy.dynamic and not overshoots:
             return
         if strategy.dynamic and strategy.needs_full_gradient:
@@ -698,16 +588,6 @@ class MeDyateModel(BaseTuner):
             values.zero_()
         optim_state.reset(optimizer, values, adapter_name)
         self._draw(adapter_name)
-
-    @staticmethod
-    def _sync_norms(tracker: NormTracker) -> None:
-        """Under DDP, sum the measured channel norms and counts over ranks so every rank draws the same."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            for buf in (tracker.epoch_sum, tracker.epoch_count):
-                reduced = buf.to(device=device, dtype=torch.float64)
-                dist.all_reduce(reduced)
-                buf.copy_(reduced)
 
     def selection(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """Current selected channels per layer."""
@@ -729,22 +609,14 @@ class MeDyateModel(BaseTuner):
                    "delta": layer.medyate_delta[adapter_name].detach().cpu().clone()}
             for name, layer in self.medyate_layers().items()
         }
-        state: dict[str, Any] = {
+        return {
             "adapter": adapter_name,
             "strategy": self.peft_config[adapter_name].strategy,
-            "epoch": plan.epoch,
-            "generator": plan.generator.get_state(),
             "values": self.medyate_values[adapter_name].detach().cpu().clone(),
             "layers": layers,
-            "pool": None,
             "probe": None if plan.probe is None else plan.probe.state_dict(),
-            "step": None if plan.step is None else dataclasses.asdict(plan.step),
+            **planner.state_dict(plan),
         }
-        if plan.pool is not None:
-            state["pool"] = [dataclasses.asdict(c) for c in plan.pool.costs]
-            state["tracker"] = plan.tracker.state_dict()
-            state["selected"] = plan.selected.clone()
-        return state
 
     def load_training_state_dict(self, state: dict[str, Any], adapter_name: str | None = None) -> None:
         """Restore a `training_state_dict` (same base model and config) so training continues identically."""
@@ -768,19 +640,17 @@ class MeDyateModel(BaseTuner):
         unknown = sorted({c["name"] for c in state["pool"] or ()} - set(layers))
         if unknown:
             raise ValueError(f"checkpoint's channel pool has layers this model lacks: {unknown[:5]}")
-        if state["values"].shape != values.shape:
+        fixed = (state.get("step") or {}).get("vector")  # budget_scope="step": the vector's size as planned
+        if state["values"].shape != values.shape and state["values"].numel() != fixed:
             raise ValueError(
                 f"checkpoint's trainable vector has {state['values'].numel()} slots, this adapter {values.numel()}: "
                 "was it made with another budget_kb?"
             )
-        _check_sampler_state(state)
-        pool = None if state["pool"] is None else ChannelPool.build([LayerCost(**c) for c in state["pool"]])
+        pool = planner.checked_pool(state)
         for name, entry in state["layers"].items():
             layers[name].set_delta(adapter_name, entry["index"], entry["delta"])
-        plan.epoch = state["epoch"]
-        plan.generator.set_state(state["generator"])
-        if state.get("step") is not None:
-            plan.step = StepCosts(**{**state["step"], "order": tuple(state["step"]["order"])})
+        planner.load_state_dict(plan, state, pool)
+        self._fit_vector(adapter_name, fold=False)  # the checkpoint's values replace the live ones below
         if state.get("probe") is not None:  # saved while the first batches' dense gradients were measured
             if plan.probe is None:
                 costs = [LayerCost(**c) for c in state["probe"].get("costs", ())]
@@ -790,11 +660,7 @@ class MeDyateModel(BaseTuner):
             plan.probe.close()
             plan.probe = None
         if pool is not None:
-            plan.pool = pool
-            self._watch_pool(plan)
-            plan.tracker = NormTracker(len(plan.pool))
-            plan.tracker.load_state_dict(state["tracker"])
-            plan.selected = state["selected"].clone()
+            self._watch_pool(adapter_name)
             self._apply_selection(adapter_name)
         with torch.no_grad():
             values.copy_(state["values"])
@@ -830,15 +696,17 @@ class MeDyateModel(BaseTuner):
             if a in self.medyate_values and self.medyate_values[a].requires_grad
             and get_strategy(self.peft_config[a].strategy).dynamic and self.peft_config[a].resample_every is None
         ]
-        if self._epoch_warned or not dynamic or torch.compiler.is_compiling():  # the watch reads batches on the host
+        # the watch reads its verdict on the host, hence not while compiling
+        if self._epoch_warned or self._measuring or not dynamic or torch.compiler.is_compiling():
             return
         main = kwargs.get(getattr(self.model, "main_input_name", None) or "")
         if main is None:
             main = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
-        if isinstance(main, torch.Tensor) and self._epoch_watch.came_round(main):
+        before = self._epoch_watch.observe(main) if isinstance(main, torch.Tensor) else None
+        if before is not None:
             self._epoch_warned = True
             warnings.warn(
-                f"MeDyate: the training data came round again after {self._epoch_watch.batches - 1} batches without "
+                f"MeDyate: the training data came round again after {before} batches without "
                 "resample() (most samples of this batch were already seen): call model.base_model.resample(optimizer) "
                 "at the end of every epoch (MeDyateCallback does it under the Trainer), or the same channels keep "
                 "training",
@@ -855,29 +723,30 @@ class MeDyateModel(BaseTuner):
             plan = self.plans.get(adapter_name)
             if plan is None or plan.growth is None or not self.medyate_values[adapter_name].requires_grad:
                 continue
-            before = plan.growth.observe([self._live_activation_slots(layer) for layer in plan.growth_layers])
+            layers = self._growth_layers[adapter_name]
+            before = plan.growth.observe([self._live_activation_slots(layer) for layer in layers])
             if before is not None and not plan.growth.warned:
                 self._check_overshoot(adapter_name, before)
 
-    def _watch_pool(self, plan: AdapterPlan) -> None:
-        """Start watching the live activation sizes of the pool's layers against its costs."""
+    def _watch_pool(self, adapter_name: str) -> None:
+        """Watch the live activation sizes of the pool's layers (in pool order) against its costs."""
         layers = self.medyate_layers()
-        plan.growth = GrowthWatch.for_pool(plan.pool)
-        plan.growth_layers = [layers[c.name] for c in plan.pool.costs]
+        self._growth_layers[adapter_name] = [layers[c.name] for c in self.plans[adapter_name].pool.costs]
 
     def _check_overshoot(self, adapter_name: str, peaks_before: list[int]) -> None:
         """Warn once if the selection overshoots the budget at the new sizes; a strict budget refuses the batch."""
         config: MeDyateConfig = self.peft_config[adapter_name]
         plan = self.plans[adapter_name]
-        live, planned = plan.growth.selection_slots(plan.pool, plan.selected)
-        if live <= plan.budget:
+        over = planner.overshoot(plan)
+        if over is None:
             return
+        live, planned = over
         grown = plan.growth.largest_growth()
-        kb = partial(_kb_up, bytes_per_slot=config.bytes_per_slot)
+        kb = partial(planner.kb_up, bytes_per_slot=config.bytes_per_slot)
         message = (
             f"MeDyate: training inputs are larger than those adapter {adapter_name!r} was planned on (e.g. "
             f"{plan.pool.costs[grown].name} stores {plan.growth.peak[grown]} activation slots per sample "
-            f"and channel, planned {plan.growth.planned[grown]}): the selected channels hold {kb(live)} kB "
+            f"and channel, planned {plan.growth.planned[grown]}): the selection is charged {kb(live)} kB "
             f"per sample against budget_kb={config.budget_kb} (planned {kb(planned)} kB, "
             f"{live / plan.budget - 1:+.0%} over)"
         )
@@ -889,19 +758,6 @@ class MeDyateModel(BaseTuner):
             )
         plan.growth.warned = True
         logger.warning("%s; the next resample() re-plans for the larger inputs", message)
-
-    def _recost_for_growth(self, adapter_name: str) -> bool:
-        """At resample: re-cost the pool at the largest inputs seen; True if the selection no longer fits."""
-        plan = self.plans[adapter_name]
-        plan.growth.sync()  # a collective under DDP: every rank calls it at every resample
-        if not plan.growth.grown():
-            return False
-        live, _ = plan.growth.selection_slots(plan.pool, plan.selected)
-        plan.pool = ChannelPool.build(plan.growth.grown_costs(plan.pool.costs))  # same channels, same positions
-        self._watch_pool(plan)
-        logger.info("MeDyate: re-planned adapter %r for the larger training inputs seen (channel costs "
-                    "re-measured%s)", adapter_name, "; the selection is re-drawn" if live > plan.budget else "")
-        return live > plan.budget
 
     def _probe_training_batch(self, adapter_name: str, args: tuple, kwargs: dict) -> None:
         """Rank layers (or seed an oracle) from the first training batches, then plan (at the next one)."""
@@ -1047,5 +903,9 @@ class MeDyateModel(BaseTuner):
         from ..measure import memory_report
 
         adapter_name = adapter_name or self.active_adapters[0]
-        return memory_report(self, adapter_name, args, kwargs, compare_lean=compare_lean, optimizer=optimizer)
+        measuring, self._measuring = self._measuring, True
+        try:
+            return memory_report(self, adapter_name, args, kwargs, compare_lean=compare_lean, optimizer=optimizer)
+        finally:
+            self._measuring = measuring
 
