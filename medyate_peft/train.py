@@ -94,7 +94,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--method", choices=METHODS, default="medyate", help="medyate, or a baseline: full, head, lora (PEFT LoRA)"
     )
     method.add_argument("--budget-kb", type=float, default=64.0, help="training-memory budget per sample, kB")
-    method.add_argument("--strategy", default="medyate", help="channel-selection strategy (medyate_peft.STRATEGIES)")
+    method.add_argument("--strategy", default="trady", help="channel-selection strategy (medyate_peft.STRATEGIES)")
     method.add_argument("--layer-ranking", help="JSON file with the LaRa / RGN layer ranking")
     method.add_argument(
         "--lora-r", type=int,

@@ -109,10 +109,11 @@ def test_options_reach_the_tuner_pool_and_draws():
     """End to end on the test net: the capped pool is what the tuner trains, and the draws re-run per epoch."""
     ranking = {"lara": {"conv": 4.0, "grouped": 3.0, "depthwise": 2.0, "proj": 1.0},
                "rgn": {"conv": 1.0, "grouped": 2.0, "depthwise": 3.0, "proj": 4.0}}
-    papers = get_peft_model(net(), MeDyateConfig(budget_kb=1.0, input_size=INPUT, layer_ranking=ranking))
+    papers = get_peft_model(net(), MeDyateConfig(budget_kb=1.0, input_size=INPUT, layer_ranking=ranking,
+                                                  strategy="medyate"))
     assert {c.name for c in papers.base_model.plans["default"].pool.costs} == {"conv", "grouped", "depthwise"}
     config = MeDyateConfig(budget_kb=1.0, input_size=INPUT, layer_ranking=ranking, max_activation_share=0.6,
-                           draw_weights="norm_per_cost", rescale_norms=True)
+                           strategy="medyate", draw_weights="norm_per_cost", rescale_norms=True)
     model = get_peft_model(net(), config)
     plan = model.base_model.plans["default"]
     assert {c.name for c in plan.pool.costs} == {"conv", "grouped"}  # depthwise would lift the share to 0.65

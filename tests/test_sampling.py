@@ -172,7 +172,8 @@ def test_draw_frequencies_follow_the_norm_vector():
             return self.classifier(self.body(x))
 
     ranking = {"lara": {"body": 1.0}, "rgn": {"body": 1.0}}
-    model = get_peft_model(Flat(), MeDyateConfig(budget_kb=5 * 4 / 1024, input_size=[6], layer_ranking=ranking))
+    model = get_peft_model(Flat(), MeDyateConfig(budget_kb=5 * 4 / 1024, input_size=[6], layer_ranking=ranking,
+                                                   strategy="medyate"))
     tuner = model.base_model
     plan = tuner.plans["default"]
     assert plan.pool.slots.tolist() == [5] * 6  # C^W = 4 outputs + C^A = 1 token
