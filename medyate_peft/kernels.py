@@ -49,9 +49,21 @@ def add_to_channels(weight: torch.Tensor, groups: int, idx: torch.Tensor, values
 
 def set_channels(weight: torch.Tensor, groups: int, idx: torch.Tensor, values: torch.Tensor) -> None:
     """In place: weight[:, c] = values[j] for c = idx[j] (idx unique; weight contiguous)."""
+    set_channels_at(weight, groups, channel_coords(weight, idx), values)
+
+
+def channel_coords(weight: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(group, column) of each input channel in the grouped weight view, for `set_channels_at`."""
     in_per_group = weight.shape[1]
+    return idx // in_per_group, idx % in_per_group
+
+
+def set_channels_at(weight: torch.Tensor, groups: int, coords: tuple[torch.Tensor, torch.Tensor],
+                    values: torch.Tensor) -> None:
+    """`set_channels` at precomputed `channel_coords`."""
+    rows, cols = coords
     grouped = _grouped(weight, groups)
-    grouped[idx // in_per_group, :, idx % in_per_group] = values.view(len(idx), grouped.shape[1], -1).to(weight.dtype)
+    grouped[rows, :, cols] = values.view(len(rows), grouped.shape[1], -1).to(weight.dtype)
 
 
 class SegmentedVector:

@@ -83,15 +83,18 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
     Each run of 8 bool bytes is read as one int64 word; multiplying by `_GATHER` moves the low bit
     of byte k to bit 56+k and every other partial product to a distinct bit outside 56..63, so the
-    top byte of the (wrapping) product is the packed byte.
+    top byte of the (wrapping) product is the packed byte. On a little-endian machine that byte is
+    read in place (every 8th byte, one copy), instead of a shift and a conversion (two more passes).
     """
     flat = mask.reshape(-1)
     pad = (-flat.numel()) % 8
     # Whole, aligned int64 words (compiled: always a fresh copy, which the compiler fuses away).
     if pad or torch.compiler.is_compiling() or flat.storage_offset() % 8:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    words = flat.view(torch.uint8).view(torch.int64)
-    return ((words * _GATHER) >> 56).to(torch.uint8)
+    product = flat.view(torch.uint8).view(torch.int64) * _GATHER
+    if sys.byteorder == "little":
+        return product.view(torch.uint8)[7::8].contiguous()
+    return (product >> 56).to(torch.uint8)
 
 
 def _spread_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -137,7 +140,7 @@ class EvalBatchNorm(torch.autograd.Function):
         invstd = (1 / torch.sqrt(bn.running_var.double() + bn.eps)).to(grad_y.dtype)
         grad_x = grad_y * invstd.view(shape)
         if bn.weight is not None:
-            grad_x = grad_x * bn.weight.to(grad_y.dtype).view(shape)
+            grad_x.mul_(bn.weight.to(grad_y.dtype).view(shape))  # in place: no second activation-sized tensor
         return grad_x, None
 
 
@@ -163,7 +166,8 @@ class MaskedActivation(torch.autograd.Function):
         if ctx.slope:
             mask = unpack_bits(packed, ctx.shape)
             return torch.where(mask, grad_y, grad_y * ctx.slope), None, None, None
-        return grad_y * unpack_factor(packed, ctx.shape, grad_y.dtype), None, None, None
+        # The factor is a fresh tensor: multiplied in place (the same products), one allocation fewer.
+        return unpack_factor(packed, ctx.shape, grad_y.dtype).mul_(grad_y), None, None, None
 
 
 class CpuDropout(torch.autograd.Function):

@@ -78,6 +78,7 @@ class AdapterPlan:
     step: StepCosts | None = None  # budget_scope="step": the frozen path and head charged beside the channels
     growth: GrowthWatch | None = None  # live activation sizes of the pool's layers against the plan's
     layout: SegmentLayout | None = None  # how the flat vector's slots map to pool channels
+    anomalies: guards.ChannelGradientWatch = field(default_factory=guards.ChannelGradientWatch)  # detect_anomalies
 
 
 def kb_up(slots: int, bytes_per_slot: int) -> float:
@@ -226,7 +227,8 @@ def record_gradient(plan: AdapterPlan, grad: torch.Tensor, strict: bool) -> None
     """Add one backward's channel norms from the flat vector's gradient; `strict` raises on NaN/inf.
 
     The norms of all selected channels come out of the one gradient tensor, so nothing moves to the
-    host per layer; the sums move once, at `resample()`.
+    host per layer; the sums move once, at `resample()`. The NaN/inf flag is read on the host lazily
+    (`guards.ChannelGradientWatch`: every backward on the CPU, every few on an accelerator).
     """
     layout = plan.layout
     if layout is None or plan.tracker is None or not layout.used:
@@ -234,10 +236,8 @@ def record_gradient(plan: AdapterPlan, grad: torch.Tensor, strict: bool) -> None
     rows = grad.detach()[: layout.used].split(layout.sizes)
     norms = torch.cat([g.view(len(c), -1).norm(dim=1) for g, c in zip(rows, layout.channels, strict=True)])
     finite = torch.isfinite(norms)
-    if strict and not bool(finite.all()):
-        per_layer = zip(layout.names, layout.channels, norms.split([len(c) for c in layout.channels]), strict=True)
-        for name, channels, layer_norms in reversed(list(per_layer)):  # in backward's order
-            guards.check_channel_gradients(name, channels, layer_norms.to(torch.float64).cpu(), plan.epoch)
+    if strict:
+        plan.anomalies.note(layout, norms, finite, plan.epoch)
     # A skipped (GradScaler) step says nothing about its channels: non-finite norms are not counted.
     plan.tracker.record(layout.positions, torch.where(finite, norms, 0.0), counted=finite)
 

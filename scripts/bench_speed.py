@@ -9,11 +9,16 @@ MeDyate layers switched to their plain base layers, every weight frozen, the low
 input made to require grad, and hooks computing each selected layer's dW[:, S] with the kernels'
 formula; plain autograd through the frozen path (no lean backward). Each network's methods are
 timed on one batch in rounds that visit every method once in a shuffled order, so that a load
-change hits all of them; ratios are of per-round medians. Where a sparse step is above 1.10x its
-floor, one profiled step of each (torch.profiler, self CPU time per op) says which ops hold the
-difference. Writes results/speed.md and results/speed.json; on a GPU (`--device cuda`, each step
-synchronised before its clock is read; `--precisions fp32 bf16` times both, bf16 as autocast)
-results/speed_cuda.md and results/speed_cuda.json.
+change hits all of them; ratios are of per-round medians. On the CPU each step is timed twice: wall
+clock, and the CPU time of the one thread that runs it (torch runs one thread here, backward
+included). On a shared machine the wall clock also counts the time the process waits for a core
+(load 6 on 2 cores: a step's wall time is about twice its CPU time, in bursts), so there the ratios
+and the 1.10x target are read on CPU time, the wall ratios reported beside them; on a GPU on the
+(synchronised) wall clock. Where a sparse step is above 1.10x its floor, three profiled steps of each
+(torch.profiler, per-op self time, median) say which ops hold the difference, and a dispatch mode
+counts the bytes each op writes beyond the floor's (independent of the load). Writes results/speed.md
+and results/speed.json; on a GPU (`--device cuda`, each step synchronised before its clock is read;
+`--precisions fp32 bf16` times both, bf16 as autocast) results/speed_cuda.md and results/speed_cuda.json.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import platform
 import random
 import statistics
@@ -35,6 +41,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
@@ -110,14 +118,12 @@ def sparse_setup(method: str, model: nn.Module, kind: str, budget: int, input_si
                               peft_model.train, {})
 
 
-def lora_setup(model: nn.Module, kind: str, budget: int) -> bench_common.Setup:
+def lora_setup(model: nn.Module, budget: int) -> bench_common.Setup:
     from peft import LoraConfig, get_peft_model
 
     head = head_name(model)
     targets = [n for n in bench_common.lora_targets(model) if not n.startswith(head)]
-    per_rank = sum(m.in_features + m.out_features if isinstance(m, nn.Linear) else m.in_channels + m.out_channels
-                   for m in (model.get_submodule(n) for n in targets))
-    r = max(1, round(budget / per_rank))
+    r = bench_common.lora_rank(model, targets, budget)
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets,
                                                   modules_to_save=[head]))
 
@@ -136,7 +142,7 @@ def entries_for(base: nn.Module, kind: str, budget: int, input_size: list[int], 
     for p in full.parameters():
         p.requires_grad_(True)
     out["full"] = bench_common.Setup(full, list(full.parameters()), full.train, {})
-    out["lora"] = lora_setup(copy.deepcopy(base), kind, budget)
+    out["lora"] = lora_setup(copy.deepcopy(base), budget)
     entries = {label: Entry(s, torch.optim.SGD(s.params, lr=1e-4), "step", device, precision)
                for label, s in out.items()}
     for method in SPARSE:
@@ -201,8 +207,10 @@ def _compact_grad_hook(layer: nn.Module, idx: torch.Tensor) -> Callable:
 
 
 # -- timing ----------------------------------------------------------------------------------------
-def time_step(entry: Entry, batch, clip: float = 1.0, profiler: contextlib.AbstractContextManager | None = None) -> float:
-    """Seconds of one training step; switching the lean backward or the floor on happens outside the timing."""
+def time_step(entry: Entry, batch, clip: float = 1.0,
+              profiler: contextlib.AbstractContextManager | None = None) -> tuple[float, float]:
+    """(wall, thread CPU) seconds of one training step; switching the lean backward or the floor on happens
+    outside the timing."""
     setup, optimizer = entry.setup, entry.optimizer
     setup.train_mode()
     lean_off = entry.mode != "step" and hasattr(setup.model, "base_model")
@@ -210,7 +218,7 @@ def time_step(entry: Entry, batch, clip: float = 1.0, profiler: contextlib.Abstr
             (floor_of(setup.model) if entry.mode == "floor" else contextlib.nullcontext()), \
             (profiler or contextlib.nullcontext()):
         synchronize(entry.device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         with bench_common.autocast(entry.device, entry.precision):
             loss = bench_common.loss_of(setup.model, batch)
         optimizer.zero_grad(set_to_none=True)
@@ -218,7 +226,7 @@ def time_step(entry: Entry, batch, clip: float = 1.0, profiler: contextlib.Abstr
         torch.nn.utils.clip_grad_norm_(setup.params, clip)
         optimizer.step()
         synchronize(entry.device)  # a GPU step ends when its kernels do, not when they are queued
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.thread_time() - start_cpu
 
 
 def synchronize(device: torch.device) -> None:
@@ -237,10 +245,57 @@ def op_times(entry: Entry, batch) -> dict[str, float]:
             for e in prof.key_averages()}
 
 
-def excess_ops(entry: Entry, floor: Entry, batch, top: int = 4) -> str:
-    mine, base = op_times(entry, batch), op_times(floor, batch)
-    diff = sorted(((mine.get(k, 0.0) - base.get(k, 0.0), k) for k in set(mine) | set(base)), reverse=True)
+def excess_ops(entry: Entry, floor: Entry, batch, top: int = 4, steps: int = 3) -> str:
+    """The ops whose median self time over `steps` profiled steps (interleaved) most exceeds the floor's."""
+    runs = [(op_times(entry, batch), op_times(floor, batch)) for _ in range(steps)]
+    keys = {k for mine, base in runs for k in (*mine, *base)}
+    diff = sorted(((statistics.median(m.get(k, 0.0) - b.get(k, 0.0) for m, b in runs), k) for k in keys), reverse=True)
     return ", ".join(f"`{k}` +{d:.1f} ms" for d, k in diff[:top] if d > 0)
+
+
+_INDEXED_WRITES = ("index_put_", "_index_put_impl_", "index_add_", "index_copy_", "scatter_", "scatter_add_")
+
+
+class _OpWork(TorchDispatchMode):
+    """Per aten op: calls and bytes of the tensors it writes (fresh outputs and in-place targets), a
+    load-independent measure of the memory traffic a step adds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.work: dict[str, list[int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name in _INDEXED_WRITES:  # writes only its values into the target
+            values = [t for t in args if isinstance(t, torch.Tensor)][-1]
+            written = values.numel() * values.element_size()
+        else:
+            in_place = name.endswith("_") or "out" in kwargs
+            written = sum(t.numel() * t.element_size() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
+                          and (in_place or t.untyped_storage().data_ptr() not in inputs))  # views write nothing
+        entry = self.work.setdefault(func.overloadpacket.__name__, [0, 0])
+        entry[0] += 1
+        entry[1] += written
+        return out
+
+
+def op_work(entry: Entry, batch) -> dict[str, list[int]]:
+    with _OpWork() as counter:
+        time_step(entry, batch)
+    return counter.work
+
+
+def excess_work(entry: Entry, floor: Entry, batch, top: int = 4) -> str:
+    """The ops that write the most bytes beyond the floor's (calls beside), and the total written."""
+    mine, base = op_work(entry, batch), op_work(floor, batch)
+    diff = sorted(((mine.get(k, [0, 0])[1] - base.get(k, [0, 0])[1], k) for k in set(mine) | set(base)), reverse=True)
+    total = sum(v[1] for v in mine.values()) / max(1, sum(v[1] for v in base.values()))
+    listed = ", ".join(f"`{k}` +{d / 2**20:.0f} MiB ({mine.get(k, [0, 0])[0]} vs {base.get(k, [0, 0])[0]} calls)"
+                       for d, k in diff[:top] if d > 0)
+    return f"bytes written {total:.2f}x the floor's; {listed}"
 
 
 def batch_size(batch) -> str:
@@ -251,34 +306,44 @@ def batch_size(batch) -> str:
 
 def run_network(network: str, entries: dict[str, Entry], batch, rounds: int, warmup: int) -> list[dict]:
     first = next(iter(entries.values()))
-    times: dict[str, list[float]] = {label: [] for label in entries}
+    on_cpu = first.device.type == "cpu"  # the thread's CPU time is the work there; on a GPU the wall clock is
+    walls: dict[str, list[float]] = {label: [] for label in entries}
+    clocks: dict[str, list[float]] = {label: [] for label in entries}
     order = list(entries)
     rng = random.Random(0)
     for round_ in range(rounds + warmup):
         rng.shuffle(order)
         for label in order:
-            elapsed = time_step(entries[label], batch)
+            wall, cpu = time_step(entries[label], batch)
             if round_ >= warmup:
-                times[label].append(elapsed)
+                walls[label].append(wall)
+                clocks[label].append(cpu if on_cpu else wall)
     rows = []
-    for label, ts in times.items():
+    for label in entries:
+        ts, cs = walls[label], clocks[label]
         row = {"network": network, "method": label, "command": command(), "batch": batch_size(batch), "rounds": len(ts),
                "device": str(first.device), "precision": first.precision,
                "median_ms": 1000 * statistics.median(ts),
-               "ratio_to_full": statistics.median(ts) / statistics.median(times["full"]),
-               "ratio_to_lora": statistics.median(ts) / statistics.median(times["lora"])}
+               "ratio_to_full": statistics.median(cs) / statistics.median(clocks["full"]),
+               "ratio_to_lora": statistics.median(cs) / statistics.median(clocks["lora"]),
+               "wall_ratio_to_lora": statistics.median(ts) / statistics.median(walls["lora"])}
+        if on_cpu:
+            row["median_cpu_ms"] = 1000 * statistics.median(cs)
         method = label.split()[0]
         if method in SPARSE:
-            floor = times[f"{method} floor"]
-            per_round = sorted(t / f for t, f in zip(ts, floor, strict=True))
-            row |= {"ratio_to_floor": statistics.median(ts) / statistics.median(floor),
+            floor, floor_clock = walls[f"{method} floor"], clocks[f"{method} floor"]
+            per_round = sorted(t / f for t, f in zip(cs, floor_clock, strict=True))
+            row |= {"ratio_to_floor": statistics.median(cs) / statistics.median(floor_clock),
+                    "wall_ratio_to_floor": statistics.median(ts) / statistics.median(floor),
                     "floor_round_p25": per_round[len(per_round) // 4],
                     "floor_round_p75": per_round[(3 * len(per_round)) // 4]}
             if label == method and row["ratio_to_floor"] > TARGET:
                 row["excess_ops"] = excess_ops(entries[label], entries[f"{method} floor"], batch)
+                row["excess_work"] = excess_work(entries[label], entries[f"{method} floor"], batch)
         rows.append(row)
-        print(f"{network:<20} {first.precision} {label:<18} {row['median_ms']:8.1f} ms  /full {row['ratio_to_full']:.2f}"
-              f"  /floor {row.get('ratio_to_floor', float('nan')):.2f}", flush=True)
+        print(f"{network:<20} {first.precision} {label:<18} {1000 * statistics.median(cs):8.1f} ms  "
+              f"/full {row['ratio_to_full']:.2f}  /floor {row.get('ratio_to_floor', float('nan')):.2f} "
+              f"(wall {row.get('wall_ratio_to_floor', float('nan')):.2f})", flush=True)
     return rows
 
 
@@ -292,8 +357,28 @@ def where(device: torch.device, threads: int) -> str:
     if device.type == "cuda":
         return (f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), {host} on the host; every step "
                 "synchronised before its clock is read; bf16 rows: autocast (weights, gradients, optimizer fp32)")
-    return (f"{host}, CPU only (no GPU run yet), measured on a shared 2-core machine under load (load average ~10): "
-            "ratios of medians in one process are the numbers to read, absolute times are not")
+    return (f"{host}, CPU only (no GPU run yet), measured on a shared 2-core machine under load (load average per "
+            "network in the last column): ratios of medians in one process are the numbers to read, absolute times "
+            "are not. Ratios without a label are of the thread's CPU time (the work; the wall clock also counts "
+            "waiting for a core, see the module docstring); *wall* ratios beside them. Rows whose CPU columns read "
+            "— are kept from an earlier run (wall clock only, marked *previous*)")
+
+
+def _cell(row: dict, key: str, fmt: str = "{:.2f}") -> str:
+    return fmt.format(row[key]) if key in row else "—"
+
+
+def _row(r: dict) -> str:
+    """One table line; a row of an earlier run (wall clock only) is marked previous, its ratios in the wall columns."""
+    previous = "wall_ratio_to_lora" not in r
+    method = f"{r['method']} (previous)" if previous else r["method"]
+    wall_floor = r.get("ratio_to_floor") if previous else r.get("wall_ratio_to_floor")
+    wall_lora = r["ratio_to_lora"] if previous else r["wall_ratio_to_lora"]
+    ratios = ["—"] * 3 if previous else [_cell(r, k) for k in ("ratio_to_full", "ratio_to_lora", "ratio_to_floor")]
+    spread = "—" if previous or "ratio_to_floor" not in r else f"{r['floor_round_p25']:.2f}-{r['floor_round_p75']:.2f}"
+    return (f"| {r['network']} | {r['batch']} | {r.get('precision', 'fp32')} | {method} | {r['rounds']} | "
+            f"{_cell(r, 'median_cpu_ms', '{:.1f}')} | {r['median_ms']:.1f} | {ratios[0]} | {ratios[1]} | {wall_lora:.2f} | "
+            f"{ratios[2]} | {'—' if wall_floor is None else f'{wall_floor:.2f}'} | {spread} | {r.get('load', '—')} |")
 
 
 def write(rows: list[dict], args: argparse.Namespace, device: torch.device) -> None:
@@ -317,22 +402,24 @@ def write(rows: list[dict], args: argparse.Namespace, device: torch.device) -> N
         "through the frozen path. *floor*: the same model's base layers with every weight frozen, gradients from "
         "the lowest selected layer up plus the compact weight gradients (module docstring). LoRA: r matched to "
         "the budget's weight slots over the pointwise convs / every Linear.", "",
-        "| network | batch | precision | method | rounds | median step ms | / full FT | / LoRA | / its floor | "
-        "per-round / floor p25-p75 |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| network | batch | precision | method | rounds | CPU ms | wall ms | / full FT | / LoRA | / LoRA wall "
+        "| / its floor | / floor wall | per-round / floor p25-p75 | load |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
-        floor = f"{r['ratio_to_floor']:.2f}" if "ratio_to_floor" in r else "—"
-        spread = f"{r['floor_round_p25']:.2f}-{r['floor_round_p75']:.2f}" if "ratio_to_floor" in r else "—"
-        lines.append(f"| {r['network']} | {r['batch']} | {r.get('precision', 'fp32')} | {r['method']} | {r['rounds']} | "
-                     f"{r['median_ms']:.1f} | {r['ratio_to_full']:.2f} | {r['ratio_to_lora']:.2f} | {floor} | {spread} |")
+        lines.append(_row(r))
     held = [r for r in rows if r.get("excess_ops")]
     if held:
         lines += ["", f"## Above {TARGET:.2f}x the floor: where the extra time goes", "",
-                  "Self CPU (on a GPU: + self GPU) time per op, one profiled step of the method minus one of its floor "
-                  "(largest first):", ""]
-        lines += [f"- {r['network']} {r.get('precision', 'fp32')}, {r['method']} ({r['ratio_to_floor']:.2f}x): "
-                  f"{r['excess_ops']}" for r in held]
+                  "Self time per op (on a GPU: + self GPU time), median over three profiled steps of the method minus "
+                  "its floor's, interleaved (largest first; profiler times are wall clock, so read them as where, not "
+                  "how much):", ""]
+        lines += [f"- {r['network']} {r.get('precision', 'fp32')}, {r['method']} ({r['ratio_to_floor']:.2f}x"
+                  f"{'' if 'wall_ratio_to_lora' in r else ', previous'}): {r['excess_ops']}" for r in held]
+        worked = [r for r in held if r.get("excess_work")]
+        lines += ["", "Bytes written per op in one step (a TorchDispatchMode: fresh outputs and in-place targets; "
+                  "independent of the load), the method minus its floor (largest first):", ""]
+        lines += [f"- {r['network']} {r.get('precision', 'fp32')}, {r['method']}: {r['excess_work']}" for r in worked]
     with atomic_write(RESULTS / f"{stem}.md") as handle:
         handle.write("\n".join(lines) + "\n")
     atomic_write_json(rows, RESULTS / f"{stem}.json", indent=1)
@@ -377,7 +464,11 @@ def main() -> None:
             entries = entries_for(base, kind, budget, input_size,
                                   lambda method, p=path: p if p is not None and p.exists() else None, batch, device,
                                   precision)
-            rows += run_network(network, entries, batch, args.rounds, args.warmup)
+            load_before = os.getloadavg()[0]
+            ran = run_network(network, entries, batch, args.rounds, args.warmup)
+            for row in ran:
+                row["load"] = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"
+            rows += ran
             del entries
             write(rows, args, device)
         del base

@@ -108,12 +108,17 @@ def _epoch(model, optimizer, data) -> None:
         optimizer.step()
 
 
-def test_a_second_epoch_without_resample_warns_once():
+def _model_optimizer_data(seed: int, batches: int) -> tuple:
     model = conv_zoo_model()
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    g = torch.Generator().manual_seed(3)
-    data = [(torch.randn(4, *INPUT, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(5)]
+    g = torch.Generator().manual_seed(seed)
+    data = [(torch.randn(4, *INPUT, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(batches)]
+    return model, optimizer, data
+
+
+def test_a_second_epoch_without_resample_warns_once():
+    model, optimizer, data = _model_optimizer_data(3, 5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
@@ -127,6 +132,18 @@ def test_a_second_epoch_without_resample_warns_once():
         warnings.simplefilter("always")
         _epoch(model, optimizer, data)
     assert not [w for w in caught if "came round again" in str(w.message)]  # once
+
+
+def test_a_memory_report_on_a_training_batch_is_not_taken_for_the_data_coming_round():
+    model, optimizer, data = _model_optimizer_data(4, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _epoch(model, optimizer, data)
+        for x, _ in data:  # measured after the last epoch, before any resample(), as a benchmark does
+            model.base_model.memory_report(x, compare_lean=False)
+    assert not [w for w in caught if "came round again" in str(w.message)]
+    with pytest.warns(UserWarning, match="came round again after 3 batches without resample"):
+        _epoch(model, optimizer, data)  # the watch still works after the reports
 
 
 class _Terminal(io.StringIO):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import traceback
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,10 +140,125 @@ def test_torch_compile_meets_no_graph_break_in_the_tuner_layers_and_kernels(lean
     model(x).sum().backward()  # eager first: planned, weights kept
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model)(x)
-    ours = ("medyate_peft/kernels.py", "medyate_peft/medyate/layer.py", "medyate_peft/medyate/model.py")
+    ours = tuple(f"medyate_peft/{m}"
+                 for m in ("kernels.py", "lean.py", "planner.py", "medyate/layer.py", "medyate/model.py"))
     breaks = [(r.reason.splitlines()[0], [f"{f.filename}:{f.lineno}" for f in r.user_stack])
               for r in explained.break_reasons]
     from_us = [b for b in breaks if any(f.startswith(ours) or any(o in f for o in ours) for f in b[1])]
     assert not from_us, from_us
     if not lean:
         assert explained.graph_break_count == 0, breaks
+
+
+# -- host synchronisation ---------------------------------------------------------------------------
+_SYNCING = ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy", "nonzero", "unique")
+
+
+class HostSyncs:
+    """Calls made from medyate_peft that wait for the device on a GPU: reading values on the host, moving to
+    the CPU, data-dependent shapes (nonzero/unique/boolean-mask indexing). torch.cuda.set_sync_debug_mode
+    needs a GPU; counting the Python calls works on the CPU too."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[str, str]] = []
+        for name in _SYNCING:
+            monkeypatch.setattr(torch.Tensor, name, self._counted(name, getattr(torch.Tensor, name)))
+        for name in ("nonzero", "unique", "masked_select", "equal"):
+            monkeypatch.setattr(torch, name, self._counted(name, getattr(torch, name)))
+        to, getitem = torch.Tensor.to, torch.Tensor.__getitem__
+        monkeypatch.setattr(torch.Tensor, "to", self._counted("to another device", to, lambda t, *a, **k: any(
+            isinstance(d, (str, torch.device)) and torch.device(d) != t.device for d in (*a, *k.values()))))
+        monkeypatch.setattr(torch.Tensor, "__getitem__", self._counted("boolean-mask indexing", getitem, lambda t, i: any(
+            isinstance(j, torch.Tensor) and j.dtype == torch.bool for j in (i if isinstance(i, tuple) else (i,)))))
+
+    def _counted(self, name: str, fn, when=None):
+        def wrapper(*args, **kwargs):
+            if when is None or when(*args, **kwargs):
+                ours = [f"{f.filename}:{f.lineno}" for f in traceback.extract_stack()[:-1] if "medyate_peft" in f.filename]
+                if ours:
+                    self.calls.append((name, ours[-1]))
+            return fn(*args, **kwargs)
+        return wrapper
+
+
+class Relu6Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6()
+        self.c2, self.c3, self.head = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn(self.c1(x)))
+        return self.head(self.act(self.c3(self.c2(x))).mean((2, 3)))
+
+
+def relu6_model() -> nn.Module:
+    torch.manual_seed(0)
+    ranking = {"c1": 1.0, "c2": 1.0, "c3": 1.0}
+    config = MeDyateConfig(budget_kb=2.0, input_size=[3, 8, 8], strategy="medyate", modules_to_save=["head"],
+                           layer_ranking={"lara": ranking, "rgn": ranking})
+    model = get_peft_model(Relu6Net(), config)
+    model.train()
+    return model
+
+
+def test_a_training_step_waits_for_the_device_nowhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Channel norms, the NaN/inf flag, the epoch watch and the kept weights' refresh stay on the device;
+    with the host checks at their accelerator interval, a step calls nothing that waits for the device."""
+    from medyate_peft import epochs, guards
+
+    monkeypatch.setitem(guards.CHECK_EVERY, "cpu", guards.DEVICE_CHECK_EVERY)  # as on a GPU
+    monkeypatch.setitem(epochs.CHECK_EVERY, "cpu", epochs.DEVICE_CHECK_EVERY)
+    model = relu6_model()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(6)]
+    for x, y in data[:2]:
+        step(model, optimizer, x, y)  # planned, weights kept
+    assert model.base_model.plans["default"].layout is not None
+    syncs = HostSyncs(monkeypatch)
+    for x, y in data[2:]:
+        step(model, optimizer, x, y)
+    monkeypatch.undo()
+    assert not syncs.calls, syncs.calls
+    syncs = HostSyncs(monkeypatch)  # the counter sees the checks where they run: every step on the CPU
+    step(model, optimizer, *data[0])
+    monkeypatch.undo()
+    assert {where.split("medyate_peft/")[1].split(":")[0] for _, where in syncs.calls} == {"epochs.py", "guards.py"}
+
+
+def test_non_finite_gradients_are_caught_at_the_next_host_check_on_an_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medyate_peft import guards
+
+    monkeypatch.setitem(guards.CHECK_EVERY, "cpu", 3)
+    model = relu6_model()
+    x = torch.randn(2, 3, 8, 8)
+    model(x).sum().backward()  # backward 1
+    (model(x).sum() * float("nan")).backward()  # backward 2: noted on the device, not read yet
+    last = list(model.base_model.selection())[-1]
+    with pytest.raises(guards.NonFiniteError, match=rf"layer '{last}' \(epoch 0\) on all \d+ selected input channels"):
+        model(x).sum().backward()  # backward 3 is clean, but its check finds backward 2's NaN
+    (model(x).sum() * float("nan")).backward()  # not read before the epoch ends: resample() reads it first
+    plan = model.base_model.plans["default"]
+    selected = plan.selected.clone()
+    with pytest.raises(guards.NonFiniteError, match=rf"layer '{last}' \(epoch 0\)"):
+        model.base_model.resample()
+    assert plan.epoch == 0 and torch.equal(plan.selected, selected)
+
+
+def test_the_epoch_watch_reads_its_verdict_every_few_batches_on_an_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medyate_peft import epochs
+
+    monkeypatch.setitem(epochs.CHECK_EVERY, "cpu", 4)
+    model = relu6_model()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(5)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x, y in data + data[:2]:  # the data comes round at batch 6; batch 8 is the next check
+            step(model, optimizer, x, y)
+        assert not [w for w in caught if "came round again" in str(w.message)]
+        step(model, optimizer, *data[2])
+    assert [str(w.message) for w in caught if "came round again" in str(w.message)][0].startswith(
+        "MeDyate: the training data came round again after 5 batches")

@@ -149,7 +149,9 @@ class MeDyateConfig(PeftConfig):
             of those layers; train decoders with `use_cache=False`).
         detect_anomalies (`bool`, defaults to `True`):
             Raise, naming the layer, on a NaN/inf gradient of a selected channel or trained value at resample.
-            Set it to `False` under fp16 with a GradScaler, which skips such steps itself.
+            On the CPU the gradient check runs in that backward; on an accelerator its flag stays on the device
+            and is read every 32 backwards and at resample (no host sync per step). Set it to `False` under fp16
+            with a GradScaler, which skips such steps itself.
         init_weights (`bool`, defaults to `True`):
             `True`: the adapter starts as the identity (no channel changed). `False`: random non-zero deltas on
             about half of each layer's input channels, for tests (as PEFT's `init_lora_weights=False`).

@@ -44,9 +44,11 @@ from ..kernels import (
     ConvSpec,
     Selection,
     add_to_channels,
+    channel_coords,
     compact_term,
     gather_channels,
     set_channels,
+    set_channels_at,
 )
 
 
@@ -67,7 +69,8 @@ class MeDyateLayer(BaseTunerLayer):
         # (positions of one input channel in the last input, its leading dim): the tuner divides by the
         # model input's batch, since the leading dim need not be the batch (window attention).
         self.activation_positions: tuple[int, int] | None = None
-        self._weight_cache: tuple[tuple, tuple, torch.Tensor] | None = None  # (deltas key, live versions, weight)
+        # (deltas key, live versions, weight, live layout for `_refresh_live_channels`)
+        self._weight_cache: tuple[tuple, tuple, torch.Tensor, tuple | None] | None = None
         self.kwargs = kwargs
         self.register_state_dict_post_hook(_state_as_saved)
         self.register_load_state_dict_pre_hook(_install_saved_state)
@@ -236,13 +239,13 @@ class MeDyateLayer(BaseTunerLayer):
         versions = tuple(self.live[a][0]._version if a in self.live else -1 for a in adapters)
         cache = self._weight_cache
         if cache is None or cache[0] != key:
-            weight = self._build_weight(base, adapters)
+            weight, layout = self._build_weight(base, adapters), self._live_layout(adapters)
         elif cache[1] != versions:
-            weight = cache[2]
-            self._refresh_live_channels(weight, base, adapters)
+            weight, layout = cache[2], cache[3]
+            self._refresh_live_channels(weight, base, layout)
         else:
             return cache[2]
-        self._weight_cache = (key, versions, weight)
+        self._weight_cache = (key, versions, weight, layout)
         return weight
 
     def _build_weight(self, base: torch.Tensor, adapters: tuple[str, ...]) -> torch.Tensor:
@@ -252,23 +255,52 @@ class MeDyateLayer(BaseTunerLayer):
             add_to_channels(weight, self.groups, index, delta)
         return weight
 
-    def _refresh_live_channels(self, weight: torch.Tensor, base: torch.Tensor, adapters: tuple[str, ...]) -> None:
-        """Rewrite only the live channels of `weight`, by the same additions as `_build_weight`."""
+    def _live_layout(self, adapters: tuple[str, ...]) -> tuple | None:
+        """Where the live channels sit, worked out once per rebuilt weight (`nonzero`/`unique` wait for the
+        device), so that refreshing the weight after each optimizer step never waits: (live channels, per
+        adapter: its name, the positions of its stored channels among them, of its live ones among those,
+        and with one adapter, the coordinates, base slices and stored deltas of those channels)."""
         live = [self.live[a][1].idx for a in adapters if a in self.live]
+        if not live:
+            return None
         channels = torch.unique(torch.cat(live)) if len(live) > 1 else live[0]
-        if self.groups == 1:  # index the base directly: a transposed (fan_in_fan_out) view is not copied whole
-            slices = base.index_select(1, channels).reshape(base.shape[0], len(channels), -1).transpose(0, 1).contiguous()
-        else:
-            slices = gather_channels(base, self.groups, channels)
-        set_channels(weight, self.groups, channels, slices)
+        parts = []
         for adapter in adapters:
             index = self.medyate_index[adapter]
             pos = torch.nonzero(torch.isin(index, channels.to(index.device))).squeeze(1)
-            delta = self.medyate_delta[adapter].detach()[pos]
+            live_pos = None
             if adapter in self.live:
-                sel = self.live[adapter][1]
-                delta[torch.searchsorted(index[pos], sel.idx.to(index.device))] += self.live_values(adapter).to(delta.dtype)
-            add_to_channels(weight, self.groups, index[pos], delta)
+                live_pos = torch.searchsorted(index[pos], self.live[adapter][1].idx.to(index.device))
+            parts.append((adapter, pos, live_pos))
+        single = None
+        if len(adapters) == 1 and adapters[0] in self.live:  # channels, stored and live ones: the same list
+            weight = self._base_weight().detach()
+            single = (channel_coords(weight, channels), self._base_slices(weight, channels),
+                      self.medyate_delta[adapters[0]].detach()[parts[0][1]])
+        return channels, parts, single
+
+    def _base_slices(self, base: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1:  # index the base directly: a transposed (fan_in_fan_out) view is not copied whole
+            return base.index_select(1, channels).reshape(base.shape[0], len(channels), -1).transpose(0, 1).contiguous()
+        return gather_channels(base, self.groups, channels)
+
+    def _refresh_live_channels(self, weight: torch.Tensor, base: torch.Tensor, layout: tuple) -> None:
+        """Rewrite only the live channels of `weight`, by the same additions as `_build_weight`
+        (base + (stored delta + live values), rounded once to the weight's dtype)."""
+        channels, parts, single = layout
+        if single is not None:  # one adapter: a few ops on compact slices kept since the rebuild
+            coords, base_slices, stored = single
+            folded = stored + self.live_values(parts[0][0]).to(stored.dtype)
+            wide = torch.promote_types(weight.dtype, folded.dtype)
+            summed = base_slices.to(wide) + folded.view(base_slices.shape).to(wide)
+            set_channels_at(weight, self.groups, coords, summed)
+            return
+        set_channels(weight, self.groups, channels, self._base_slices(base, channels))
+        for adapter, pos, live_pos in parts:
+            delta = self.medyate_delta[adapter].detach()[pos]
+            if live_pos is not None:
+                delta[live_pos] += self.live_values(adapter).to(delta.dtype)
+            add_to_channels(weight, self.groups, self.medyate_index[adapter][pos], delta)
 
     def _trainable(self) -> list[tuple[nn.Parameter, Selection]]:
         return [self.live[a] for a in self._contributing_adapters() if a in self.live and self.live[a][0].requires_grad]

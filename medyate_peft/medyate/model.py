@@ -221,6 +221,7 @@ class MeDyateModel(BaseTuner):
             self.register_state_dict_post_hook(_values_as_saved)
             self.register_load_state_dict_pre_hook(_values_as_loaded)
             self._epoch_watch, self._epoch_warned = EpochWatch(), False
+            self._measuring = False  # memory_report's measured step is not a training batch
         # PEFT keeps the trainability of existing adapters when one is added, for parameters of the model;
         # the flat vectors live on the tuner, so they are kept here.
         trainable = {name: values.requires_grad for name, values in self.medyate_values.items()}
@@ -491,7 +492,8 @@ class MeDyateModel(BaseTuner):
     def _on_values_grad(self, adapter_name: str, grad: torch.Tensor) -> torch.Tensor | None:
         """One backward's gradient of the flat vector: record channel norms on its device, then all-reduce.
 
-        With `detect_anomalies` one host check per backward looks for NaN/inf. Under DDP the local gradient is averaged over ranks as DDP would
+        With `detect_anomalies` NaN/inf are flagged on the device and read on the host lazily
+        (`guards.ChannelGradientWatch`). Under DDP the local gradient is averaged over ranks as DDP would
         (also inside `no_sync()`, where the result is the same and only the traffic differs).
         """
         plan = self.plans[adapter_name]
@@ -564,6 +566,7 @@ class MeDyateModel(BaseTuner):
                 "resample(optimizer, full_gradient=lambda: loss_of_one_batch)"
             )
         if config.detect_anomalies:  # before any state changes: nothing is half-resampled on error
+            plan.anomalies.check()
             for name, layer in self.medyate_layers().items():
                 live = layer.live_values(adapter_name)
                 if live is not None:
@@ -693,15 +696,17 @@ class MeDyateModel(BaseTuner):
             if a in self.medyate_values and self.medyate_values[a].requires_grad
             and get_strategy(self.peft_config[a].strategy).dynamic and self.peft_config[a].resample_every is None
         ]
-        if self._epoch_warned or not dynamic or torch.compiler.is_compiling():  # the watch reads batches on the host
+        # the watch reads its verdict on the host, hence not while compiling
+        if self._epoch_warned or self._measuring or not dynamic or torch.compiler.is_compiling():
             return
         main = kwargs.get(getattr(self.model, "main_input_name", None) or "")
         if main is None:
             main = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
-        if isinstance(main, torch.Tensor) and self._epoch_watch.came_round(main):
+        before = self._epoch_watch.observe(main) if isinstance(main, torch.Tensor) else None
+        if before is not None:
             self._epoch_warned = True
             warnings.warn(
-                f"MeDyate: the training data came round again after {self._epoch_watch.batches - 1} batches without "
+                f"MeDyate: the training data came round again after {before} batches without "
                 "resample() (most samples of this batch were already seen): call model.base_model.resample(optimizer) "
                 "at the end of every epoch (MeDyateCallback does it under the Trainer), or the same channels keep "
                 "training",
@@ -898,5 +903,9 @@ class MeDyateModel(BaseTuner):
         from ..measure import memory_report
 
         adapter_name = adapter_name or self.active_adapters[0]
-        return memory_report(self, adapter_name, args, kwargs, compare_lean=compare_lean, optimizer=optimizer)
+        measuring, self._measuring = self._measuring, True
+        try:
+            return memory_report(self, adapter_name, args, kwargs, compare_lean=compare_lean, optimizer=optimizer)
+        finally:
+            self._measuring = measuring
 
