@@ -379,7 +379,8 @@ NOTES = """## Notes
 - *held*: a MeDyate Linear layer trains with a compact term for its changed channels (base output +
   x[..., S] @ dW[:, S]^T while S is at most a quarter of its inputs), so it keeps no effective weight
   between steps. The earlier version kept one per layer whose channels changed (a full copy of its weight:
-  41 / 313 / 288 MiB here), which put MeDyate's peak at 0.83x / 1.05x / 1.20x LoRA's.
+  41 / 313 / 288 MiB here), which put MeDyate's peak at 0.83x / 1.05x / 1.20x LoRA's. The compact term's
+  step time against the kept weight: results/compact_term.md.
 """
 
 
