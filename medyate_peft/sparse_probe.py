@@ -4,8 +4,8 @@ The dense probe (`oracles.DenseGradientProbe`) keeps the activations of every la
 the memory of full fine-tuning. Here each training batch instead trains (in the sense of measuring
 n(i, c) = ||dL/dW_i[:, c]||) one *slice* of channels that fits the budget exactly as a selection does,
 and the slices rotate through every channel of every candidate layer. A batch so holds no more than
-a training step: x[:, S] of its slice, a weight-gradient vector of at most the budget, and the same
-frozen path.
+a training step: x[:, S] of its slice, a weight-gradient vector of at most the budget, and the frozen
+path down to its lowest layer (charged by `reserve` in the step-scoped budget).
 
 Estimates. Channels are measured on different batches, so per-channel *means* are what is
 comparable: n̄(i, c) = mean of n(i, c) over the batches that measured c, and with R rotations
@@ -16,8 +16,10 @@ comparable: n̄(i, c) = mean of n(i, c) over the batches that measured c, and wi
 
 The second is exact for one batch (||W||_F^2 = Σ_c ||W[:, c]||^2) and, over several, the same
 estimator for every layer whether its channels shared a batch or not, so layers stay comparable.
-A layer that fits the budget is measured whole in one batch; only a layer larger than the budget is
-split into consecutive slices. `reserve` charges a slice for what it holds beside its channels
+The slices are stratified (`rotation`): every layer's channels are spread over as many batches as it
+has channels (up to all of them), so no layer's estimate rests on one batch's gradient scale. One
+rotation takes k = ceil(Σ_i layer slots / budget) batches, or one more (measured on the shipped
+backbones), which `describe` reports. `reserve` charges a slice for what it holds beside its channels
 (the step-scoped budget's frozen path below its lowest layer), so that this holds in that scope too.
 """
 
@@ -44,18 +46,67 @@ Reserve = Callable[[str], int]  # slots a slice holds beside its channels when t
 
 
 def rotation(costs: list[LayerCost], budget: int, reserve: Reserve | None = None) -> list[list[Part]]:
-    """Slices of channels, in `costs` (forward) order, each within `budget` slots, covering every channel once.
+    """Slices of channels, each within `budget` slots, covering every measurable channel once: one rotation.
 
-    A layer goes whole into the current slice if it fits, else whole into a new one; a layer larger
-    than a slice is cut into consecutive chunks. The first layer of a slice is its lowest, whose
-    `reserve` is subtracted from that slice's budget. A layer of which not even one channel fits is
-    left out: no selection at this budget can train it either (`unmeasurable`).
+    Stratified: each layer's channels are cut into consecutive chunks spread over as many slices as it
+    has channels (up to all of them), so a layer is measured on many batches and every batch measures
+    many layers. Measured on the MCU nets, a batch's gradient scale varies by a factor common to all
+    layers (75 % of the variance of log layer norms) and the first batches see an untrained head: a
+    layer measured whole on one batch carries that batch's scale, and slices in forward order put the
+    low layers on the first batches. Chunks are placed large channels first, each in the slice with
+    most room, which also packs tighter than whole layers in forward order (10-25 % fewer slices).
+
+    The lowest layer of a slice (in `costs` order, forward) charges `reserve` against that slice's
+    budget. If that makes the stratified slices more than forward-order ones (a large reserve below
+    the first layers, which stratified slices all hold), the forward-order rotation is used. A layer of
+    which not even one channel fits is left out: no selection at this budget can train it (`unmeasurable`).
     """
+    measurable = [c for c in costs if c.name not in unmeasurable([c], budget, reserve)]
+    if not measurable:
+        cheapest = min(c.channel_slots + (reserve(c.name) if reserve else 0) for c in costs)
+        raise ValueError(f"a budget of {budget} slots cannot hold one channel of any layer; the cheapest needs "
+                         f"{cheapest} slots")
+    forward = _forward_rotation(measurable, budget, reserve)
+    count = math.ceil(sum(c.layer_slots for c in measurable) / budget)
+    while count <= len(forward):
+        slices = _stratified(measurable, budget, reserve, count)
+        if slices is not None:
+            return slices
+        count += max(1, count // 50)  # a few tries even where thousands of slices are needed
+    return forward
+
+
+def _stratified(costs: list[LayerCost], budget: int, reserve: Reserve | None, count: int) -> list[list[Part]] | None:
+    """`count` slices holding every channel, each layer in chunks of about C / count; None if they do not fit."""
+    position = {c.name: i for i, c in enumerate(costs)}
+    slices: list[list[Part]] = [[] for _ in range(count)]
+    used, lowest = [0] * count, [len(costs)] * count
+
+    def room(s: int, name: str) -> int:
+        low = min(lowest[s], position[name])
+        return budget - used[s] - (reserve(costs[low].name) if reserve else 0)
+
+    for cost in sorted(costs, key=lambda c: c.channel_slots, reverse=True):
+        start, chunk = 0, math.ceil(cost.in_channels / count)
+        # placing a chunk changes only its own slice's room: one ordering serves the whole layer
+        for s in sorted(range(count), key=lambda s: room(s, cost.name), reverse=True):
+            fits = min(chunk, cost.in_channels - start, room(s, cost.name) // cost.channel_slots)
+            if fits <= 0:
+                break
+            slices[s].append((cost.name, start, start + fits))
+            used[s] += fits * cost.channel_slots
+            lowest[s] = min(lowest[s], position[cost.name])
+            start += fits
+        if start < cost.in_channels:
+            return None
+    return [sorted(parts, key=lambda p: position[p[0]]) for parts in slices]
+
+
+def _forward_rotation(costs: list[LayerCost], budget: int, reserve: Reserve | None) -> list[list[Part]]:
+    """Whole layers in forward order into the current slice while they fit; a larger layer in consecutive chunks."""
     slices: list[list[Part]] = []
     room = 0
     for cost in costs:
-        if cost.name in unmeasurable([cost], budget, reserve):
-            continue
         start = 0
         if cost.layer_slots > room:  # a fresh slice for this layer
             room = 0
@@ -67,10 +118,6 @@ def rotation(costs: list[LayerCost], budget: int, reserve: Reserve | None = None
             slices[-1].append((cost.name, start, start + count))
             room -= count * cost.channel_slots
             start += count
-    if not slices:
-        cheapest = min(c.channel_slots + (reserve(c.name) if reserve else 0) for c in costs)
-        raise ValueError(f"a budget of {budget} slots cannot hold one channel of any layer; the cheapest needs "
-                         f"{cheapest} slots")
     return slices
 
 

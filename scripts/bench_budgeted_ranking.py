@@ -1,14 +1,16 @@
-"""Layer ranking within the budget against the dense one, on the shipped backbones (results/budgeted_ranking.md).
+"""Layer ranking within the budget against dense rankings, on the shipped backbones (results/budgeted_ranking.md).
 
-Usage: `python scripts/bench_budgeted_ranking.py [--smallest] [--no-dense-probe] [network ...]`
-(--smallest: each network's smallest budget only, the most slices; --no-dense-probe: only against
-the shipped ranking). The dense reference is the shipped
-ranking (medyate_peft/rankings/, made by scripts/make_shipped_rankings.py: 50 dense SGD steps, lr 0.01,
-batch 32, on CIFAR-10 at 128x128 or AG News). The budgeted ranking sees the same batch sequence (cycled
-until every channel was measured once per rotation; text padded to the 64 tokens the budget counts)
-with `rank_layers(budget_kb=...)` at each budget of the benchmark (the papers' for the MCU nets), the
-classifier trained with SGD lr 0.01. Compared: Spearman of LaRa and of RGN over all layers (scores
-re-normalised to the same costs), and the alpha-rule pool (alpha_opt 0.2) of each ranking at that budget.
+Usage: `python scripts/bench_budgeted_ranking.py [--budgets B,...] [network ...]` (--budgets: only
+these budgets, in slots; the JSON keeps other rows). Per network, 2K disjoint training batches (batch
+32; CIFAR-10 at 128x128 with the benchmark's random crops, or AG News padded to the 64 tokens the
+budget counts), K the most slices of its budgets. Three dense rankings, all the tuner's
+`ranking_mode='dense'` (frozen BatchNorm, only the head trained, SGD lr 0.01), read after every batch:
+*same*, over the k batches the budgeted probe used; *other*, over the next k batches of the other
+half (what a second dense run of that length gives); *ref*, over all 2K batches (the averaged dense
+reference). The budgeted ranking is `rank_layers(budget_kb=...)` over the first half, one rotation (k
+batches, every channel once). Compared: Spearman of LaRa and RGN over the layers the budget can train,
+and the alpha-rule pools (alpha_opt 0.2): *diff.* layers in one pool and not the other, *swap* the
+larger one-sided difference (1: one layer replaced by another).
 """
 
 from __future__ import annotations
@@ -23,20 +25,25 @@ from pathlib import Path
 import torch
 import yaml
 from bench_common import load_network, load_task, num_classes
+from peft import get_peft_model
 
+from medyate_peft import MeDyateConfig
 from medyate_peft.budget import activation_slots_of_input, layer_cost
 from medyate_peft.ranking import (
+    GradientStats,
     _candidate_layers,
     candidate_shapes,
     default_loss,
-    rank_in_tuner,
     rank_layers,
     scores_for_costs,
     select_by_alpha,
     shipped_ranking,
 )
+from medyate_peft.sparse_probe import rotation
 
 REPO = Path(__file__).resolve().parents[1]
+COMMAND = "python scripts/bench_budgeted_ranking.py"
+NOTES = "## Notes"
 NETWORKS = {  # dataset, suite, budgets (slots)
     "mcunet-5fps": ("cifar10", "vision", [15_936, 64_832, 112_640]),
     "proxyless-w0.3": ("cifar10", "vision", [25_984, 72_960, 101_376]),
@@ -66,124 +73,147 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
-def pool_difference(a: list[str], b: list[str]) -> int:
-    return len(set(a) ^ set(b))
+def batches_of(task, count: int, batch_size: int, image_size: int) -> list:
+    """`count` batches of distinct samples, in a fixed random order (images with random crops)."""
+    if task.kind == "text":
+        order = torch.randperm(len(task.train[1]), generator=torch.Generator().manual_seed(0)).tolist()
+        return [task._text_batch(task.train, order[i * batch_size:(i + 1) * batch_size], pad_to=task.input_size[0])
+                for i in range(count)]
+    return list(task.train_batches(batch_size, torch.Generator().manual_seed(0), image_size))[:count]
 
 
-def main(networks: list[str], smallest: bool = False, dense_probe: bool = True) -> None:
+def dense_prefixes(model, batches: list, loss_fn, lr: float) -> list[GradientStats]:
+    """The tuner's dense probe over `batches`: its statistics after 1, 2, ... len(batches) of them.
+
+    The probe counts a batch when the next forward starts, so its `stats` are read at each forward
+    (and after one more forward, without backward, for the last batch).
+    """
+    config = MeDyateConfig(budget_kb=1024, strategy="medyate", ranking_mode="dense", use_shipped_ranking=False,
+                           ranking_batches=len(batches) + 2)
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr)
+    prefixes = []
+    for step, batch in enumerate([*batches, batches[0]]):
+        loss = loss_fn(peft_model, batch)
+        if step:
+            prefixes.append(GradientStats.from_state_dict(peft_model.base_model.plans["default"].probe.stats.state_dict()))
+        if step == len(batches):
+            break
+        peft_model.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    assert [p.steps for p in prefixes] == list(range(1, len(batches) + 1)), "a dense batch was not measured"
+    return prefixes
+
+
+def compared(costs, names: list[str], a: tuple[dict, dict], b: tuple[dict, dict], budget: int) -> dict:
+    """Spearman of LaRa and RGN (a and b are (lara, rgn)) over `names`, and their alpha-rule pools."""
+    pa, pb = set(select_by_alpha(costs, a[0], budget, 0.2)), set(select_by_alpha(costs, b[0], budget, 0.2))
+    return {"rho_lara": spearman([a[0][n] for n in names], [b[0][n] for n in names]),
+            "rho_rgn": spearman([a[1][n] for n in names], [b[1][n] for n in names]),
+            "diff": len(pa ^ pb), "swap": max(len(pa - pb), len(pb - pa)), "size": len(pb)}
+
+
+def main(networks: list[str], only: set[int] | None = None) -> None:
     torch.set_num_threads(1)
     rows = []
     for network in networks or NETWORKS:
         dataset, suite, budgets = NETWORKS[network]
+        budgets = [b for b in budgets if only is None or b in only]
         recipe = yaml.safe_load((REPO / "scripts" / "bench_configs" / f"{suite}.yaml").read_text())["recipe"]
         model, tokenizer = load_network(network, num_classes(dataset))
-        dense = shipped_ranking(candidate_shapes(model))
-        steps, batch_size = recipe["ranking_steps"], recipe["batch_size"]
-        task = load_task(dataset, recipe, tokenizer, train_size=min(steps * batch_size, recipe.get("ranking_size")))
-        g = torch.Generator().manual_seed(0)
-        batches = []
-        while len(batches) < steps:
-            batches += list(task.train_batches(batch_size, g, recipe.get("image_size", 128)))
-        batches = batches[:steps]
-        if task.kind == "text":
-            batches = [task._text_batch(task.train, list(range(i * batch_size, (i + 1) * batch_size)),
-                                        pad_to=task.input_size[0]) for i in range(steps)]
-
-            def loss_fn(m, b):
-                return m(**b).loss
-        else:
-            loss_fn = None
-        costs = costs_of(model, batches[0])
-        dense_lara, dense_rgn = scores_for_costs(dense, costs)
-        for budget in budgets[:1] if smallest else budgets:
+        batch_size, lr = recipe["batch_size"], recipe.get("ranking_lr", 0.01)
+        probe_task = load_task(dataset, recipe, tokenizer, train_size=4 * batch_size)
+        costs = costs_of(model, batches_of(probe_task, 1, batch_size, recipe.get("image_size", 128))[0])
+        slices = {b: len(rotation(costs, b)) for b in budgets}
+        half = max(slices.values())
+        task = load_task(dataset, recipe, tokenizer, train_size=2 * half * batch_size)
+        batches = batches_of(task, 2 * half, batch_size, recipe.get("image_size", 128))
+        loss_fn = (lambda m, b: m(**b).loss) if task.kind == "text" else default_loss
+        start = time.perf_counter()
+        first, second = (dense_prefixes(model, part, loss_fn, lr) for part in (batches[:half], batches[half:]))
+        dense_seconds = time.perf_counter() - start
+        reference = copy.deepcopy(first[-1])
+        reference.merge(second[-1])
+        shipped = shipped_ranking(candidate_shapes(model))
+        for budget in budgets:
             start = time.perf_counter()
-            kwargs = {"loss_fn": loss_fn} if loss_fn else {}
-            budgeted = rank_layers(model, batches, steps=1, lr=recipe.get("ranking_lr", 0.01), progress=False,
-                                   budget_kb=budget * 4 / 1024, **kwargs)
+            budgeted = rank_layers(model, batches[:half], steps=1, lr=lr, progress=False, budget_kb=budget * 4 / 1024,
+                                   loss_fn=loss_fn)
             seconds = time.perf_counter() - start
-            lara, rgn = scores_for_costs(budgeted, costs)
-            # the same estimation, dense: the tuner's dense probe over the same batches (frozen BatchNorm,
-            # head-only SGD), every layer measured on every batch
-            probe_batches = int(re.search(r"(\d+) training batch", budgeted["source"]).group(1))
-            if dense_probe:
-                in_tuner = rank_in_tuner(copy.deepcopy(model), batches, probe_batches, loss_fn or default_loss,
-                                         recipe.get("ranking_lr", 0.01), False, budget * 4 / 1024, mode="dense")
-                tuner_lara, tuner_rgn = scores_for_costs(in_tuner, costs)
+            k = int(re.search(r"(\d+) training batch", budgeted["source"]).group(1))
+            assert k == slices[budget], (k, slices[budget])
             left_out = [n for n, v in budgeted["lara"].items() if v == 0]  # no channel fits the budget
             names = [c.name for c in costs if c.name not in left_out]
-            rho_lara = spearman([dense_lara[n] for n in names], [lara[n] for n in names])
-            rho_rgn = spearman([dense_rgn[n] for n in names], [rgn[n] for n in names])
-            pool_dense = select_by_alpha(costs, dense_lara, budget, 0.2)
-            pool_budgeted = select_by_alpha(costs, lara, budget, 0.2)
-            pool_tuner = select_by_alpha(costs, tuner_lara, budget, 0.2) if dense_probe else None
+            scores = {"budgeted": scores_for_costs(budgeted, costs),
+                      **{label: scores_for_costs(stats.ranking(costs, label), costs) for label, stats in
+                         (("same", first[k - 1]), ("other", second[k - 1]), ("ref", reference))}}
+            if shipped is not None:
+                scores["shipped"] = scores_for_costs(shipped, costs)
+
+            pairs = [("budgeted", "same"), ("budgeted", "ref"), ("other", "same"), ("same", "ref"),
+                     ("budgeted", "shipped")]
             rows.append({
-                "network": network, "budget_slots": budget, "layers": len(names), "left_out": len(left_out), "batches": budgeted["source"],
-                "spearman_lara": rho_lara, "spearman_rgn": rho_rgn, "pool_dense": len(pool_dense),
-                "pool_budgeted": len(pool_budgeted), "pool_difference": pool_difference(pool_dense, pool_budgeted),
-                **({
-                    "spearman_lara_vs_dense_probe": spearman([tuner_lara[n] for n in names], [lara[n] for n in names]),
-                    "spearman_rgn_vs_dense_probe": spearman([tuner_rgn[n] for n in names], [rgn[n] for n in names]),
-                    "pool_dense_probe": len(pool_tuner),
-                    "pool_difference_vs_dense_probe": pool_difference(pool_tuner, pool_budgeted),
-                    "spearman_lara_dense_probe_vs_shipped": spearman([dense_lara[n] for n in names],
-                                                                     [tuner_lara[n] for n in names]),
-                } if dense_probe else {}),
-                "seconds": seconds,
+                "network": network, "budget_slots": budget, "batches": k, "layers": len(names),
+                "left_out": len(left_out), "source": budgeted["source"],
+                **{f"{x}_vs_{y}": compared(costs, names, scores[x], scores[y], budget) for x, y in pairs if y in scores},
+                "seconds_budgeted": seconds, "seconds_dense_per_batch": dense_seconds / (2 * half),
             })
             print(json.dumps(rows[-1]), flush=True)
     out = REPO / "results" / "budgeted_ranking.json"
     old = json.loads(out.read_text()) if out.exists() else []
-    keep = [r for r in old if (r["network"], r["budget_slots"]) not in {(x["network"], x["budget_slots"]) for x in rows}]
-    out.write_text(json.dumps(keep + rows, indent=1) + "\n")
-    write_markdown(keep + rows)
+    done = {(r["network"], r["budget_slots"]) for r in rows}
+    keep = [r for r in old if (r["network"], r["budget_slots"]) not in done and "budgeted_vs_same" in r]
+    order = {n: i for i, n in enumerate(NETWORKS)}
+    merged = sorted(keep + rows, key=lambda r: (order[r["network"]], r["budget_slots"]))
+    out.write_text(json.dumps(merged, indent=1) + "\n")
+    write_markdown(merged)
 
 
 def write_markdown(rows: list[dict]) -> None:
+    def pool(r: dict, key: str) -> str:
+        p = r.get(key)
+        return "-" if p is None else f"{p['diff']} / {p['swap']}"
+
     lines = [
-        "# Layer ranking within the budget against the dense ranking", "",
-        "Command: `python scripts/bench_budgeted_ranking.py [network ...]` (torch "
-        f"{torch.__version__}, 1 thread; batch 32, CIFAR-10 at 128x128 or AG News padded to 64 tokens).", "",
-        "*budgeted*: `rank_layers(budget_kb=...)`, one batch per budget-sized slice of channels, every channel "
-        "measured once (one rotation), the head trained with SGD lr 0.01. Two dense references: *dense probe*, "
-        "the tuner's `ranking_mode='dense'` over the same batches (same frozen BatchNorm, same head training, "
-        "every layer measured on every batch: the estimator's own difference), and *shipped*, the shipped "
-        "ranking (`rank_layers`: 50 dense SGD steps, lr 0.01, all weights trained, BatchNorm in train mode). "
-        "rho: Spearman over the layers the budget can train (*left out*: a layer with one channel larger than "
-        "the budget ranks last); *pool diff.*: layers in one alpha-rule pool (alpha_opt 0.2) and not the "
-        "other.", "",
-        "| network | budget slots | batches | left out | rho LaRa vs dense probe | rho RGN vs dense probe | "
-        "pool diff. vs dense probe | rho LaRa vs shipped | rho RGN vs shipped | pool diff. vs shipped | "
-        "rho LaRa dense probe vs shipped |",
+        "# Layer ranking within the budget against dense rankings", "",
+        f"Command: `{COMMAND}` (torch {torch.__version__}, 1 thread; see the script's docstring).", "",
+        "*budgeted*: `rank_layers(budget_kb=...)`, one rotation of stratified slices (k batches, every channel "
+        "measured once, each layer's channels spread over min(channels, k) batches), the head trained with SGD "
+        "lr 0.01. Dense rankings, all the tuner's `ranking_mode='dense'` (frozen BatchNorm, head-only SGD): "
+        "*same* over the same k batches, *other* over k other batches (a second dense run of that length), "
+        "*ref* over all 2K batches of both halves (the averaged dense reference). rho: Spearman of LaRa over "
+        "the layers the budget can train; pools: alpha-rule pools (alpha_opt 0.2), `diff / swap` = layers in "
+        "one pool and not the other / the larger one-sided count (1 = one layer replaced).", "",
+        "| network | budget slots | k batches | pool size (ref) | rho budgeted vs same | rho RGN budgeted vs same | "
+        "pools budgeted vs same | pools budgeted vs ref | pools dense other vs same | pools dense same vs ref | "
+        "rho budgeted vs shipped |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        batches = re.search(r"(\d+) training batch", r["batches"]).group(1)
-        probe = (f"{r['spearman_lara_vs_dense_probe']:.3f} | {r['spearman_rgn_vs_dense_probe']:.3f} | "
-                 f"{r['pool_difference_vs_dense_probe']} of {r['pool_dense_probe']}"
-                 if "pool_dense_probe" in r else "- | - | -")
-        versus = f"{r['spearman_lara_dense_probe_vs_shipped']:.3f}" if "pool_dense_probe" in r else "-"
+        shipped = r.get("budgeted_vs_shipped")
         lines.append(
-            f"| {r['network']} | {r['budget_slots']:,} | {batches} | {r['left_out']} | {probe} | "
-            f"{r['spearman_lara']:.3f} | {r['spearman_rgn']:.3f} | {r['pool_difference']} of {r['pool_dense']} | "
-            f"{versus} |")
-    lines += [
-        "", "-: not measured against the dense probe (those rows come from an earlier run of this script, "
-        "before that reference was added; the 2-core machine had no time left for the rest).", "",
-        "Reading: against the dense probe of the same batches the budgeted estimate keeps Spearman >= 0.9 "
-        "(LaRa 0.91-0.99, RGN 0.98-0.99) but the alpha-rule pool moves by 2-6 layers: the pool's edge is decided "
-        "by layers whose LaRa differ by less than one batch's noise, and the budgeted estimate has one "
-        "measurement per layer where the dense one has one per batch (more rotations, "
-        "`ranking_batches`, average it down). The shipped rankings differ from both on EfficientNet-Lite0 "
-        "(rho 0.61-0.74) because `rank_layers` trains every weight with BatchNorm in train mode; the two "
-        "in-tuner measurements agree with each other.",
-    ]
-    (REPO / "results" / "budgeted_ranking.md").write_text("\n".join(lines) + "\n")
+            f"| {r['network']} | {r['budget_slots']:,} | {r['batches']} | {r['budgeted_vs_ref']['size']} | "
+            f"{r['budgeted_vs_same']['rho_lara']:.3f} | {r['budgeted_vs_same']['rho_rgn']:.3f} | "
+            f"{pool(r, 'budgeted_vs_same')} | {pool(r, 'budgeted_vs_ref')} | {pool(r, 'other_vs_same')} | "
+            f"{pool(r, 'same_vs_ref')} | {'-' if shipped is None else format(shipped['rho_lara'], '.3f')} |")
+    out = REPO / "results" / "budgeted_ranking.md"
+    old = out.read_text() if out.exists() else ""
+    if NOTES in old:  # the written reading of the numbers stays across re-runs
+        lines += ["", old[old.index(NOTES):].rstrip()]
+    out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--markdown"]:
+    args = sys.argv[1:]
+    if args == ["--markdown"]:
         write_markdown(json.loads((REPO / "results" / "budgeted_ranking.json").read_text()))
     else:
-        flags = ("--smallest", "--no-dense-probe")
-        main([a for a in sys.argv[1:] if a not in flags], smallest="--smallest" in sys.argv,
-             dense_probe="--no-dense-probe" not in sys.argv)
+        only = None
+        if "--budgets" in args:
+            i = args.index("--budgets")
+            only = {int(b) for b in args[i + 1].split(",")}
+            args = args[:i] + args[i + 2:]
+        main(args, only)

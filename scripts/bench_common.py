@@ -37,6 +37,7 @@ from torch import nn  # noqa: E402
 import medyate_peft  # noqa: E402, F401  (registers the MEDYATE peft type)
 from medyate_peft.atomic import atomic_write_json  # noqa: E402
 from medyate_peft.lora_baseline import lora_rank, lora_targets  # noqa: E402
+from medyate_peft.strategies import get_strategy, resample_due  # noqa: E402
 from medyate_peft.train import trained_state  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,18 +46,18 @@ DATA_DIR = Path(os.environ.get("MEDYATE_DATA_DIR") or next(
     (p for p in (REPO.parent / "shared" / "assets" / "data", REPO / "shared" / "assets" / "data") if p.is_dir()),
     REPO.parent / "shared" / "assets" / "data"))
 CACHE_DIR = Path(os.environ.get("MEDYATE_BENCH_CACHE", Path.home() / ".cache" / "medyate-bench"))
-MEDYATE_METHODS = ("static_random", "trady", "medyate", "det_rgn", "full_random", "topk_random", "prob_raw")
 BASELINES = ("full", "classifier", "lora")
 TEXT_MAX_LENGTH = 64
 
 
 # -- data ------------------------------------------------------------------------------------------
-def _balanced_indices(labels: list[int], n: int, seed: int) -> list[int]:
-    """n indices, as equal per class as the classes allow, fixed by `seed`."""
+def _balanced_indices(labels: list[int], n: int, seed: int, exclude: frozenset[int] = frozenset()) -> list[int]:
+    """n indices outside `exclude`, as equal per class as the classes allow, fixed by `seed`."""
     g = torch.Generator().manual_seed(seed)
     by_class: dict[int, list[int]] = {}
     for i in torch.randperm(len(labels), generator=g).tolist():
-        by_class.setdefault(labels[i], []).append(i)
+        if i not in exclude:
+            by_class.setdefault(labels[i], []).append(i)
     chosen, round_ = [], 0
     while len(chosen) < n and any(len(v) > round_ for v in by_class.values()):
         chosen += [v[round_] for _, v in sorted(by_class.items()) if len(v) > round_][: n - len(chosen)]
@@ -64,9 +65,21 @@ def _balanced_indices(labels: list[int], n: int, seed: int) -> list[int]:
     return sorted(chosen)
 
 
-def _random_indices(count: int, n: int, seed: int) -> list[int]:
+def _random_indices(count: int, n: int | None, seed: int) -> list[int]:
+    """n random indices of `count` (None: all of them), fixed by `seed`."""
+    if n is None:
+        return list(range(count))
     g = torch.Generator().manual_seed(seed)
     return sorted(torch.randperm(count, generator=g)[:n].tolist())
+
+
+def validation_indices(labels: list[int], n: int, seed: int, train_n: int) -> list[int]:
+    """n class-balanced training-split indices outside the train subset of `train_n` (both fixed by `seed`).
+
+    The learning rate is chosen on these, so the test split is only ever used for the final evaluation.
+    """
+    train = frozenset(_balanced_indices(labels, train_n, seed))
+    return _balanced_indices(labels, n, seed + 1, exclude=train)
 
 
 def _decode(raw: bytes, side: int, crop: int) -> torch.Tensor:
@@ -81,14 +94,22 @@ def _decode(raw: bytes, side: int, crop: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(crop, crop, 3).permute(2, 0, 1)
 
 
-def image_split(dataset: str, split: str, n: int, seed: int, side: int, crop: int, balanced: bool) -> tuple:
-    """(uint8 images (N, 3, crop, crop), int64 labels), decoded once and cached on disk."""
-    cache = CACHE_DIR / f"{dataset}-{split}-n{n}-s{seed}-{side}-{crop}-{'bal' if balanced else 'rand'}.pt"
+def image_split(dataset: str, split: str, n: int | None, seed: int, side: int, crop: int, balanced: bool,
+                holdout_of: int | None = None) -> tuple:
+    """(uint8 images (N, 3, crop, crop), int64 labels), decoded once and cached on disk.
+
+    `holdout_of`: a validation split of the training data, disjoint from its train subset of that size.
+    """
+    kind = f"val{holdout_of}" if holdout_of else ("bal" if balanced else "rand")
+    cache = CACHE_DIR / f"{dataset}-{split}-n{'all' if n is None else n}-s{seed}-{side}-{crop}-{kind}.pt"
     if cache.exists():
         return torch.load(cache)
     table = pq.read_table(DATA_DIR / dataset / f"{split}.parquet")
     labels = table.column("label").to_pylist()
-    idx = _balanced_indices(labels, n, seed) if balanced else _random_indices(len(labels), n, seed)
+    if holdout_of:
+        idx = validation_indices(labels, n, seed, holdout_of)
+    else:
+        idx = _balanced_indices(labels, n, seed) if balanced else _random_indices(len(labels), n, seed)
     images = table.column("image").take(idx).to_pylist()
     x = torch.stack([_decode(im["bytes"], side, crop) for im in images])
     y = torch.tensor([labels[i] for i in idx], dtype=torch.long)
@@ -138,6 +159,12 @@ class Task:
     eval: Any
     num_classes: int
     input_size: list[int]
+    val: Any = None  # a validation split carved from the training data (learning-rate choice)
+    channels_last: bool = False  # image batches in channels-last layout: ~2x faster convolutions on CPU
+
+    def _images(self, x: torch.Tensor) -> torch.Tensor:
+        x = normalise(x)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return math.ceil(len(self.train[1]) / batch_size)
@@ -154,21 +181,22 @@ class Task:
         idx = order[position * batch_size : (position + 1) * batch_size]
         if self.kind == "image":
             x = torch.stack([_random_resized_crop(self.train[0][i], image_size, g) for i in idx.tolist()])
-            return normalise(x), self.train[1][idx]
+            return self._images(x), self.train[1][idx]
         return self._text_batch(self.train, idx.tolist())
 
-    def eval_batches(self, batch_size: int) -> Iterator[Any]:
-        n = len(self.eval[1])
+    def eval_batches(self, batch_size: int, split: str = "eval") -> Iterator[Any]:
+        data = getattr(self, split)
+        n = len(data[1])
         for start in range(0, n, batch_size):
             if self.kind == "image":
-                yield normalise(self.eval[0][start : start + batch_size]), self.eval[1][start : start + batch_size]
+                yield self._images(data[0][start : start + batch_size]), data[1][start : start + batch_size]
             else:
-                yield self._text_batch(self.eval, list(range(start, min(n, start + batch_size))))
+                yield self._text_batch(data, list(range(start, min(n, start + batch_size))))
 
     def measure_batch(self, batch_size: int) -> Any:
         """A fixed batch for the memory measurement (text: padded to the full length the budget counts)."""
         if self.kind == "image":
-            return normalise(self.eval[0][:batch_size]), self.eval[1][:batch_size]
+            return self._images(self.eval[0][:batch_size]), self.eval[1][:batch_size]
         return self._text_batch(self.train, list(range(batch_size)), pad_to=self.input_size[0])
 
     @staticmethod
@@ -193,7 +221,8 @@ def _text_split(dataset: str, split: str, n: int | None, seed: int, tokenizer: A
 
 
 def load_task(dataset: str, recipe: dict, tokenizer: Any = None, train_size: int | None = None) -> Task:
-    """The fixed (data_seed) class-balanced train subset and the fixed eval subset of a dataset."""
+    """The fixed (data_seed) class-balanced train subset, the fixed eval subset (`eval_size` None: the
+    whole test split) and, with `validation_size`, a class-balanced validation split of the training data."""
     n_train = train_size or recipe["train_size"]
     seed = recipe["data_seed"]
     if dataset in ("sst2", "agnews"):
@@ -204,8 +233,14 @@ def load_task(dataset: str, recipe: dict, tokenizer: Any = None, train_size: int
         return Task("text", train, evals, num_classes(dataset), [TEXT_MAX_LENGTH])
     size = recipe["image_size"]
     train = image_split(dataset, "train", n_train, seed, side=size + 16, crop=size + 16, balanced=True)
-    evals = image_split(dataset, "test", recipe["eval_size"], seed, side=round(size * 1.15), crop=size, balanced=False)
-    return Task("image", train, evals, num_classes(dataset), [3, size, size])
+    eval_side = round(size * 1.15)
+    evals = image_split(dataset, "test", recipe["eval_size"], seed, side=eval_side, crop=size, balanced=False)
+    val = None
+    if recipe.get("validation_size"):
+        val = image_split(dataset, "train", recipe["validation_size"], seed, side=eval_side, crop=size, balanced=True,
+                          holdout_of=n_train)
+    return Task("image", train, evals, num_classes(dataset), [3, size, size], val,
+                bool(recipe.get("channels_last")))
 
 
 # -- models and methods ----------------------------------------------------------------------------
@@ -267,11 +302,16 @@ class Setup:
     info: dict
 
 
+def strategy_of(spec: dict) -> str | None:
+    """The MeDyate strategy a run trains with (a named variant sets `strategy` beside its options); None: a baseline."""
+    return None if spec["method"] in BASELINES else spec.get("strategy", spec["method"])
+
+
 def medyate_config(spec: dict, input_size: list[int]) -> Any:
     """The MeDyateConfig of a run: its budget in fp32 slots, strategy, seed, layer ranking and any further options."""
     from medyate_peft import MeDyateConfig
 
-    return MeDyateConfig(budget_kb=spec["budget_slots"] * 4 / 1024, input_size=input_size, strategy=spec["method"],
+    return MeDyateConfig(budget_kb=spec["budget_slots"] * 4 / 1024, input_size=input_size, strategy=strategy_of(spec),
                          seed=spec["seed"], layer_ranking=spec.get("ranking_path"), modules_to_save=["classifier"],
                          **spec.get("medyate_options", {}))
 
@@ -316,7 +356,7 @@ def setup_method(spec: dict, model: nn.Module, task: Task) -> Setup:
 def measure_step(setup: Setup, spec: dict, batch: Any) -> dict:
     """Saved-activation and weight-gradient bytes of one training step on `batch`."""
     model = setup.model
-    if spec["method"] in MEDYATE_METHODS:
+    if strategy_of(spec) is not None:
         if isinstance(batch, dict):
             report = model.memory_report(**batch)
         else:
@@ -368,10 +408,12 @@ def adapter_file(setup: Setup, spec: dict) -> tuple[int, str]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, device: torch.device | None = None, precision: str = "fp32") -> float:
+def evaluate(model: nn.Module, task: Task, device: torch.device | None = None, precision: str = "fp32",
+             split: str = "eval") -> float:
+    """Top-1 on the test subset (`split="eval"`) or on the validation split (`"val"`)."""
     model.eval()
     correct = total = 0
-    for batch in task.eval_batches(128):
+    for batch in task.eval_batches(128, split):
         batch = to_device(batch, device or torch.device("cpu"))
         labels = batch["labels"] if isinstance(batch, dict) else batch[1]
         with autocast(device or torch.device("cpu"), precision):
@@ -463,12 +505,13 @@ def _run(spec: dict, record_path: str, ckpt_path: Path | None, deadline: float |
     setup = setup_method(spec, model, task)
     setup.model.to(device)
     g = torch.Generator().manual_seed(spec["seed"])
-    optimizer = torch.optim.SGD(setup.params, lr=recipe["lr"], momentum=0.0, weight_decay=0.0)
+    lr = spec.get("lr", recipe["lr"])  # a learning-rate sweep sets it per run
+    optimizer = torch.optim.SGD(setup.params, lr=lr, momentum=0.0, weight_decay=0.0)
     batch_size = recipe["batch_size"]
     steps_per_epoch = task.steps_per_epoch(batch_size)
     total, warmup = steps_per_epoch * recipe["epochs"], steps_per_epoch * recipe["warmup_epochs"]
     oracle = spec["method"] == "det_rgn"
-    tuner = setup.model.base_model if spec["method"] in MEDYATE_METHODS else None
+    tuner = setup.model.base_model if strategy_of(spec) is not None else None
     g_oracle = torch.Generator().manual_seed(10_000 + spec["seed"])
     image_size = recipe.get("image_size", 0)
 
@@ -485,7 +528,17 @@ def _run(spec: dict, record_path: str, ckpt_path: Path | None, deadline: float |
     # What a checkpoint carries besides the weights: where the run is and what it measured so far.
     run: dict[str, Any] = {"epoch": 0, "position": 0, "order": None, "step": 0, "step_times": [], "losses": [],
                            "oracle_s": 0.0, "train_s": 0.0, "pieces": [], "loadavg_start": os.getloadavg()[0],
-                           "peak_rss_bytes": 0, "peak_cuda_bytes": 0}
+                           "peak_rss_bytes": 0, "peak_cuda_bytes": 0, "grad_norms": [],
+                           "draws": 1 if tuner is not None else None}  # draws: channel selections that trained
+    every = spec.get("medyate_options", {}).get("resample_every")
+    dynamic = tuner is not None and get_strategy(strategy_of(spec)).dynamic
+
+    def resample() -> None:
+        t = time.perf_counter()
+        tuner.resample(optimizer=optimizer, **({"full_gradient": full_gradient()} if oracle else {}))
+        run["oracle_s"] += time.perf_counter() - t if oracle else 0.0
+        run["draws"] += dynamic
+
     if saved is not None:
         _load_training_state(saved, setup, tuner, optimizer, (g, g_oracle), device, ckpt_path)
         run.update({k: saved[k] for k in run})
@@ -516,14 +569,14 @@ def _run(spec: dict, record_path: str, ckpt_path: Path | None, deadline: float |
         while run["position"] < steps_per_epoch:
             batch = to_device(task.train_batch(run["order"], run["position"], batch_size, g, image_size), device)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(run["step"], total, warmup, recipe["lr"])
+                group["lr"] = lr_at(run["step"], total, warmup, lr)
             t = time.perf_counter()
             with autocast(device, precision):
                 loss = loss_of(setup.model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.get("clip_grad_norm"):
-                torch.nn.utils.clip_grad_norm_(setup.params, recipe["clip_grad_norm"])
+                run["grad_norms"].append(float(torch.nn.utils.clip_grad_norm_(setup.params, recipe["clip_grad_norm"])))
             optimizer.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the step's kernels, not just their launch
@@ -533,13 +586,13 @@ def _run(spec: dict, record_path: str, ckpt_path: Path | None, deadline: float |
             run["position"] += 1
             if not math.isfinite(run["losses"][-1]):
                 raise FloatingPointError(f"loss is {run['losses'][-1]} at step {run['step']}")
+            if tuner is not None and run["step"] < total and resample_due(every, run["step"]):
+                resample()
             if ckpt_path and run["position"] < steps_per_epoch and _out_of_time(deadline):
                 run["train_s"] += time.perf_counter() - t_train
                 return pause()
-        if tuner is not None and run["epoch"] + 1 < recipe["epochs"]:
-            t = time.perf_counter()
-            tuner.resample(optimizer=optimizer, **({"full_gradient": full_gradient()} if oracle else {}))
-            run["oracle_s"] += time.perf_counter() - t if oracle else 0.0
+        if tuner is not None and run["epoch"] + 1 < recipe["epochs"] and resample_due(every):
+            resample()
         run.update(epoch=run["epoch"] + 1, position=0, order=None, losses=run["losses"][-steps_per_epoch:])
         if ckpt_path and run["epoch"] < recipe["epochs"]:
             run["train_s"] += time.perf_counter() - t_train
@@ -549,7 +602,9 @@ def _run(spec: dict, record_path: str, ckpt_path: Path | None, deadline: float |
             t_train = time.perf_counter()
     run["train_s"] += time.perf_counter() - t_train
     t = time.perf_counter()
-    top1 = evaluate(setup.model, task, device, precision)
+    # A sweep run is scored on the validation split only: the test split never chooses a learning rate.
+    top1 = None if spec.get("phase") == "sweep" else evaluate(setup.model, task, device, precision)
+    val_top1 = evaluate(setup.model, task, device, precision, "val") if task.val is not None else None
     eval_s = time.perf_counter() - t
     with autocast(device, precision):
         measured = measure_step(setup, spec, to_device(task.measure_batch(batch_size), device))
@@ -562,8 +617,15 @@ def _run(spec: dict, record_path: str, ckpt_path: Path | None, deadline: float |
         "recipe": recipe,
         "ranking": Path(spec["ranking_path"]).name if spec.get("ranking_path") else None,
         "top1": top1,
+        "val_top1": val_top1,
+        "lr": lr,
+        "draws": run["draws"],
+        "grad_norm_median": statistics.median(run["grad_norms"]) if run["grad_norms"] else None,
+        "clipped_share": (sum(n > recipe["clip_grad_norm"] for n in run["grad_norms"]) / len(run["grad_norms"])
+                          if run["grad_norms"] else None),
         "train_size": len(task.train[1]),
-        "eval_size": len(task.eval[1]),
+        "eval_size": None if top1 is None else len(task.eval[1]),
+        "val_size": None if task.val is None else len(task.val[1]),
         "steps": run["step"],
         "final_train_loss": statistics.fmean(run["losses"][-steps_per_epoch:]),
         "step_time_median_s": statistics.median(run["step_times"][skip:]),

@@ -50,7 +50,10 @@ BUDGET_METHODS = ("static_random", "trady", "medyate", "det_rgn")
 METHOD_LABEL = {
     "full": "full fine-tuning", "classifier": "classifier only", "lora": "LoRA (pointwise)",
     "static_random": "static random", "trady": "TraDy", "medyate": "MeDyate", "det_rgn": "D-DetRGN oracle",
+    "medyate-ca": "MeDyate-CA (cost-aware)",
 }
+RANKED_STRATEGIES = ("trady", "medyate")
+BASELINES = ("full", "classifier", "lora")
 NOTES_START, NOTES_END = "<!-- notes: kept when the report is regenerated -->", "<!-- /notes -->"
 
 
@@ -61,38 +64,97 @@ def load_config(path: Path) -> dict:
     return config
 
 
-def grid(config: dict) -> list[dict]:
-    """Every run of a suite, as a spec for bench_common.run_one."""
+def _spec(config: dict, cell: dict, method: str, seed: int, index: int | None) -> dict:
+    """One run of `method` on `cell` (its budget `index`, None for the budget-free baselines)."""
+    variant = config.get("variants", {}).get(method)
+    strategy = variant["strategy"] if variant else method
+    spec = {
+        "suite": config["suite"], "network": cell["network"], "dataset": cell["dataset"], "method": method,
+        "budget_slots": None if index is None else cell["budgets"][index], "budget_index": index, "seed": seed,
+        "recipe": config["recipe"], "config": config["path"],
+    }
+    if variant:
+        spec["strategy"] = strategy
+    options = dict(variant.get("options", {})) if variant else {}
+    if config["recipe"].get("resample_every") and method not in BASELINES and _dynamic(strategy):
+        options["resample_every"] = config["recipe"]["resample_every"]  # a step cadence: many draws per run
+    if options:
+        spec["medyate_options"] = options
+    if method == "lora":
+        spec["lora_weight_slots"] = max(cell["budgets"])  # = the flat trainable vector at the largest budget
+    if strategy in RANKED_STRATEGIES:
+        source = config["ranking_dataset"][cell["dataset"]]
+        spec["ranking_dataset"] = source
+        spec["ranking_path"] = str(ranking_path(cell["network"], source, config["recipe"]))
+    spec["device"] = config.get("device", "cpu")
+    spec["precision"] = config.get("precision", "fp32")
+    return spec
+
+
+def _dynamic(strategy: str) -> bool:
+    from medyate_peft.strategies import get_strategy
+
+    return get_strategy(strategy).dynamic
+
+
+def _is_budgeted(config: dict, method: str) -> bool:
+    return method in BUDGET_METHODS or method in config.get("variants", {})
+
+
+def grid(config: dict, runs: Path | None = None) -> list[dict]:
+    """Every run of a suite, as a spec for bench_common.run_one.
+
+    With `lr_sweep` in the config: first the sweep runs (every method the same learning rates, at the
+    sweep seed and budget, scored on the validation split); a method's final runs (every seed and
+    budget, at the learning rate its sweep chose) join the grid once its sweep is recorded in `runs`.
+    """
+    sweep = config.get("lr_sweep")
     specs = []
     for cell in config["cells"]:
-        budgets = cell["budgets"]
-        for seed, method in itertools.product(cell["seeds"], config["methods"]):
-            per_budget = list(enumerate(budgets)) if method in BUDGET_METHODS else [(None, None)]
-            for index, budget in per_budget:
-                spec = {
-                    "suite": config["suite"], "network": cell["network"], "dataset": cell["dataset"],
-                    "method": method, "budget_slots": budget, "budget_index": index, "seed": seed,
-                    "recipe": config["recipe"], "config": config["path"],
-                }
-                if method == "lora":
-                    spec["lora_weight_slots"] = max(budgets)  # = the flat trainable vector at the largest budget
-                if method in ("trady", "medyate"):
-                    source = config["ranking_dataset"][cell["dataset"]]
-                    spec["ranking_dataset"] = source
-                    spec["ranking_path"] = str(ranking_path(cell["network"], source, config["recipe"]))
-                spec["device"] = config.get("device", "cpu")
-                spec["precision"] = config.get("precision", "fp32")
-                spec["id"] = run_id(spec)
-                specs.append(spec)
+        for method in config["methods"]:
+            indices = list(range(len(cell["budgets"]))) if _is_budgeted(config, method) else [None]
+            if not sweep:
+                for seed, index in itertools.product(cell["seeds"], indices):
+                    spec = _spec(config, cell, method, seed, index)
+                    specs.append({**spec, "id": run_id(spec)})
+                continue
+            index = sweep["budget_index"] if indices != [None] else None
+            tried = [{**_spec(config, cell, method, sweep["seed"], index), "lr": lr, "phase": "sweep"}
+                     for lr in sweep["lrs"]]
+            tried = [{**spec, "id": run_id(spec)} for spec in tried]
+            specs += tried
+            chosen = chosen_lr(tried, runs or RUNS)
+            if chosen is None:
+                continue
+            for seed, index in itertools.product(cell["seeds"], indices):
+                spec = {**_spec(config, cell, method, seed, index), "lr": chosen, "phase": "final"}
+                specs.append({**spec, "id": run_id(spec)})
     return specs
+
+
+def chosen_lr(sweep: list[dict], runs: Path) -> float | None:
+    """The sweep's learning rate with the best validation top-1 (ties: the smaller); None until all are recorded.
+
+    Only `val_top1` is read: sweep runs are never scored on the test split.
+    """
+    scores = []
+    for spec in sweep:
+        path = runs / f"{spec['id']}.json"
+        if not path.exists():
+            return None
+        scores.append((-json.loads(path.read_text())["val_top1"], spec["lr"]))
+    return min(scores)[1]
 
 
 def run_id(spec: dict) -> str:
     """Names the record and the checkpoint; a precision other than the papers' fp32 is part of it."""
     budget = "na" if spec["budget_slots"] is None else str(spec["budget_slots"])
     precision = "" if spec.get("precision", "fp32") == "fp32" else f"__{spec['precision']}"
-    return (f"{spec['suite']}__{spec['network']}__{spec['dataset']}__{spec['method']}__b{budget}__s{spec['seed']}"
+    base = (f"{spec['suite']}__{spec['network']}__{spec['dataset']}__{spec['method']}__b{budget}__s{spec['seed']}"
             f"{precision}")
+    if "lr" not in spec:
+        return base
+    return f"{base}__lr{spec['lr']:g}" + ("__sweep" if spec.get("phase") == "sweep" else "")
 
 
 def ranking_path(network: str, source: str, recipe: dict) -> Path:
@@ -118,7 +180,8 @@ def staged(config: dict) -> list[tuple[float, list[dict]]]:
     for position, stage in enumerate([*stages, {}]):
         match = {k: v for k, v in stage.items() if k != "priority"}
         chosen = [s for s in specs if s["id"] not in seen and _matches(s, match)]
-        chosen.sort(key=lambda s: (s["seed"], list(METHOD_LABEL).index(s["method"]), s["budget_index"] or 0))
+        chosen.sort(key=lambda s: (s["seed"], list(METHOD_LABEL).index(s["method"]), s["budget_index"] or 0,
+                                   s.get("lr", 0)))
         out.append((stage.get("priority", position) if stage else float("inf"), chosen))
         seen.update(s["id"] for s in chosen)
     return out
@@ -216,7 +279,8 @@ def execute(
             record = runs / f"{spec['id']}.json"
             ok = process.exitcode == 0 and record.exists()
             if ok:
-                status = f"ok, top-1 {json.loads(record.read_text())['top1']:.4f}"
+                recorded = json.loads(record.read_text())  # a sweep run has a validation score only
+                status = "ok" + (f", top-1 {recorded['top1']:.4f}" if recorded.get("top1") is not None else "")
             elif process.exitcode == PAUSED_STATUS:
                 status, left = "paused: the next identical command continues it from its checkpoint", left + 1
             elif timed_out:
@@ -227,6 +291,29 @@ def execute(
     if left:
         return PAUSED_STATUS
     return 1 if failed else 0
+
+
+def execute_replanned(configs: list[dict], max_minutes: float | None, run_timeout: float, jobs: int,
+                      threads: int = 1) -> int:
+    """Run the grid `jobs` runs at a time, planning it anew after each: a finished sweep adds its final runs.
+
+    The configs are read again before each plan, so a changed `stages` order applies from the next run on.
+    A run that fails is not retried in this invocation (the next one tries it again).
+    """
+    start, tried = time.monotonic(), set()
+    while True:
+        configs = [load_config(REPO / c["path"]) for c in configs]
+        left = None if max_minutes is None else max_minutes - (time.monotonic() - start) / 60
+        todo = [s for s in ordered(configs) if s["id"] not in tried and not (RUNS / f"{s['id']}.json").exists()]
+        if not todo or (left is not None and left <= 0):
+            print("done" if not todo else f"time limit reached: {len(todo)} planned runs not started", flush=True)
+            return 0
+        tried.update(s["id"] for s in todo[:jobs])
+        for spec in todo[:jobs]:
+            spec["threads"] = threads
+        status = execute(todo[:jobs], left, run_timeout, jobs)
+        if status == PAUSED_STATUS:
+            return status
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -495,6 +582,102 @@ def _full_recipe_line(name: str) -> list[str]:
             "`results/BENCHMARK_full_recipe.md`.", ""]
 
 
+def _sweep_and_finals(configs: list[dict], records: list[dict]) -> tuple[list[dict], list[dict], dict, list[str]]:
+    """(sweep records, final records, chosen lr per (network, dataset, method), what did not run) of sweep suites."""
+    by_id = {r["id"]: r for r in records}
+    sweeps, finals, chosen, missing = [], [], {}, []
+    for config in configs:
+        specs = grid(config)
+        for cell in config["cells"]:
+            for method in config["methods"]:
+                mine = [s for s in specs if (s["network"], s["dataset"], s["method"]) == (cell["network"],
+                                                                                      cell["dataset"], method)]
+                tried = [s for s in mine if s["phase"] == "sweep"]
+                final = [s for s in mine if s["phase"] == "final"]
+                sweeps += [by_id[s["id"]] for s in tried if s["id"] in by_id]
+                finals += [by_id[s["id"]] for s in final if s["id"] in by_id]
+                if final:
+                    chosen[(cell["network"], cell["dataset"], method)] = final[0]["lr"]
+                per_seed = len(cell["budgets"]) if _is_budgeted(config, method) else 1
+                expected = len(cell["seeds"]) * per_seed
+                done_sweep = sum(s["id"] in by_id for s in tried)
+                done_final = sum(s["id"] in by_id for s in final)
+                if done_sweep < len(tried) or done_final < expected:
+                    absent = [f"s{s['seed']}" + ("" if s["budget_slots"] is None else f"@{s['budget_slots']}")
+                              for s in final if s["id"] not in by_id]
+                    missing.append(f"- {cell['network']} / {cell['dataset']} / {METHOD_LABEL[method]}: sweep "
+                                   f"{done_sweep} of {len(tried)}, final runs {done_final} of {expected}"
+                                   + (f" (not run: {', '.join(absent)})" if absent else ""))
+    return sweeps, finals, chosen, missing
+
+
+def _determinism(sweeps: list[dict], finals: list[dict], chosen: dict) -> str:
+    """The final run that repeats a sweep run (same seed, budget and lr) must reproduce its validation top-1."""
+    pairs = []
+    for f in finals:
+        for s in sweeps:
+            if (s["network"], s["dataset"], s["method"], s["budget_slots"], s["seed"], s["lr"]) == (
+                    f["network"], f["dataset"], f["method"], f["budget_slots"], f["seed"], f["lr"]):
+                pairs.append(abs(s["val_top1"] - f["val_top1"]))
+    if not pairs:
+        return "No final run repeats a sweep run yet."
+    same = sum(d == 0 for d in pairs)
+    return (f"Reproducibility: {same} of {len(pairs)} final runs that repeat a sweep run (seed 0 at the sweep "
+            f"budget and the chosen lr, retrained from scratch) reproduce its validation top-1 exactly"
+            + ("." if same == len(pairs) else f" (largest gap {100 * max(pairs):.2f} pp)."))
+
+
+def resolved_report(configs: list[dict], command: str, records: list[dict]) -> list[str]:
+    """BENCHMARK.md of a grid with a learning-rate sweep: intervals, paired differences, the default's bar."""
+    import bench_report as br
+
+    sweeps, finals, chosen, missing = _sweep_and_finals(configs, records)
+    if finals:
+        plots(finals)
+    compute = sum(r["wall_seconds"] for r in sweeps + finals) / 60
+    sweep = configs[0]["lr_sweep"]
+    return [
+        "# Benchmark: MeDyate / TraDy / a cost-aware MeDyate, with intervals that say what is resolved", "",
+        "Command (resumes: runs whose record exists in `results/runs/` are skipped):", "",
+        "```", command, "```", "",
+        f"{len(sweeps)} sweep runs and {len(finals)} final runs recorded, {compute:.1f} min of run wall-clock "
+        "(one torch thread a run, on a 2-core CPU shared with other work: step times are noisy). The previous "
+        "grid's report is `results/BENCHMARK_v1.md` (its records stay in `results/runs/`, suite `vision`/`text`).",
+        "",
+        "## Recipe (the same for every method)", "", *recipe_lines(configs), "",
+        f"Learning rate: the same sweep for every method, lr ∈ {{{', '.join(f'{lr:g}' for lr in sweep['lrs'])}}}, "
+        f"trained at seed {sweep['seed']} on the middle budget (index {sweep['budget_index']}; the budget-free "
+        "baselines at their one setting) and scored on the validation split (carved from the training split, "
+        "class-balanced, disjoint from the train subset). The lr with the best validation top-1 is chosen per "
+        "(network, dataset, method) and used at every seed and budget. The test split is evaluated in the final "
+        "runs only. Intervals: 95 % t-interval over seeds; differences paired by seed; *resolved* = the interval "
+        "excludes 0.", "",
+        _notes(RESULTS / "BENCHMARK.md"), "",
+        "## Learning-rate sweep (validation top-1 %, seed 0)", "",
+        *br.sweep_table(sweeps, chosen, METHOD_LABEL), _determinism(sweeps, finals, chosen), "",
+        "## Results (test top-1 on the full test split)", "",
+        "`draws`: channel selections that trained in a run (the first included); `weight slots of the last draw`: "
+        "weight-gradient slots the last selection trains; `clipped steps`: share of steps whose global gradient "
+        "norm exceeded the clip.", "",
+        *br.results_table(finals, METHOD_LABEL),
+        "## Ordering at equal budget", "",
+        *br.claims_table(finals),
+        "## Does more memory help? (per method, paired by seed)", "",
+        *br.trend_table(finals, METHOD_LABEL),
+        "## The default strategy's bar", "",
+        "A default must be ≥ TraDy within the interval at every budget (a − TraDy not resolved below 0) and its "
+        "accuracy must not fall as the budget grows (no budget step resolved below 0, and the largest budget's "
+        "mean at least the smallest's).", "",
+        *br.default_lines(finals, ("medyate", "medyate-ca", "trady"), METHOD_LABEL),
+        "Plots: `results/accuracy_vs_budget.png`, `results/memory_vs_accuracy.png` (bars: seed min-max); the "
+        "previous grid's: `results/*_v1.png`.", "",
+        "## What was run and what was not", "",
+        *(missing or ["- every planned run is recorded"]), "",
+        "GPU run at the papers' full recipe (`scripts/bench_configs/vision_full_recipe.yaml`): not run: no GPU lent.",
+        "",
+    ]
+
+
 def report(configs: list[dict], command: str) -> None:
     name = report_name(configs)
     default = name == DEFAULT_REPORT
@@ -503,6 +686,12 @@ def report(configs: list[dict], command: str) -> None:
 
     atomic_write_json(records, RESULTS / ("benchmark_runs.json" if default else f"{name.lower()}_runs.json"),
                       sort_keys=True, indent=1)
+    if any("lr_sweep" in c for c in configs):
+        md = RESULTS / f"{name}.md"
+        with atomic_write(md) as handle:
+            handle.write("\n".join(resolved_report(configs, command, records)))
+        print(f"wrote {md}")
+        return
     if records:
         plots(records, "" if default else f"{name.lower()}_")
     compute = sum(r["wall_seconds"] for r in records) / 60
@@ -552,7 +741,13 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"),
                         help="default: the config's `precision`, else fp32 (the papers'); bf16: autocast")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from the records")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="folder of the records (its runs/) and of the report (default results/)")
     args = parser.parse_args()
+    if args.results:
+        global RESULTS, RUNS
+        RESULTS, RUNS = args.results.resolve(), args.results.resolve() / "runs"
+        RUNS.mkdir(parents=True, exist_ok=True)
     if args.piece_minutes is not None and args.piece_minutes * 60 <= PIECE_RESERVE_S + LAUNCH_MARGIN_S:
         parser.error(f"--piece-minutes {args.piece_minutes:g} leaves no time to train: give at least "
                      f"{(PIECE_RESERVE_S + LAUNCH_MARGIN_S) / 60 + 1:g}")
@@ -567,7 +762,9 @@ def main() -> None:
     options += [f"--{k} {v}" for k, v in (("jobs", args.jobs), ("threads", args.threads)) if v > 1]
     command = " ".join(["python scripts/benchmark.py", *(c["path"] for c in configs), *options])
     status = 0
-    if not args.report_only:
+    if not args.report_only and any("lr_sweep" in c for c in configs):
+        status = execute_replanned(configs, args.max_minutes, args.run_timeout, args.jobs, args.threads)
+    elif not args.report_only:
         specs = ordered(configs)
         for spec in specs:
             spec["threads"] = args.threads

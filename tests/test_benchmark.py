@@ -1,4 +1,5 @@
-"""The benchmark harness's bookkeeping: every grid run scheduled once, recorded runs skipped, the ordering table."""
+"""The benchmark harness's bookkeeping: every grid run scheduled once, recorded runs skipped, the ordering table;
+the resolved grid's validation split, learning-rate choice, intervals and ordering marks."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ sys.path.insert(0, str(REPO / "scripts"))
 import benchmark  # noqa: E402
 
 CONFIGS = sorted((REPO / "scripts" / "bench_configs").glob("*.yaml"))
+SWEEP_CONFIGS = [p for p in CONFIGS if "lr_sweep" in benchmark.load_config(p)]
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p not in SWEEP_CONFIGS], ids=lambda p: p.stem)
 def test_stages_schedule_every_run_of_the_grid_once(path: Path) -> None:
     config = benchmark.load_config(path)
     specs = benchmark.grid(config)
@@ -118,3 +120,116 @@ def test_pilot_reuses_the_benchmark_runs_and_adds_only_the_variant(tmp_path: Pat
     (tmp_path / "runs" / f"{spec['id']}.json").write_text(json.dumps({"recipe": {"lr": 1}, "top1": 0.5}))
     with pytest.raises(ValueError, match="another recipe"):
         pilot.report(specs)
+
+
+# -- the resolved grid: validation split, lr sweep, intervals, ordering marks ------------------------------
+def test_validation_split_is_disjoint_from_the_train_subset_balanced_and_fixed_by_the_seed() -> None:
+    import bench_common
+
+    g = __import__("torch").Generator().manual_seed(3)
+    counts = [300, 300, 300, 60, 300]  # one class too small to fill both splits evenly
+    labels = [c for c, n in enumerate(counts) for _ in range(n)]
+    labels = [labels[i] for i in __import__("torch").randperm(len(labels), generator=g).tolist()]
+    train = bench_common._balanced_indices(labels, 500, seed=0)
+    val = bench_common.validation_indices(labels, 400, seed=0, train_n=500)
+    assert len(val) == 400 and len(set(val)) == 400 and not set(val) & set(train)
+    per_class = [sum(labels[i] == c for i in val) for c in range(len(counts))]
+    assert per_class[3] == 60 - sum(labels[i] == 3 for i in train)  # the small class: what the train subset left
+    assert max(per_class) - min(c for i, c in enumerate(per_class) if i != 3) <= 1
+    assert val == bench_common.validation_indices(labels, 400, seed=0, train_n=500)
+    assert val != bench_common.validation_indices(labels, 400, seed=1, train_n=500)
+
+
+def _sweep_config(tmp_path: Path) -> dict:
+    config = benchmark.load_config(REPO / "scripts" / "bench_configs" / "vision_resolved.yaml")
+    config["cells"] = config["cells"][:1]
+    config["methods"] = ["classifier", "static_random", "trady", "medyate-ca"]
+    return config
+
+
+def _write(runs: Path, spec: dict, **record: object) -> None:
+    runs.mkdir(exist_ok=True)
+    (runs / f"{spec['id']}.json").write_text(json.dumps({**spec, **record}))
+
+
+def test_lr_is_chosen_on_validation_only_then_every_seed_and_budget_runs_at_it(tmp_path: Path) -> None:
+    config = _sweep_config(tmp_path)
+    runs = tmp_path / "runs"
+    sweep = [s for s in benchmark.grid(config, runs) if s["method"] == "trady"]
+    assert [s["phase"] for s in sweep] == ["sweep"] * 3 and [s["lr"] for s in sweep] == config["lr_sweep"]["lrs"]
+    assert {s["budget_slots"] for s in sweep} == {config["cells"][0]["budgets"][config["lr_sweep"]["budget_index"]]}
+    # the test top-1 (which no sweep run records in practice) would pick 0.05; validation picks 0.125
+    for i, (spec, val, test) in enumerate(zip(sweep, (0.50, 0.60, 0.55), (0.90, 0.10, 0.10), strict=True)):
+        assert not [s for s in benchmark.grid(config, runs) if s["method"] == "trady" and s["phase"] == "final"], i
+        _write(runs, spec, val_top1=val, top1=test)
+    finals = [s for s in benchmark.grid(config, runs) if s["method"] == "trady" and s["phase"] == "final"]
+    cell = config["cells"][0]
+    assert sorted((s["seed"], s["budget_slots"]) for s in finals) == sorted(
+        (seed, b) for seed in cell["seeds"] for b in cell["budgets"])
+    assert {s["lr"] for s in finals} == {0.125} and all(s["id"].endswith("__lr0.125") for s in finals)
+    assert not [s for s in benchmark.grid(config, runs) if s["method"] == "medyate-ca" and s["phase"] == "final"]
+    # a tie goes to the smaller learning rate
+    for spec in [s for s in benchmark.grid(config, runs) if s["method"] == "classifier"]:
+        _write(runs, spec, val_top1=0.5)
+    assert {s["lr"] for s in benchmark.grid(config, runs) if s["method"] == "classifier" and s["phase"] == "final"} \
+        == {0.05}
+
+
+def test_sweep_grid_ids_are_unique_and_only_dynamic_strategies_get_the_step_cadence(tmp_path: Path) -> None:
+    config = _sweep_config(tmp_path)
+    runs = tmp_path / "runs"
+    for spec in benchmark.grid(config, runs):
+        _write(runs, spec, val_top1=0.5)
+    specs = benchmark.grid(config, runs)
+    ids = [s["id"] for s in specs]
+    assert len(ids) == len(set(ids)) and sorted(s["id"] for s in benchmark.ordered([config])) != []
+    every = config["recipe"]["resample_every"]
+    for s in specs:
+        options = s.get("medyate_options", {})
+        assert (options.get("resample_every") == every) == (s["method"] in ("trady", "medyate-ca")), s["id"]
+    ca = next(s for s in specs if s["method"] == "medyate-ca")
+    assert ca["strategy"] == "medyate" and ca["medyate_options"]["draw_weights"] == "norm_per_cost"
+    assert ca["ranking_path"].endswith("mbv2-w0.35__caltech101.json")
+
+
+def test_interval_is_the_95_percent_t_interval_and_resolved_when_it_excludes_zero() -> None:
+    import bench_report as br
+
+    iv = br.Interval.of([0.02, 0.03, 0.04])
+    assert iv.mean == pytest.approx(0.03) and iv.n == 3
+    assert iv.half == pytest.approx(4.302653 * 0.01 / 3 ** 0.5, rel=1e-5)  # t(0.975, 2) * sd / sqrt(n)
+    assert iv.resolved and iv.text(signed=True) == "+3.00 ± 2.48 (n=3)"
+    assert not br.Interval.of([0.01, 0.02, 0.03]).resolved  # 2.00 ± 2.48 includes 0
+    assert br.Interval.of([-0.02, -0.03, -0.04]).resolved
+    assert not br.Interval.of([0.05]).resolved and br.Interval.of([0.05]).text() == "5.00 (n=1)"
+    assert br.Interval.of([]).text() == "-"
+
+
+def _final(method: str, seed: int, budget: int, top1: float) -> dict:
+    return {"network": "net", "dataset": "data", "method": method, "budget_slots": budget, "seed": seed, "top1": top1}
+
+
+def test_ordering_marks_which_differences_are_resolved_and_the_default_bar() -> None:
+    import bench_report as br
+
+    finals = []
+    for seed, noise in enumerate((0.0, 0.004, -0.003)):
+        finals += [_final("trady", seed, 100, 0.60 + noise), _final("trady", seed, 200, 0.62 + noise),
+                   _final("static_random", seed, 100, 0.55 + noise / 2), _final("static_random", seed, 200, 0.56),
+                   _final("medyate", seed, 100, 0.61 + noise), _final("medyate", seed, 200, 0.57 + noise),
+                   _final("medyate-ca", seed, 100, 0.60 + (0.01 if seed == 1 else -0.005)),
+                   _final("medyate-ca", seed, 200, 0.625 + noise)]
+    rows = {(claim, budget): (diff, br.verdict(diff)) for _, claim, budget, diff in br.claim_rows(finals)}
+    assert rows[("TraDy ≥ static random", 100)][1] == "**holds, resolved**"
+    assert rows[("MeDyate ≥ TraDy", 200)][0].mean == pytest.approx(-0.05)
+    assert rows[("MeDyate ≥ TraDy", 200)][1] == "**fails, resolved**"
+    assert rows[("MeDyate-CA ≥ TraDy", 100)][1] in ("holds, not resolved", "fails, not resolved")
+    trends = {(m, small, large): diff for _, m, small, large, diff in br.trend_rows(finals)}
+    assert trends[("medyate", 100, 200)].resolved and trends[("medyate", 100, 200)].mean < 0
+    ok, reasons = br.meets_default_bar(finals, "medyate")
+    assert not ok and any("below trady, resolved" in r for r in reasons) and any("falls" in r for r in reasons)
+    ok, checked = br.meets_default_bar(finals, "medyate-ca")
+    assert ok and checked == ["net / data @ 100", "net / data @ 200"]
+    assert not br.meets_default_bar([r for r in finals if r["seed"] == 0], "medyate-ca")[0]  # n = 1 decides nothing
+    ok, checked = br.meets_default_bar(finals, "trady")  # the reference: its trend alone
+    assert ok and checked == ["net / data @ 100", "net / data @ 200"]

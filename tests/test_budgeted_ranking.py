@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import math
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +16,7 @@ import medyate_peft  # noqa: F401
 from medyate_peft import MeDyateConfig, rank_layers
 from medyate_peft.budget import LayerCost, budget_slots
 from medyate_peft.measure import record_saved_tensors
-from medyate_peft.ranking import candidate_shapes, shipped_ranking
+from medyate_peft.ranking import candidate_shapes, default_loss, rank_in_tuner, shipped_ranking
 from medyate_peft.sparse_probe import SparseGradientProbe, rotation
 
 
@@ -28,16 +32,32 @@ def test_rotation_covers_every_channel_once_within_the_budget():
     by_name = {c.name: c for c in costs}
     for parts in slices:
         assert sum((end - start) * by_name[n].channel_slots for n, start, end in parts) <= 50
+        assert len({n for n, _, _ in parts}) == len(parts)  # one consecutive chunk per layer and slice
         for name, start, end in parts:
             seen[name] += range(start, end)
-    assert seen == {"a": list(range(4)), "b": list(range(10)), "c": list(range(3)), "huge": []}
-    # b does not fit beside a: a fresh slice, cut in chunks of 2 channels; c fits whole in none of the rest
-    assert slices == [[("a", 0, 4)], *[[("b", k, k + 2)] for k in range(0, 10, 2)], [("c", 0, 3)]]
+    assert {n: sorted(v) for n, v in seen.items()} == {"a": list(range(4)), "b": list(range(10)),
+                                                        "c": list(range(3)), "huge": []}
+    # stratified: k = ceil(255 / 50) = 6 slices (whole layers in forward order need 7), and every layer is
+    # spread over min(its channels, k) slices in chunks of ceil(C / k) channels (b: 2 a slice, 5 slices)
+    assert len(slices) == 6
+    assert {n: sum(n == m for p in slices for m, _, _ in p) for n in "abc"} == {"a": 4, "b": 5, "c": 3}
     # a slice reserve (what the step holds below its lowest layer) shrinks that slice
     reserved = rotation(costs[:1], budget=50, reserve=lambda name: 30)
     assert reserved == [[("a", 0, 2)], [("a", 2, 4)]]
     with pytest.raises(ValueError, match="cannot hold one channel of any layer; the cheapest needs 202 slots"):
         rotation(costs[3:], budget=50, reserve=lambda name: 1)
+
+
+def test_a_large_reserve_below_the_first_layer_keeps_the_forward_rotation():
+    """Stratified slices all hold the first layer, so each pays its reserve: forward order is then fewer slices."""
+    costs = linear_costs(("low", 4, 9), ("high", 8, 9))  # 40 + 80 slots
+    reserve = {"low": 40, "high": 0}.get
+    slices = rotation(costs, budget=60, reserve=reserve)
+    assert slices == [[("low", 0, 2)], [("low", 2, 4)], [("high", 0, 6)], [("high", 6, 8)]]
+    by_name = {c.name: c for c in costs}
+    for parts in slices:
+        lowest = parts[0][0]
+        assert sum((e - s) * by_name[n].channel_slots for n, s, e in parts) + reserve(lowest) <= 60
 
 
 def test_budgeted_ranking_equals_the_dense_one_at_fixed_weights():
@@ -50,6 +70,28 @@ def test_budgeted_ranking_equals_the_dense_one_at_fixed_weights():
         assert budgeted["lara"][name] == pytest.approx(dense["lara"][name], rel=1e-5)
         assert budgeted["rgn"][name] == pytest.approx(dense["rgn"][name], rel=1e-5)
     assert budgeted["shapes"] == dense["shapes"] and budgeted["fingerprint"] == dense["fingerprint"]
+
+
+@pytest.mark.slow  # ~10 s: a real net, 21 probe batches
+def test_on_a_real_net_the_budgeted_pool_is_the_dense_one_at_fixed_weights():
+    """mcunet-5fps at 64x64, one batch, lr=0: every slice sees the dense step's gradient, so the stratified
+    chunks (pointwise and depthwise convs cut over many batches) add up to the dense probe's LaRa, the
+    rotation takes the bound's k batches, and the tuner builds the same alpha-rule pool from either ranking."""
+    from medyate_peft.backbones import load_mcu_model
+
+    model = load_mcu_model("mcunet-5fps", num_classes=10)
+    data, budget_kb = [(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,)))], 128.0
+    dense = rank_in_tuner(copy.deepcopy(model), data, 1, default_loss, 0.0, False, budget_kb, mode="dense")
+    budgeted = rank_layers(model, data, steps=1, lr=0.0, progress=False, budget_kb=budget_kb)
+    k = int(re.search(r"(\d+) training batch", budgeted["source"]).group(1))
+    assert 10 <= k <= math.ceil(sum(dense["layer_slots"].values()) / budget_slots(budget_kb, 4)) + 1
+    assert budgeted["lara"] == pytest.approx(dense["lara"], rel=1e-4)
+    assert budgeted["rgn"] == pytest.approx(dense["rgn"], rel=1e-4)
+    pools = []
+    for ranking in (dense, budgeted):
+        config = MeDyateConfig(budget_kb=budget_kb, input_size=[3, 64, 64], layer_ranking=ranking)
+        pools.append([c.name for c in get_peft_model(copy.deepcopy(model), config).base_model.plans["default"].pool.costs])
+    assert pools[0] == pools[1] and 1 < len(pools[0]) < len(dense["lara"])
 
 
 def test_every_ranking_batch_holds_no_more_than_the_budget_then_channels_train():

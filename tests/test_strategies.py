@@ -345,7 +345,8 @@ def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path, ranking_batc
         assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
         draws = 3 if every is None else 4  # 18 steps: at 3 epoch ends, or after steps 4, 8, 12, 16
         if mode == "budgeted":
-            draws = 1  # its ranking takes the first 12 batches (12 slices of the budget): the 3rd epoch end draws
+            draws = 2  # its ranking takes the first 10 batches (10 stratified slices of the budget): the 2nd and
+            # 3rd epoch ends draw
         assert snapshot(resumed) == snapshot(whole) and resumed.base_model.plans["default"].epoch == draws
 
     (checkpoint / TRAINING_STATE_NAME).unlink()  # a checkpoint without it: said, not silent
