@@ -210,15 +210,25 @@ def conv_channel_grad(
     return kernel.view(n_sel, out_per_group, *spec.kernel_size)
 
 
+def compact_term(x: torch.Tensor, channels: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """x[..., channels] @ delta: what the weight deltas `delta` (|channels|, C') of those input features add."""
+    return x.index_select(-1, channels) @ delta.to(x.dtype)
+
+
 class ChannelSparseLinear(torch.autograd.Function):
-    """y = x weight^T + b; `segment` holds the trainable values of the input features `idx`."""
+    """y = x weight^T + b (+ the compact term of `compact` = (channels, deltas)); `segment` holds the trainable
+    values of the input features `idx`, whose deltas are in `weight` or in `compact`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, segment, idx: torch.Tensor | None):
+    def forward(ctx, x, weight, bias, segment, idx: torch.Tensor | None,
+                compact: tuple[torch.Tensor, torch.Tensor] | None = None):
         y = F.linear(x, weight, bias)
+        if compact is not None:
+            y = y + compact_term(x, *compact)
         x_sel = x.index_select(-1, idx) if ctx.needs_input_grad[3] else None
         ctx.save_for_backward(x_sel)
-        ctx.weight = weight if ctx.needs_input_grad[0] else None  # by reference, as in ChannelSparseConv2d
+        # By reference, as in ChannelSparseConv2d (the compact deltas: a fresh tensor of |channels| x C').
+        ctx.weight, ctx.compact = (weight, compact) if ctx.needs_input_grad[0] else (None, None)
         return y
 
     @staticmethod
@@ -228,10 +238,13 @@ class ChannelSparseLinear(torch.autograd.Function):
         grad_x = grad_segment = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_y @ weight.to(grad_y.dtype)
+            if ctx.compact is not None:
+                channels, delta = ctx.compact
+                grad_x.index_add_(-1, channels, grad_y @ delta.to(grad_y.dtype).t())
         if x_sel is not None:
             flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
             compact = x_sel.reshape(-1, x_sel.shape[-1]).to(grad_y.dtype).t() @ flat_grad  # (|S|, C')
             grad_segment = compact.reshape(-1)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
-        return grad_x, None, grad_bias, grad_segment, None
+        return grad_x, None, grad_bias, grad_segment, None, None

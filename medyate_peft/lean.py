@@ -650,7 +650,7 @@ def _tagging_layer(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any)
         return _tag_through(y, layer.get_base_layer(), x, layer=True)
     if layer.get_base_layer().weight.requires_grad:
         return y
-    return _tag_through(y, lambda src: layer._dense(src, layer.effective_weight()), x, layer=True)
+    return _tag_through(y, layer._training_output, x, layer=True)
 
 
 def _optional_class(module_name: str, class_name: str) -> type | None:

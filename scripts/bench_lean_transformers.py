@@ -310,8 +310,8 @@ def _kept_table(rows: list[dict[str, Any]]) -> list[str]:
 def _step_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = _section(
         "Whole training step (AdamW), peak memory",
-        "*peak* = parameters + buffers + other tensors the modules hold (*held*: MeDyate's kept effective "
-        "weights, one copy of each layer whose channels changed) + optimizer state (live before the step, exact "
+        "*peak* = parameters + buffers + other tensors the modules hold between steps (*held*: kept effective "
+        "weights of MeDyate layers that train without the compact term) + optimizer state (live before the step, exact "
         "sizes) + the peak of the CPU bytes the step allocates above that (torch.profiler memory timeline: "
         "activations, gradients, temporaries, the optimizer's work). *saved*: bytes autograd keeps for backward "
         "(saved_tensors_hooks; what a checkpointed attention module reruns is not kept, so not counted); "
@@ -376,10 +376,11 @@ NOTES = """## Notes
   with frozen embeddings): the cost is in the FLOPs and time columns.
 - The Llama runs with `use_cache=False`: a training forward with a cache fills it with every layer's key
   and value, and a rerun would fill it twice, so `lean_recompute` keeps q/k/v (and warns) when one is filled.
-- *held*: each MeDyate layer whose channels changed keeps an effective weight (base + deltas, a full copy of
-  the layer's weight) between steps, for speed. With trained channels in most layers (`full_random`) that is
-  most of the model's weights again, the reason MeDyate's peak is not below LoRA's on the two larger
-  networks; the earlier version of this table left it out.
+- *held*: a MeDyate Linear layer trains with a compact term for its changed channels (base output +
+  x[..., S] @ dW[:, S]^T while S is at most a quarter of its inputs), so it keeps no effective weight
+  between steps. The earlier version kept one per layer whose channels changed (a full copy of its weight:
+  41 / 313 / 288 MiB here), which put MeDyate's peak at 0.83x / 1.05x / 1.20x LoRA's. The compact term's
+  step time against the kept weight: results/compact_term.md.
 """
 
 

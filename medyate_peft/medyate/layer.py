@@ -11,10 +11,16 @@ channels whose delta is non-zero (the tuner reports its flat vector as zeros, as
 `load_state_dict` accepts that form for any number of channels, so a state dict round-trips through
 saving and loading as PEFT expects.
 
-The effective weight (base + deltas) is kept between calls, since rebuilding it is a weight-sized
-copy: when only the trained values changed (an optimizer step), just the live channels' slices are
-rewritten, from the same operands as a full rebuild, so the result stays bit-identical to what a
-reloaded adapter computes. The price is one weight-sized tensor per layer that holds deltas.
+Without grad (inference) a layer computes with its effective weight (base + deltas), the arithmetic
+`merge` bakes in, so unmerged, reloaded and merged models give bit-identical outputs. That weight is
+kept between calls, since rebuilding it is a weight-sized copy: when only the trained values changed
+(an optimizer step), just the live channels' slices are rewritten, from the same operands as a full
+rebuild. The price is one weight-sized tensor per layer that holds deltas.
+
+A training forward (grad enabled) of a Linear/Conv1D keeps no such copy while its stored channels are
+at most `compact_fraction` of its inputs: it adds a compact term for them, base(x) + x[..., S] @ dW[:, S]^T,
+whose extra matmul is that fraction of the layer's. Its outputs equal the inference ones up to rounding.
+Conv2d keeps the effective weight (the vision nets' weights are small and the speed counts there).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from ..kernels import (
     Selection,
     add_to_channels,
     channel_coords,
+    compact_term,
     gather_channels,
     set_channels,
     set_channels_at,
@@ -144,18 +151,24 @@ class MeDyateLayer(BaseTunerLayer):
 
     # -- live selection -----------------------------------------------------------------------
     def set_live(self, adapter_name: str, values: nn.Parameter, selection: Selection | None) -> None:
-        """Point the adapter's trainable channels at a segment of the flat vector (None: none)."""
+        """Point the adapter's trainable channels at a segment of the flat vector (None: none).
+
+        The stored channels become those with a non-zero delta and the selected ones (new ones at zero):
+        channels selected once but never changed are dropped, so they cost the compact term nothing.
+        """
         self._weight_cache = None
+        index, delta = self.medyate_index[adapter_name], self.medyate_delta[adapter_name]
+        chosen = selection.idx.to(index.device) if selection is not None else index[:0]
+        if not delta.is_meta:
+            keep = (delta.flatten(1) != 0).any(dim=1) | torch.isin(index, chosen)
+            new = chosen[~torch.isin(chosen, index)]
+            if len(new) or not bool(keep.all()):
+                zeros = delta.new_zeros(len(new), *self.slice_shape)
+                self.set_delta(adapter_name, torch.cat([index[keep], new]), torch.cat([delta[keep], zeros]))
         if selection is None:
             self.live.pop(adapter_name, None)
-            return
-        index = self.medyate_index[adapter_name]
-        new = selection.idx[~torch.isin(selection.idx, index)]
-        if len(new):
-            delta = self.medyate_delta[adapter_name]
-            zeros = delta.new_zeros(len(new), *self.slice_shape)
-            self.set_delta(adapter_name, torch.cat([index, new.to(index.device)]), torch.cat([delta, zeros]))
-        self.live[adapter_name] = (values, selection)
+        else:
+            self.live[adapter_name] = (values, selection)
 
     def live_values(self, adapter_name: str) -> torch.Tensor | None:
         if adapter_name not in self.live:
@@ -346,13 +359,18 @@ class MeDyateLayer(BaseTunerLayer):
         if base_weight.requires_grad:
             # The user unfroze the base weight: plain autograd keeps its gradient.
             return self._dense(x, base_weight + (self.effective_weight() - base_weight.detach()))
-        needs_graph = trainable is not None or (self.lean_backward and torch.is_grad_enabled() and x.requires_grad)
-        if not needs_graph:
+        if not torch.is_grad_enabled():
             return self._dense(x, self.effective_weight())
+        if trainable is None and not (self.lean_backward and x.requires_grad):
+            return self._training_output(x)
         return self._sparse(x, trainable[1] if trainable is not None else None)
 
     def _dense(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _training_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The output a training forward computes, by plain autograd (and the lean backward's rerun)."""
+        return self._dense(x, self.effective_weight())
 
     def _sparse(self, x: torch.Tensor, sel: Selection | None) -> torch.Tensor:
         raise NotImplementedError
@@ -485,12 +503,36 @@ class Conv2d(_WrappedLayer):
 class Linear(_WrappedLayer):
     """MeDyate on nn.Linear; inputs (N, C) or (N, ..., C) with tokens on the middle dims."""
 
+    # Largest share of the inputs with stored deltas for which a training forward adds a compact term
+    # instead of keeping the effective weight: beyond it the term's matmul and slices cost more than the copy.
+    compact_fraction = 0.25
+
     def _dense(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.get_base_layer().bias)
 
+    def _compact_delta(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(channels, their deltas (|channels|, C') with live values folded in) of the active adapters, for
+        the compact term; None where the effective weight serves (no channels, or too many)."""
+        adapters = [a for a in self._contributing_adapters() if len(self.medyate_index[a])]
+        count = sum(len(self.medyate_index[a]) for a in adapters)
+        if not count or count > self.compact_fraction * self.in_features:
+            return None
+        self._weight_cache = None  # the compact term replaces the kept weight
+        parts = [self.folded_delta(a) for a in adapters]
+        index, delta = parts[0] if len(parts) == 1 else (torch.cat(p) for p in zip(*parts, strict=True))
+        return index, delta.view(count, -1)
+
+    def _training_output(self, x: torch.Tensor) -> torch.Tensor:
+        compact = self._compact_delta()
+        if compact is None:
+            return self._dense(x, self.effective_weight())
+        return self._dense(x, self._base_weight().detach()) + compact_term(x, *compact)
+
     def _sparse(self, x: torch.Tensor, sel: Selection | None) -> torch.Tensor:
         segment, idx = (sel.segment(), sel.idx) if sel is not None else (None, None)
-        return ChannelSparseLinear.apply(x, self.effective_weight(), self.get_base_layer().bias, segment, idx)
+        compact = self._compact_delta()
+        weight = self.effective_weight() if compact is None else self._base_weight().detach()
+        return ChannelSparseLinear.apply(x, weight, self.get_base_layer().bias, segment, idx, compact)
 
 
 class Conv1D(Linear):
