@@ -240,18 +240,21 @@ def measure_training_step(
 
 
 def measure_step(tuner: MeDyateModel, adapter: str, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """One measured training step of the adapter, in train mode; its channel norms are restored too."""
+    """One measured training step of the adapter, in train mode; its channel norms are restored too, and the
+    epoch watch does not take its batch for a training batch."""
     plan = tuner.plans[adapter]
     tracker_state = plan.tracker.state_dict()
-    was_training = tuner.training
+    was_training, measuring = tuner.training, tuner._measuring
     try:
         tuner.train()
+        tuner._measuring = True
         by_module, grads = measure_training_step(
             lambda: _scalar_loss(tuner(*args, **kwargs)), tuner.model, owner=tuner
         )
     finally:
         plan.tracker.load_state_dict(tracker_state)
         tuner.train(was_training)
+        tuner._measuring = measuring
     return {
         "by_module": by_module,
         "values_grad_bytes": grads.get(f"medyate_values.{adapter}", 0),

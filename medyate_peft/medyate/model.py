@@ -221,7 +221,7 @@ class MeDyateModel(BaseTuner):
             self.register_state_dict_post_hook(_values_as_saved)
             self.register_load_state_dict_pre_hook(_values_as_loaded)
             self._epoch_watch, self._epoch_warned = EpochWatch(), False
-            self._measuring = False  # memory_report's measured step is not a training batch
+            self._measuring = False  # a measured step (measure.measure_step) is not a training batch
         # PEFT keeps the trainability of existing adapters when one is added, for parameters of the model;
         # the flat vectors live on the tuner, so they are kept here.
         trainable = {name: values.requires_grad for name, values in self.medyate_values.items()}
@@ -903,9 +903,5 @@ class MeDyateModel(BaseTuner):
         from ..measure import memory_report
 
         adapter_name = adapter_name or self.active_adapters[0]
-        measuring, self._measuring = self._measuring, True
-        try:
-            return memory_report(self, adapter_name, args, kwargs, compare_lean=compare_lean, optimizer=optimizer)
-        finally:
-            self._measuring = measuring
+        return memory_report(self, adapter_name, args, kwargs, compare_lean=compare_lean, optimizer=optimizer)
 
