@@ -577,6 +577,9 @@ def _run(spec: dict, record_path: str, ckpt_path: Path | None, deadline: float |
             loss.backward()
             if recipe.get("clip_grad_norm"):
                 run["grad_norms"].append(float(torch.nn.utils.clip_grad_norm_(setup.params, recipe["clip_grad_norm"])))
+            else:  # measured, not applied: whether a method needs clipping is read off these
+                grads = [p.grad for p in setup.params if p.grad is not None]
+                run["grad_norms"].append(float(torch.nn.utils.get_total_norm(grads)))
             optimizer.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the step's kernels, not just their launch
@@ -622,7 +625,7 @@ def _run(spec: dict, record_path: str, ckpt_path: Path | None, deadline: float |
         "draws": run["draws"],
         "grad_norm_median": statistics.median(run["grad_norms"]) if run["grad_norms"] else None,
         "clipped_share": (sum(n > recipe["clip_grad_norm"] for n in run["grad_norms"]) / len(run["grad_norms"])
-                          if run["grad_norms"] else None),
+                          if run["grad_norms"] and recipe.get("clip_grad_norm") else None),
         "train_size": len(task.train[1]),
         "eval_size": None if top1 is None else len(task.eval[1]),
         "val_size": None if task.val is None else len(task.val[1]),

@@ -241,6 +241,55 @@ def trend_table(finals: list[dict], label: dict[str, str]) -> list[str]:
     return [*lines, ""]
 
 
+def upper_bound_table(finals: list[dict], label: dict[str, str]) -> list[str]:
+    """Full fine-tuning − every budgeted method at every budget, paired by seed: the upper bound holds where > 0."""
+    top = by_seed(finals)
+    lines = ["| network / dataset | method | budget (slots) | full FT − method, pp (paired by seed, 95 % t) | "
+             "full FT is the upper bound ... |", "|---|---|---:|---|---|"]
+    for (network, dataset, method, budget), seeds in sorted(top.items(), key=lambda kv: (kv[0][:2], _order(kv[0][2]),
+                                                                                           kv[0][3] or 0)):
+        full = top.get((network, dataset, "full", None))
+        if budget is None or not full:
+            continue
+        diff = paired(full, seeds)
+        word = {"**holds, resolved**": "**yes, resolved**", "**fails, resolved**": "**no, resolved**"}.get(
+            verdict(diff), verdict(diff).replace("holds", "yes").replace("fails", "no"))
+        lines.append(f"| {network} / {dataset} | {label.get(method, method)} | {budget:,} | "
+                     f"{diff.text(signed=True)} | {word} |")
+    if len(lines) == 2:
+        return ["No network has both full fine-tuning and a budgeted method recorded.", ""]
+    return [*lines, ""]
+
+
+def clipping_table(unclipped: list[dict], clipped_records: list[dict], label: dict[str, str]) -> list[str]:
+    """Each unclipped sweep run beside the clipped suite's run of the same network, method, budget, seed and lr.
+
+    A method needs clipping where its best clipped lr beats its best unclipped one on validation.
+    """
+    index = {(r["network"], r["dataset"], r["method"], r["budget_slots"], r["seed"], r.get("lr")): r
+             for r in clipped_records if r.get("phase") == "sweep"}
+    lines = ["| network / dataset | method | lr | val top-1 %, unclipped | clipped (1.0) | median grad norm, "
+             "unclipped |", "|---|---|---:|---:|---:|---:|"]
+    best: dict[tuple, list[float]] = defaultdict(lambda: [-1.0, -1.0])
+    for r in sorted(unclipped, key=lambda r: (r["network"], _order(r["method"]), r["lr"])):
+        c = index.get((r["network"], r["dataset"], r["method"], r["budget_slots"], r["seed"], r["lr"]))
+        key = (r["network"], r["dataset"], r["method"])
+        best[key][0] = max(best[key][0], r["val_top1"])
+        if c is not None:
+            best[key][1] = max(best[key][1], c["val_top1"])
+        norm = r.get("grad_norm_median")
+        with_clip = "-" if c is None else f"{100 * c['val_top1']:.2f}"
+        lines.append(f"| {r['network']} / {r['dataset']} | {label.get(r['method'], r['method'])} | {r['lr']:g} | "
+                     f"{100 * r['val_top1']:.2f} | {with_clip} | {'-' if norm is None else f'{norm:.2f}'} |")
+    lines += ["", "| network / dataset | method | best unclipped | best clipped | needs clipping |",
+              "|---|---|---:|---:|---|"]
+    for (network, dataset, method), (free, clip) in best.items():
+        need = "-" if clip < 0 else ("yes" if clip > free else "no")
+        lines.append(f"| {network} / {dataset} | {label.get(method, method)} | {100 * free:.2f} | "
+                     f"{'-' if clip < 0 else f'{100 * clip:.2f}'} | {need} |")
+    return [*lines, ""]
+
+
 def default_lines(finals: list[dict], candidates: tuple[str, ...], label: dict[str, str]) -> list[str]:
     """The default's bar (≥ TraDy within the interval at every budget, no fall with the budget), per candidate."""
     lines = ["| candidate default | meets the bar | why / checked on |", "|---|---|---|"]

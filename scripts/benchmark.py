@@ -124,7 +124,7 @@ def grid(config: dict, runs: Path | None = None) -> list[dict]:
             tried = [{**spec, "id": run_id(spec)} for spec in tried]
             specs += tried
             chosen = chosen_lr(tried, runs or RUNS)
-            if chosen is None:
+            if chosen is None or sweep.get("only"):
                 continue
             for seed, index in itertools.product(cell["seeds"], indices):
                 spec = {**_spec(config, cell, method, seed, index), "lr": chosen, "phase": "final"}
@@ -627,22 +627,33 @@ def _determinism(sweeps: list[dict], finals: list[dict], chosen: dict) -> str:
             + ("." if same == len(pairs) else f" (largest gap {100 * max(pairs):.2f} pp)."))
 
 
-def resolved_report(configs: list[dict], command: str, records: list[dict]) -> list[str]:
-    """BENCHMARK.md of a grid with a learning-rate sweep: intervals, paired differences, the default's bar."""
+def resolved_report(configs: list[dict], command: str, records: list[dict], name: str = DEFAULT_REPORT) -> list[str]:
+    """<name>.md of a grid with a learning-rate sweep: intervals, paired differences, the default's bar.
+
+    A config's `title` heads the report; `compare_clipping` (a suite name) adds the sweep's validation
+    top-1 against that suite's sweep, run by run, to say whether each method needs the other's clipping.
+    """
     import bench_report as br
 
     sweeps, finals, chosen, missing = _sweep_and_finals(configs, records)
+    default = name == DEFAULT_REPORT
     if finals:
-        plots(finals)
+        plots(finals, "" if default else f"{name.lower()}_")
     compute = sum(r["wall_seconds"] for r in sweeps + finals) / 60
     sweep = configs[0]["lr_sweep"]
+    title = configs[0].get("title", "MeDyate / TraDy / a cost-aware MeDyate, with intervals that say what is resolved")
+    compare = configs[0].get("compare_clipping")
+    clipping = (["## Does every method need clipping? (validation top-1 %, seed 0, the same sweep)", "",
+                 *br.clipping_table(sweeps, load_records({compare}), METHOD_LABEL)] if compare else [])
+    plot_prefix = "" if default else name.lower() + "_"
     return [
-        "# Benchmark: MeDyate / TraDy / a cost-aware MeDyate, with intervals that say what is resolved", "",
+        f"# Benchmark: {title}", "",
         "Command (resumes: runs whose record exists in `results/runs/` are skipped):", "",
         "```", command, "```", "",
         f"{len(sweeps)} sweep runs and {len(finals)} final runs recorded, {compute:.1f} min of run wall-clock "
-        "(one torch thread a run, on a 2-core CPU shared with other work: step times are noisy). The previous "
-        "grid's report is `results/BENCHMARK_v1.md` (its records stay in `results/runs/`, suite `vision`/`text`).",
+        "(one torch thread a run, on a 2-core CPU shared with other work: step times are noisy)."
+        + (" The previous grid's report is `results/BENCHMARK_v1.md` (its records stay in `results/runs/`, suite "
+           "`vision`/`text`)." if default else ""),
         "",
         "## Recipe (the same for every method)", "", *recipe_lines(configs), "",
         f"Learning rate: the same sweep for every method, lr ∈ {{{', '.join(f'{lr:g}' for lr in sweep['lrs'])}}}, "
@@ -652,9 +663,10 @@ def resolved_report(configs: list[dict], command: str, records: list[dict]) -> l
         "(network, dataset, method) and used at every seed and budget. The test split is evaluated in the final "
         "runs only. Intervals: 95 % t-interval over seeds; differences paired by seed; *resolved* = the interval "
         "excludes 0.", "",
-        _notes(RESULTS / "BENCHMARK.md"), "",
+        _notes(RESULTS / f"{name}.md"), "",
         "## Learning-rate sweep (validation top-1 %, seed 0)", "",
         *br.sweep_table(sweeps, chosen, METHOD_LABEL), _determinism(sweeps, finals, chosen), "",
+        *clipping,
         "## Results (test top-1 on the full test split)", "",
         "`draws`: channel selections that trained in a run (the first included); `weight slots of the last draw`: "
         "weight-gradient slots the last selection trains; `clipped steps`: share of steps whose global gradient "
@@ -662,19 +674,21 @@ def resolved_report(configs: list[dict], command: str, records: list[dict]) -> l
         *br.results_table(finals, METHOD_LABEL),
         "## Ordering at equal budget", "",
         *br.claims_table(finals),
+        "## Is full fine-tuning the upper bound? (full FT − each budgeted run, paired by seed)", "",
+        *br.upper_bound_table(finals, METHOD_LABEL),
         "## Does more memory help? (per method, paired by seed)", "",
         *br.trend_table(finals, METHOD_LABEL),
         "## The default strategy's bar", "",
         "A default must be ≥ TraDy within the interval at every budget (a − TraDy not resolved below 0) and its "
         "accuracy must not fall as the budget grows (no budget step resolved below 0, and the largest budget's "
         "mean at least the smallest's).", "",
-        *br.default_lines(finals, ("medyate", "medyate-ca", "trady"), METHOD_LABEL),
-        "Plots: `results/accuracy_vs_budget.png`, `results/memory_vs_accuracy.png` (bars: seed min-max); the "
-        "previous grid's: `results/*_v1.png`.", "",
+        *br.default_lines(finals, tuple(m for m in ("medyate", "medyate-ca", "trady")
+                                        if any(m in c["methods"] for c in configs)), METHOD_LABEL),
+        f"Plots: `results/{plot_prefix}accuracy_vs_budget.png`, `results/{plot_prefix}memory_vs_accuracy.png` "
+        "(bars: seed min-max)" + ("; the previous grid's: `results/*_v1.png`." if default else "."), "",
         "## What was run and what was not", "",
         *(missing or ["- every planned run is recorded"]), "",
-        "GPU run at the papers' full recipe (`scripts/bench_configs/vision_full_recipe.yaml`): not run: no GPU lent.",
-        "",
+        *_full_recipe_line(name),
     ]
 
 
@@ -689,7 +703,7 @@ def report(configs: list[dict], command: str) -> None:
     if any("lr_sweep" in c for c in configs):
         md = RESULTS / f"{name}.md"
         with atomic_write(md) as handle:
-            handle.write("\n".join(resolved_report(configs, command, records)))
+            handle.write("\n".join(resolved_report(configs, command, records, name)))
         print(f"wrote {md}")
         return
     if records:

@@ -233,3 +233,41 @@ def test_ordering_marks_which_differences_are_resolved_and_the_default_bar() -> 
     assert not br.meets_default_bar([r for r in finals if r["seed"] == 0], "medyate-ca")[0]  # n = 1 decides nothing
     ok, checked = br.meets_default_bar(finals, "trady")  # the reference: its trend alone
     assert ok and checked == ["net / data @ 100", "net / data @ 200"]
+
+
+def test_upper_bound_table_pairs_full_fine_tuning_with_every_budgeted_run() -> None:
+    import bench_report as br
+
+    finals = [{**_final("full", s, None, 0.80 + d), "method": "full"} for s, d in enumerate((0.0, 0.005, -0.004))]
+    finals += [_final("trady", s, b, top) for s in range(3) for b, top in ((100, 0.70 + s / 1000), (200, 0.80))]
+    table = "\n".join(br.upper_bound_table(finals, {"trady": "TraDy"}))
+    assert "| net / data | TraDy | 100 | +9.93 ± " in table and "**yes, resolved**" in table
+    assert "| net / data | TraDy | 200 | +0.03 ± " in table and "yes, not resolved" in table
+    assert "no full" not in table and len(table.splitlines()) == 4
+    assert br.upper_bound_table([r for r in finals if r["method"] != "full"], {})[0].startswith("No network")
+
+
+def test_clipping_table_says_which_methods_need_the_clip() -> None:
+    import bench_report as br
+
+    def sweep(method: str, lr: float, val: float, norm: float | None = None) -> dict:
+        return {"network": "net", "dataset": "data", "method": method, "budget_slots": 5, "seed": 0, "lr": lr,
+                "val_top1": val, "phase": "sweep", "grad_norm_median": norm}
+
+    unclipped = [sweep("trady", 0.1, 0.60, 3.0), sweep("trady", 0.3, 0.50, 4.0), sweep("full", 0.1, 0.30, 9.0)]
+    clipped = [sweep("trady", 0.1, 0.55), sweep("trady", 0.3, 0.58), sweep("full", 0.1, 0.40),
+               {**sweep("full", 0.1, 0.99), "phase": "final"}]  # finals are never compared
+    lines = br.clipping_table(unclipped, clipped, {"trady": "TraDy", "full": "full"})
+    verdicts = {line.split(" | ")[1]: line.rsplit(" | ", 1)[1] for line in lines if line.count("|") == 6 and
+                line.split(" | ")[-1].strip("| ") in ("yes", "no")}
+    assert verdicts == {"TraDy": "no |", "full": "yes |"}
+    assert "| net / data | TraDy | 0.3 | 50.00 | 58.00 | 4.00 |" in lines
+
+
+def test_a_sweep_only_grid_plans_no_final_runs(tmp_path: Path) -> None:
+    config = _sweep_config(tmp_path)
+    config["lr_sweep"] = {**config["lr_sweep"], "only": True}
+    runs = tmp_path / "runs"
+    for spec in benchmark.grid(config, runs):
+        _write(runs, spec, val_top1=0.5)
+    assert {s["phase"] for s in benchmark.grid(config, runs)} == {"sweep"}
