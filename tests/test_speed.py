@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import traceback
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,3 +263,24 @@ def test_the_epoch_watch_reads_its_verdict_every_few_batches_on_an_accelerator(m
         step(model, optimizer, *data[2])
     assert [str(w.message) for w in caught if "came round again" in str(w.message)][0].startswith(
         "MeDyate: the training data came round again after 5 batches")
+
+
+def test_a_came_round_verdict_still_on_the_device_is_read_at_resample(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medyate_peft import epochs
+
+    monkeypatch.setitem(epochs.CHECK_EVERY, "cpu", 4)
+    model = relu6_model()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(5)]
+    for x, y in data + data[:2]:  # came round at batch 6, not read yet (next check at batch 8)
+        step(model, optimizer, x, y)
+    with pytest.warns(UserWarning, match="came round again after 5 batches without resample") as caught:
+        model.base_model.resample(optimizer)
+    assert Path(caught[0].filename).resolve() == Path(__file__).resolve()  # points at the caller's resample()
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        for x, y in data:  # a fresh epoch after the resample: nothing to say
+            step(model, optimizer, x, y)
+        model.base_model.resample(optimizer)
+    assert not [w for w in later if "came round again" in str(w.message)]

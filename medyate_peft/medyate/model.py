@@ -550,6 +550,8 @@ class MeDyateModel(BaseTuner):
         strategy = get_strategy(config.strategy)
         values = self.medyate_values[adapter_name]
         optim_state.check_optimizer(optimizer, values, adapter_name)
+        if not self._epoch_warned:  # a verdict the device held and no batch read yet (accelerators read every 32)
+            self._warn_came_round(self._epoch_watch.check(), stacklevel=3)
         self._epoch_watch.reset()
         if plan.pool is None:
             if plan.probe is None:
@@ -702,17 +704,21 @@ class MeDyateModel(BaseTuner):
         main = kwargs.get(getattr(self.model, "main_input_name", None) or "")
         if main is None:
             main = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
-        before = self._epoch_watch.observe(main) if isinstance(main, torch.Tensor) else None
-        if before is not None:
-            self._epoch_warned = True
-            warnings.warn(
-                f"MeDyate: the training data came round again after {before} batches without "
-                "resample() (most samples of this batch were already seen): call model.base_model.resample(optimizer) "
-                "at the end of every epoch (MeDyateCallback does it under the Trainer), or the same channels keep "
-                "training",
-                UserWarning,
-                stacklevel=2,
-            )
+        self._warn_came_round(self._epoch_watch.observe(main) if isinstance(main, torch.Tensor) else None)
+
+    def _warn_came_round(self, before: int | None, stacklevel: int = 3) -> None:
+        """Warn once that the data came round after `before` batches without resample() (None: it did not)."""
+        if before is None:
+            return
+        self._epoch_warned = True
+        warnings.warn(
+            f"MeDyate: the training data came round again after {before} batches without "
+            "resample() (most samples of this batch were already seen): call model.base_model.resample(optimizer) "
+            "at the end of every epoch (MeDyateCallback does it under the Trainer), or the same channels keep "
+            "training",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
     def _watch_input_sizes(self, module: nn.Module, args: tuple, output: Any) -> None:
         """After a training forward: record the live activation sizes; warn once (or refuse) on overshoot."""
