@@ -46,7 +46,7 @@ DATA_DIR = Path(os.environ.get("MEDYATE_DATA_DIR") or next(
     (p for p in (REPO.parent / "shared" / "assets" / "data", REPO / "shared" / "assets" / "data") if p.is_dir()),
     REPO.parent / "shared" / "assets" / "data"))
 CACHE_DIR = Path(os.environ.get("MEDYATE_BENCH_CACHE", Path.home() / ".cache" / "medyate-bench"))
-BASELINES = ("full", "classifier", "lora")
+BASELINES = ("full", "classifier", "lora", "full_frozen_bn")
 TEXT_MAX_LENGTH = 64
 
 
@@ -319,10 +319,17 @@ def medyate_config(spec: dict, input_size: list[int]) -> Any:
 def setup_method(spec: dict, model: nn.Module, task: Task) -> Setup:
     """Wrap `model` for the method of `spec` and say what is trainable."""
     method = spec["method"]
-    if method == "full":
+    if method in ("full", "full_frozen_bn"):
         for p in model.parameters():
             p.requires_grad_(True)
-        return Setup(model, list(model.parameters()), model.train, {})
+        if method == "full":
+            return Setup(model, list(model.parameters()), model.train, {})
+
+        def train_all() -> None:  # BatchNorm's affine weights train, its running statistics stay, as in every other method
+            model.train()
+            freeze_bn_stats(model)
+
+        return Setup(model, list(model.parameters()), train_all, {})
     if method == "classifier":
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("classifier"))
@@ -384,7 +391,7 @@ def measure_step(setup: Setup, spec: dict, batch: Any) -> dict:
         "weight_grad_bytes": sum(grads.values()),
         "head_grad_bytes": head,
     }
-    if spec["method"] == "full":
+    if spec["method"] in ("full", "full_frozen_bn"):
         out["analytical_used_slots"] = sum(c.layer_slots for c in candidate_costs(model, batch))
     elif spec["method"] == "classifier":
         out["analytical_used_slots"] = 0
@@ -397,8 +404,8 @@ def adapter_file(setup: Setup, spec: dict) -> tuple[int, str]:
     from safetensors.torch import save_model
 
     with tempfile.TemporaryDirectory() as d:
-        if spec["method"] in BASELINES[:2]:
-            module = setup.model if spec["method"] == "full" else setup.model.get_submodule("classifier")
+        if spec["method"] in ("full", "full_frozen_bn", "classifier"):
+            module = setup.model if spec["method"] != "classifier" else setup.model.get_submodule("classifier")
             path = Path(d) / "model.safetensors"
             save_model(module, str(path))
         else:

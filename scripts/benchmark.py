@@ -48,12 +48,13 @@ DEFAULT_RANKING_STEPS = 50  # rankings made with another number of steps carry i
 DEFAULT_REPORT = "BENCHMARK"
 BUDGET_METHODS = ("static_random", "trady", "medyate", "det_rgn")
 METHOD_LABEL = {
-    "full": "full fine-tuning", "classifier": "classifier only", "lora": "LoRA (pointwise)",
+    "full": "full fine-tuning", "full_frozen_bn": "full fine-tuning, BN statistics frozen",
+    "classifier": "classifier only", "lora": "LoRA (pointwise)",
     "static_random": "static random", "trady": "TraDy", "medyate": "MeDyate", "det_rgn": "D-DetRGN oracle",
     "medyate-ca": "MeDyate-CA (cost-aware)",
 }
 RANKED_STRATEGIES = ("trady", "medyate")
-BASELINES = ("full", "classifier", "lora")
+BASELINES = ("full", "classifier", "lora", "full_frozen_bn")
 NOTES_START, NOTES_END = "<!-- notes: kept when the report is regenerated -->", "<!-- /notes -->"
 
 

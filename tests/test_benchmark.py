@@ -240,9 +240,9 @@ def test_upper_bound_table_pairs_full_fine_tuning_with_every_budgeted_run() -> N
 
     finals = [{**_final("full", s, None, 0.80 + d), "method": "full"} for s, d in enumerate((0.0, 0.005, -0.004))]
     finals += [_final("trady", s, b, top) for s in range(3) for b, top in ((100, 0.70 + s / 1000), (200, 0.80))]
-    table = "\n".join(br.upper_bound_table(finals, {"trady": "TraDy"}))
-    assert "| net / data | TraDy | 100 | +9.93 ± " in table and "**yes, resolved**" in table
-    assert "| net / data | TraDy | 200 | +0.03 ± " in table and "yes, not resolved" in table
+    table = "\n".join(br.upper_bound_table(finals, {"trady": "TraDy", "full": "full"}))
+    assert "| net / data | full − TraDy | 100 | +9.93 ± " in table and "**yes, resolved**" in table
+    assert "| net / data | full − TraDy | 200 | +0.03 ± " in table and "yes, not resolved" in table
     assert "no full" not in table and len(table.splitlines()) == 4
     assert br.upper_bound_table([r for r in finals if r["method"] != "full"], {})[0].startswith("No network")
 
@@ -271,3 +271,23 @@ def test_a_sweep_only_grid_plans_no_final_runs(tmp_path: Path) -> None:
     for spec in benchmark.grid(config, runs):
         _write(runs, spec, val_top1=0.5)
     assert {s["phase"] for s in benchmark.grid(config, runs)} == {"sweep"}
+
+
+def test_full_fine_tuning_with_frozen_bn_statistics_trains_every_weight_and_keeps_the_running_stats() -> None:
+    import bench_common
+    import torch
+    from torch import nn
+
+    for method, stats_move in (("full", True), ("full_frozen_bn", False)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+        model(torch.randn(2, 3, 6, 6))
+        setup = bench_common.setup_method({"method": method}, model, None)
+        setup.train_mode()
+        mean, weight = model[1].running_mean.clone(), model[1].weight.detach().clone()
+        optimizer = torch.optim.SGD(setup.params, lr=0.1)
+        model(torch.randn(8, 3, 6, 6) + 3).sum().backward()
+        optimizer.step()
+        assert len(setup.params) == len(list(model.parameters()))
+        assert not torch.equal(model[1].weight, weight), method  # BN's affine weights train either way
+        assert torch.equal(model[1].running_mean, mean) != stats_move, method
