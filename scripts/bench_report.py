@@ -103,10 +103,11 @@ def claim_rows(finals: list[dict]) -> list[tuple[str, str, int, Interval]]:
     rows = []
     for network, dataset in cells:
         budgets = sorted({k[3] for k in top if k[:2] == (network, dataset) and k[3] is not None})
-        for label, a, b in CLAIMS:
+        ran = {k[2] for k in top if k[:2] == (network, dataset)}
+        for label, a, b in (claim for claim in CLAIMS if {claim[1], claim[2]} <= ran):  # methods of this grid
             for budget in budgets:
                 x, y = top.get((network, dataset, a, budget)), top.get((network, dataset, b, budget))
-                if x or y:  # one side alone: listed, with no paired seeds
+                if x or y:  # one side alone at this budget: listed, with no paired seeds
                     rows.append((f"{network} / {dataset}", label, budget, paired(x or {}, y or {})))
     return rows
 

@@ -220,6 +220,8 @@ def test_ordering_marks_which_differences_are_resolved_and_the_default_bar() -> 
                    _final("medyate-ca", seed, 100, 0.60 + (0.01 if seed == 1 else -0.005)),
                    _final("medyate-ca", seed, 200, 0.625 + noise)]
     rows = {(claim, budget): (diff, br.verdict(diff)) for _, claim, budget, diff in br.claim_rows(finals)}
+    without_ca = {claim for _, claim, _, _ in br.claim_rows([r for r in finals if r["method"] != "medyate-ca"])}
+    assert without_ca == {"MeDyate ≥ TraDy", "TraDy ≥ static random", "MeDyate ≥ static random"}
     assert rows[("TraDy ≥ static random", 100)][1] == "**holds, resolved**"
     assert rows[("MeDyate ≥ TraDy", 200)][0].mean == pytest.approx(-0.05)
     assert rows[("MeDyate ≥ TraDy", 200)][1] == "**fails, resolved**"
