@@ -638,15 +638,15 @@ def resolved_report(configs: list[dict], command: str, records: list[dict], name
 
     sweeps, finals, chosen, missing = _sweep_and_finals(configs, records)
     default = name == DEFAULT_REPORT
+    plot_prefix = "" if default else name.lower() + "_"
     if finals:
-        plots(finals, "" if default else f"{name.lower()}_")
+        plots(finals, plot_prefix)
     compute = sum(r["wall_seconds"] for r in sweeps + finals) / 60
     sweep = configs[0]["lr_sweep"]
     title = configs[0].get("title", "MeDyate / TraDy / a cost-aware MeDyate, with intervals that say what is resolved")
     compare = configs[0].get("compare_clipping")
     clipping = (["## Does every method need clipping? (validation top-1 %, seed 0, the same sweep)", "",
                  *br.clipping_table(sweeps, load_records({compare}), METHOD_LABEL)] if compare else [])
-    plot_prefix = "" if default else name.lower() + "_"
     return [
         f"# Benchmark: {title}", "",
         "Command (resumes: runs whose record exists in `results/runs/` are skipped):", "",
