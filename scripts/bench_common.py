@@ -294,6 +294,16 @@ def freeze_bn_stats(model: nn.Module) -> None:
             m.eval()
 
 
+def train_keeping_bn_stats(model: nn.Module) -> Callable[[], None]:
+    """A train-mode switch for `model` that leaves its BatchNorm running statistics as they are."""
+
+    def train() -> None:
+        model.train()
+        freeze_bn_stats(model)
+
+    return train
+
+
 @dataclass
 class Setup:
     model: nn.Module
@@ -322,23 +332,13 @@ def setup_method(spec: dict, model: nn.Module, task: Task) -> Setup:
     if method in ("full", "full_frozen_bn"):
         for p in model.parameters():
             p.requires_grad_(True)
-        if method == "full":
-            return Setup(model, list(model.parameters()), model.train, {})
-
-        def train_all() -> None:  # BatchNorm's affine weights train, its running statistics stay, as in every other method
-            model.train()
-            freeze_bn_stats(model)
-
-        return Setup(model, list(model.parameters()), train_all, {})
+        # full_frozen_bn: BatchNorm's affine weights train, its running statistics stay, as in every other method
+        train = model.train if method == "full" else train_keeping_bn_stats(model)
+        return Setup(model, list(model.parameters()), train, {})
     if method == "classifier":
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("classifier"))
-
-        def train_head() -> None:
-            model.train()
-            freeze_bn_stats(model)
-
-        return Setup(model, [p for p in model.parameters() if p.requires_grad], train_head, {})
+        return Setup(model, [p for p in model.parameters() if p.requires_grad], train_keeping_bn_stats(model), {})
     from peft import LoraConfig, get_peft_model
 
     if method == "lora":
@@ -347,13 +347,9 @@ def setup_method(spec: dict, model: nn.Module, task: Task) -> Setup:
         config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets,
                             modules_to_save=["classifier"])
         peft_model = get_peft_model(model, config)
-
-        def train_lora() -> None:
-            peft_model.train()
-            freeze_bn_stats(peft_model)
-
         params = [p for p in peft_model.parameters() if p.requires_grad]
-        return Setup(peft_model, params, train_lora, {"lora_r": r, "lora_targets": len(config.target_modules)})
+        return Setup(peft_model, params, train_keeping_bn_stats(peft_model),
+                     {"lora_r": r, "lora_targets": len(config.target_modules)})
     peft_model = get_peft_model(model, medyate_config(spec, task.input_size))
     params = [p for p in peft_model.parameters() if p.requires_grad]
     return Setup(peft_model, params, peft_model.train, {})

@@ -126,13 +126,8 @@ def lora_setup(model: nn.Module, budget: int) -> bench_common.Setup:
     r = bench_common.lora_rank(model, targets, budget)
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets,
                                                   modules_to_save=[head]))
-
-    def train() -> None:
-        peft_model.train()
-        bench_common.freeze_bn_stats(peft_model)
-
-    return bench_common.Setup(peft_model, [p for p in peft_model.parameters() if p.requires_grad], train,
-                              {"lora_r": r})
+    return bench_common.Setup(peft_model, [p for p in peft_model.parameters() if p.requires_grad],
+                              bench_common.train_keeping_bn_stats(peft_model), {"lora_r": r})
 
 
 def entries_for(base: nn.Module, kind: str, budget: int, input_size: list[int], ranking: Callable[[str], Path | None],

@@ -247,7 +247,8 @@ def test_non_finite_gradients_are_caught_at_the_next_host_check_on_an_accelerato
     assert plan.epoch == 0 and torch.equal(plan.selected, selected)
 
 
-def test_the_epoch_watch_reads_its_verdict_every_few_batches_on_an_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+def _watch_read_every_4_batches(monkeypatch: pytest.MonkeyPatch) -> tuple[nn.Module, torch.optim.Optimizer, list]:
+    """A model whose epoch watch reads its verdict every 4 batches (as on an accelerator), its optimizer, 5 batches."""
     from medyate_peft import epochs
 
     monkeypatch.setitem(epochs.CHECK_EVERY, "cpu", 4)
@@ -255,6 +256,11 @@ def test_the_epoch_watch_reads_its_verdict_every_few_batches_on_an_accelerator(m
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
     g = torch.Generator().manual_seed(2)
     data = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(5)]
+    return model, optimizer, data
+
+
+def test_the_epoch_watch_reads_its_verdict_every_few_batches_on_an_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, optimizer, data = _watch_read_every_4_batches(monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for x, y in data + data[:2]:  # the data comes round at batch 6; batch 8 is the next check
@@ -266,13 +272,7 @@ def test_the_epoch_watch_reads_its_verdict_every_few_batches_on_an_accelerator(m
 
 
 def test_a_came_round_verdict_still_on_the_device_is_read_at_resample(monkeypatch: pytest.MonkeyPatch) -> None:
-    from medyate_peft import epochs
-
-    monkeypatch.setitem(epochs.CHECK_EVERY, "cpu", 4)
-    model = relu6_model()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    g = torch.Generator().manual_seed(2)
-    data = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(5)]
+    model, optimizer, data = _watch_read_every_4_batches(monkeypatch)
     for x, y in data + data[:2]:  # came round at batch 6, not read yet (next check at batch 8)
         step(model, optimizer, x, y)
     with pytest.warns(UserWarning, match="came round again after 5 batches without resample") as caught:
