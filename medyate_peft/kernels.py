@@ -63,7 +63,14 @@ def set_channels_at(weight: torch.Tensor, groups: int, coords: tuple[torch.Tenso
     """`set_channels` at precomputed `channel_coords`."""
     rows, cols = coords
     grouped = _grouped(weight, groups)
-    grouped[rows, :, cols] = values.view(len(rows), grouped.shape[1], -1).to(weight.dtype)
+    values = values.view(len(rows), grouped.shape[1], -1).to(weight.dtype)
+    # index_copy_ where the channels lie along one dim: one kernel, cheaper than advanced-index assignment
+    if groups == 1:  # columns of (C', C, kh*kw)
+        grouped[0].index_copy_(1, cols, values.transpose(0, 1))
+    elif grouped.shape[2] == 1:  # one channel per group (depthwise): whole groups
+        grouped.view(groups, -1).index_copy_(0, rows, values.view(len(rows), -1))
+    else:
+        grouped[rows, :, cols] = values
 
 
 class SegmentedVector:

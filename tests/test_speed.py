@@ -114,6 +114,48 @@ def test_effective_weight_is_kept_and_refreshed_in_place_bit_exact(monkeypatch) 
     assert torch.equal(layer.effective_weight(), rebuilt)
 
 
+class GroupedConvs(nn.Module):
+    """One conv of each channel layout the kept weight is refreshed in: dense, depthwise, grouped (2 per group)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = nn.Conv2d(3, 8, 3, padding=1)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.grouped(F.relu(self.depthwise(F.relu(self.dense(x)))))).mean((2, 3)))
+
+
+def test_kept_conv_weights_follow_each_step_and_a_swapped_vector_bit_exact() -> None:
+    torch.manual_seed(0)
+    config = MeDyateConfig(budget_kb=64, input_size=[3, 8, 8], strategy="full_random", seed=0, modules_to_save=["head"])
+    model = get_peft_model(GroupedConvs(), config)
+    tuner = model.base_model
+    layers = tuner.medyate_layers()
+    assert {name.split(".")[-1] for name in tuner.selection()} == {"dense", "depthwise", "grouped"}
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+
+    def rebuilt(layer) -> torch.Tensor:
+        adapters = tuple(a for a in layer._contributing_adapters() if len(layer.medyate_index[a]))
+        return layer._build_weight(layer.get_base_layer().weight.detach(), adapters)
+
+    step(model, optimizer, x, y)
+    kept = {name: layer.effective_weight() for name, layer in layers.items()}
+    step(model, optimizer, x, y)
+    for name, layer in layers.items():  # the live channels rewritten in place, the same values as a rebuild
+        assert layer.effective_weight() is kept[name]
+        assert torch.equal(kept[name], rebuilt(layer)), name
+        assert not torch.equal(kept[name], layer.get_base_layer().weight), name
+    values = tuner.medyate_values["default"]
+    with torch.no_grad():
+        values.data = values.data * 2  # a new storage (as `.data` assignment by some optimizers or users)
+    for name, layer in layers.items():
+        assert torch.equal(layer.effective_weight(), rebuilt(layer)), name
+
+
 class ConvNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -234,8 +234,10 @@ class MeDyateLayer(BaseTunerLayer):
             return base
         if torch.compiler.is_compiling():  # in a graph: built functionally, the compiler fuses it
             return self._build_weight(base, adapters)
+        # the live vectors' storage too: the layout keeps views of them (a `.data` swap must not leave them stale)
         key = (base.data_ptr(), base._version, base.dtype, adapters,
-               tuple((self.medyate_delta[a].data_ptr(), self.medyate_delta[a]._version) for a in adapters))
+               tuple((self.medyate_delta[a].data_ptr(), self.medyate_delta[a]._version) for a in adapters),
+               tuple(self.live[a][0].data_ptr() for a in adapters if a in self.live))
         versions = tuple(self.live[a][0]._version if a in self.live else -1 for a in adapters)
         cache = self._weight_cache
         if cache is None or cache[0] != key:
@@ -275,8 +277,9 @@ class MeDyateLayer(BaseTunerLayer):
         single = None
         if len(adapters) == 1 and adapters[0] in self.live:  # channels, stored and live ones: the same list
             weight = self._base_weight().detach()
+            # the live values as a view of the flat vector: it follows the optimizer's in-place steps
             single = (channel_coords(weight, channels), self._base_slices(weight, channels),
-                      self.medyate_delta[adapters[0]].detach()[parts[0][1]])
+                      self.medyate_delta[adapters[0]].detach()[parts[0][1]], self.live_values(adapters[0]))
         return channels, parts, single
 
     def _base_slices(self, base: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
@@ -289,8 +292,8 @@ class MeDyateLayer(BaseTunerLayer):
         (base + (stored delta + live values), rounded once to the weight's dtype)."""
         channels, parts, single = layout
         if single is not None:  # one adapter: a few ops on compact slices kept since the rebuild
-            coords, base_slices, stored = single
-            folded = stored + self.live_values(parts[0][0]).to(stored.dtype)
+            coords, base_slices, stored, live = single
+            folded = stored + live.to(stored.dtype)
             wide = torch.promote_types(weight.dtype, folded.dtype)
             summed = base_slices.to(wide) + folded.view(base_slices.shape).to(wide)
             set_channels_at(weight, self.groups, coords, summed)
@@ -349,7 +352,9 @@ class MeDyateLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        self.activation_positions = activation_positions(self.get_base_layer(), x)
+        positions = activation_positions(self.get_base_layer(), x)
+        if positions != self.activation_positions:  # nn.Module's __setattr__ costs more than the comparison
+            self.activation_positions = positions
         trainable = self._trainable() if torch.is_grad_enabled() else []
         if len(trainable) > 1:
             # Every active adapter counts in the output, as with LoRA; training several at once is refused.
@@ -476,7 +481,14 @@ class Conv2d(_WrappedLayer):
         return None, "constant", tuple(conv.padding)
 
     def _spec(self) -> ConvSpec:
+        """The conv's geometry, worked out once per base layer (every forward needs it)."""
         conv = self.get_base_layer()
+        cached = self.__dict__.get("_spec_of")
+        if cached is None or cached[0] is not conv:
+            cached = self._spec_of = (conv, self._build_spec(conv))
+        return cached[1]
+
+    def _build_spec(self, conv: nn.Conv2d) -> ConvSpec:
         pads, mode, padding = self._padding()
         return ConvSpec(
             in_channels=conv.in_channels,
