@@ -15,6 +15,7 @@ import torch
 
 _POSITIONS = 256
 _MULTIPLIERS = (0x9E3779B97F4A7C15 - (1 << 64), 0xC2B2AE3D27D4EB4F - (1 << 64))  # as signed int64
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 CHECK_EVERY = {"cpu": 1}  # batches between host reads of the verdict, per device type
@@ -69,7 +70,7 @@ class EpochWatch:
         """Two table indices per sample, from its values at fixed positions (on the batch's device, (N, 2))."""
         flat = batch.detach().reshape(batch.shape[0], -1)
         positions, weights = self._probe(flat.shape[1], flat.device)
-        fingerprint = (flat[:, positions].to(torch.float64) @ weights).view(torch.int64)
+        fingerprint = (_as_integers(flat[:, positions]) * weights).sum(dim=1)  # wraps: a hash, integer ops only
         mixed = fingerprint ^ (fingerprint >> 29)
         return torch.stack([torch.remainder(mixed * m, len(self.seen)) for m in _MULTIPLIERS], dim=1)
 
@@ -78,6 +79,13 @@ class EpochWatch:
         if key not in self._probes:
             generator = torch.Generator().manual_seed(features)
             positions = torch.randperm(features, generator=generator)[:_POSITIONS]
-            weights = torch.rand(len(positions), generator=generator, dtype=torch.float64) + 0.5
+            weights = torch.randint(-(1 << 62), 1 << 62, (len(positions),), generator=generator) | 1  # odd
             self._probes[key] = positions.to(device), weights.to(device)
         return self._probes[key]
+
+
+def _as_integers(values: torch.Tensor) -> torch.Tensor:
+    """Each value's bits as an int64 (floats read as same-width integers): no float64, which MPS lacks."""
+    if values.is_floating_point():
+        values = values.contiguous().view(_SAME_WIDTH_INT[values.element_size()])
+    return values.to(torch.int64)

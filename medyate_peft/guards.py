@@ -102,4 +102,4 @@ class ChannelGradientWatch:
         layout, _, norms, epoch = held
         per_layer = zip(layout.names, layout.channels, norms.split([len(c) for c in layout.channels]), strict=True)
         for name, channels, layer_norms in reversed(list(per_layer)):  # in backward's order
-            check_channel_gradients(name, channels, layer_norms.to(torch.float64).cpu(), epoch)
+            check_channel_gradients(name, channels, layer_norms.cpu().to(torch.float64), epoch)

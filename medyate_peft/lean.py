@@ -136,8 +136,10 @@ class EvalBatchNorm(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         bn = ctx.bn
         shape = (-1,) + (1,) * (grad_y.dim() - 2)
-        # ATen's order (invstd in double, then grad*invstd*weight) keeps the CPU result bitwise equal.
-        invstd = (1 / torch.sqrt(bn.running_var.double() + bn.eps)).to(grad_y.dtype)
+        # ATen's order (on the CPU invstd in double, then grad*invstd*weight) keeps the CPU result bitwise
+        # equal; other devices compute it in float32 (ATen's CUDA kernel does, and MPS has no double).
+        wide = torch.float64 if grad_y.device.type == "cpu" else torch.float32
+        invstd = (1 / torch.sqrt(bn.running_var.to(wide) + bn.eps)).to(grad_y.dtype)
         grad_x = grad_y * invstd.view(shape)
         if bn.weight is not None:
             grad_x.mul_(bn.weight.to(grad_y.dtype).view(shape))  # in place: no second activation-sized tensor

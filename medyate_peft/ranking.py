@@ -83,7 +83,7 @@ class GradientStats:
         self.steps = 0
 
     def add(self, name: str, grad: torch.Tensor, groups: int = 1) -> None:
-        norms = channel_norms(grad, groups).to(device="cpu", dtype=torch.float64)
+        norms = channel_norms(grad, groups).cpu().to(torch.float64)  # to the host first: MPS has no float64
         self.channel[name] = self.channel[name] + norms if name in self.channel else norms
         self.layer[name] = self.layer.get(name, 0.0) + float(norms.square().sum().sqrt())
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .budget import LayerCost
+from .devices import wide_float
 
 
 @dataclass(frozen=True)
@@ -116,17 +117,18 @@ class NormTracker:
         `counted` (bool per entry, default all) says which entries count as a measurement; the others
         must carry a norm of 0.
         """
-        if self.epoch_sum.device != norms.device:
-            self.epoch_sum = self.epoch_sum.to(norms.device)
+        wide = wide_float(norms.device)
+        if self.epoch_sum.device != norms.device or self.epoch_sum.dtype != wide:
+            self.epoch_sum = self.epoch_sum.to(norms.device, wide)
             self.epoch_count = self.epoch_count.to(norms.device)
         positions = positions.to(norms.device)
-        self.epoch_sum.index_add_(0, positions, norms.to(torch.float64))
+        self.epoch_sum.index_add_(0, positions, norms.to(self.epoch_sum.dtype))
         ones = torch.ones_like(positions) if counted is None else counted.to(torch.long)
         self.epoch_count.index_add_(0, positions, ones)
 
     def end_epoch(self, selected: torch.Tensor, rescale: bool = False) -> None:
         """Fold the epoch's sums into N[c]; `rescale` first brings the older values to this epoch's scale."""
-        self.epoch_sum, self.epoch_count = self.epoch_sum.cpu(), self.epoch_count.cpu()
+        self.epoch_sum, self.epoch_count = self.epoch_sum.cpu().to(torch.float64), self.epoch_count.cpu()
         seen = selected[self.epoch_count[selected] > 0]
         fresh = self.epoch_sum[seen] / self.epoch_count[seen]
         if rescale:

@@ -168,7 +168,7 @@ class SparseGradientProbe:
         grad, values.grad = values.grad, None
         for name, offset, numel in self._segments:
             part = grad[offset : offset + numel]
-            norms = part.view(-1, math.prod(self.layers[name].slice_shape)).norm(dim=1).to("cpu", torch.float64)
+            norms = part.view(-1, math.prod(self.layers[name].slice_shape)).norm(dim=1).cpu().to(torch.float64)
             if self.strict and not bool(torch.isfinite(norms).all()):
                 raise NonFiniteError(f"non-finite channel gradient in layer {name!r} during layer-ranking batch "
                                      f"{self.batches}. {HINT}")

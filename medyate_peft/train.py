@@ -34,6 +34,7 @@ from torch import nn
 from . import preflight
 from .atomic import atomic_directory, atomic_write_json
 from .candidates import detect_head
+from .devices import wide_float
 from .strategies import resample_due
 
 METHODS = ("medyate", "full", "head", "lora")
@@ -630,7 +631,7 @@ def _train(args: argparse.Namespace, checkpoint: Path | None) -> dict[str, Any]:
         started = time.time()
         set_seed(_epoch_seed(args.seed, epoch, accelerator.process_index))
         train_loader.set_epoch(epoch)
-        stats = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, count
+        stats = torch.zeros(3, dtype=wide_float(accelerator.device), device=accelerator.device)  # loss, correct, count
         record = {"epoch": epoch + 1}
         if medyate:
             record.update(_selection_stats(unwrapped))
@@ -663,7 +664,7 @@ def _train(args: argparse.Namespace, checkpoint: Path | None) -> dict[str, Any]:
             n = len(batch["labels"])
             stats += torch.tensor(
                 [loss.item() * n, (logits.argmax(-1) == batch["labels"]).sum().item(), n],
-                dtype=torch.float64, device=accelerator.device,
+                dtype=wide_float(accelerator.device), device=accelerator.device,
             )
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss.item():.3f}")

@@ -270,6 +270,63 @@ def test_a_training_step_waits_for_the_device_nowhere(monkeypatch: pytest.Monkey
     assert {where.split("medyate_peft/")[1].split(":")[0] for _, where in syncs.calls} == {"epochs.py", "guards.py"}
 
 
+class Float64Ops(TorchDispatchMode):
+    """The ops that returned a float64 tensor (MPS has none: each would fail there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tree_flatten(out)[0]):
+            self.ops.add(str(func))
+        return out
+
+
+def test_a_training_step_on_a_device_without_float64_makes_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a step keeps on the device (channel-norm sums, the epoch watch's fingerprints) is float32 where
+    the device has no float64 (Apple's MPS: `wide_float` says so; on the CPU, simulated by patching it).
+    BatchNorm's backward has its own test (below): on the CPU it computes in float64 as ATen's kernel does."""
+    from medyate_peft import sampling
+
+    def model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        config = MeDyateConfig(budget_kb=2.0, input_size=[3, 8, 8], strategy="full_random", seed=0,
+                               modules_to_save=["head"])
+        model = get_peft_model(GroupedConvs(), config)
+        return model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(4)]
+    model, optimizer = model_and_optimizer()
+    step(model, optimizer, *data[0])  # planned, weights kept
+    with Float64Ops() as cpu:
+        step(model, optimizer, *data[1])
+    assert cpu.ops  # the norm sums are float64 where the device has it: the check below can fail
+    monkeypatch.setattr(sampling, "wide_float", lambda device: torch.float32)
+    model, optimizer = model_and_optimizer()
+    step(model, optimizer, *data[0])
+    with Float64Ops() as mps:
+        for x, y in data[1:]:
+            step(model, optimizer, x, y)
+    assert not mps.ops, mps.ops
+    tracker = model.base_model.plans["default"].tracker
+    assert tracker.epoch_sum.dtype == torch.float32 and tracker.epoch_sum.sum() > 0
+    model.base_model.resample(optimizer)  # on the host, in float64 again
+    assert tracker.norms.dtype == torch.float64 and tracker.norms.sum() > 0
+
+
+def test_eval_batchnorm_backward_off_the_cpu_makes_no_float64() -> None:
+    from medyate_peft.lean import EvalBatchNorm
+
+    bn = nn.BatchNorm2d(4).eval().requires_grad_(False).to("meta")
+    x = torch.empty(2, 4, 3, 3, device="meta", requires_grad=True)
+    with Float64Ops() as meta:
+        EvalBatchNorm.apply(x, bn).sum().backward()
+    assert x.grad is not None and not meta.ops, meta.ops
+
+
 def test_non_finite_gradients_are_caught_at_the_next_host_check_on_an_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
     from medyate_peft import guards
 
