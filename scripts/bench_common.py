@@ -33,6 +33,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
 
 import medyate_peft  # noqa: E402, F401  (registers the MEDYATE peft type)
 from medyate_peft.atomic import atomic_write_json  # noqa: E402
@@ -715,3 +717,32 @@ def make_ranking(network: str, dataset: str, recipe: dict, steps: int, path: Pat
     ranking = rank_layers(model, batches, steps=steps, lr=recipe.get("ranking_lr", 0.01), progress=False)
     ranking["source"] = f"{network} on {dataset} (train subset), {steps} dense SGD steps, batch {batch_size}"
     save_ranking(ranking, path)
+
+
+_INDEXED_WRITES = ("index_put_", "_index_put_impl_", "index_add_", "index_copy_", "scatter_", "scatter_add_")
+
+
+class OpWork(TorchDispatchMode):
+    """Per aten op: calls and bytes of the tensors it writes (fresh outputs and in-place targets), a
+    load-independent measure of the memory traffic a step adds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.work: dict[str, list[int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name in _INDEXED_WRITES:  # writes only its values into the target
+            values = [t for t in args if isinstance(t, torch.Tensor)][-1]
+            written = values.numel() * values.element_size()
+        else:
+            in_place = name.endswith("_") or "out" in kwargs
+            written = sum(t.numel() * t.element_size() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
+                          and (in_place or t.untyped_storage().data_ptr() not in inputs))  # views write nothing
+        entry = self.work.setdefault(func.overloadpacket.__name__, [0, 0])
+        entry[0] += 1
+        entry[1] += written
+        return out

@@ -41,8 +41,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
@@ -248,37 +246,8 @@ def excess_ops(entry: Entry, floor: Entry, batch, top: int = 4, steps: int = 3) 
     return ", ".join(f"`{k}` +{d:.1f} ms" for d, k in diff[:top] if d > 0)
 
 
-_INDEXED_WRITES = ("index_put_", "_index_put_impl_", "index_add_", "index_copy_", "scatter_", "scatter_add_")
-
-
-class _OpWork(TorchDispatchMode):
-    """Per aten op: calls and bytes of the tensors it writes (fresh outputs and in-place targets), a
-    load-independent measure of the memory traffic a step adds."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.work: dict[str, list[int]] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        out = func(*args, **kwargs)
-        name = func.overloadpacket.__name__
-        if name in _INDEXED_WRITES:  # writes only its values into the target
-            values = [t for t in args if isinstance(t, torch.Tensor)][-1]
-            written = values.numel() * values.element_size()
-        else:
-            in_place = name.endswith("_") or "out" in kwargs
-            written = sum(t.numel() * t.element_size() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
-                          and (in_place or t.untyped_storage().data_ptr() not in inputs))  # views write nothing
-        entry = self.work.setdefault(func.overloadpacket.__name__, [0, 0])
-        entry[0] += 1
-        entry[1] += written
-        return out
-
-
 def op_work(entry: Entry, batch) -> dict[str, list[int]]:
-    with _OpWork() as counter:
+    with bench_common.OpWork() as counter:
         time_step(entry, batch)
     return counter.work
 
