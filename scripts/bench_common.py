@@ -593,7 +593,10 @@ def _run(spec: dict, record_path: str, ckpt_path: Path | None, deadline: float |
             run["step"] += 1
             run["position"] += 1
             if not math.isfinite(run["losses"][-1]):
-                raise FloatingPointError(f"loss is {run['losses'][-1]} at step {run['step']}")
+                if spec.get("phase") != "sweep":  # a final run that diverges is a failure to look at
+                    raise FloatingPointError(f"loss is {run['losses'][-1]} at step {run['step']}")
+                wall = sum(piece["seconds"] for piece in run["pieces"]) + time.perf_counter() - piece_start
+                return _diverged(spec, record_path, ckpt_path, lr, run["step"], run["losses"][-1], wall)
             if tuner is not None and run["step"] < total and resample_due(every, run["step"]):
                 resample()
             if ckpt_path and run["position"] < steps_per_epoch and _out_of_time(deadline):
@@ -658,6 +661,19 @@ def _run(spec: dict, record_path: str, ckpt_path: Path | None, deadline: float |
         record["pieces"] = pieces
     if device.type == "cuda":
         record |= {"peak_cuda_bytes": _peak_cuda(run, device), "gpu": torch.cuda.get_device_name(device)}
+    atomic_write_json(record, Path(record_path), sort_keys=True, indent=1)
+    if ckpt_path:
+        ckpt_path.unlink(missing_ok=True)
+    return "done"
+
+
+def _diverged(spec: dict, record_path: str, ckpt_path: Path | None, lr: float, step: int, loss: float,
+              wall_seconds: float) -> str:
+    """The record of a sweep run whose loss went non-finite: its learning rate is out of the choice, and the
+    sweep completes with the others (no score: it is not trained)."""
+    record = {**{k: v for k, v in spec.items() if k not in ("recipe", "ranking_path", "threads")},
+              "recipe": spec["recipe"], "lr": lr, "top1": None, "val_top1": None, "diverged_at_step": step,
+              "diverged_loss": str(loss), "wall_seconds": wall_seconds, "torch": torch.__version__}
     atomic_write_json(record, Path(record_path), sort_keys=True, indent=1)
     if ckpt_path:
         ckpt_path.unlink(missing_ok=True)

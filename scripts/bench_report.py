@@ -182,13 +182,27 @@ def sweep_table(sweeps: list[dict], chosen: dict[tuple[str, str, str], float], l
     for network, dataset, method in cells:
         rs = {r["lr"]: r for r in sweeps if (r["network"], r["dataset"], r["method"]) == (network, dataset, method)}
         best = chosen.get((network, dataset, method))
-        vals = [("-" if lr not in rs else (f"**{100 * rs[lr]['val_top1']:.2f}**" if lr == best
-                                            else f"{100 * rs[lr]['val_top1']:.2f}")) for lr in lrs]
+        vals = [("-" if lr not in rs else _score(rs[lr], bold=lr == best)) for lr in lrs]
         budget = next(iter(rs.values()))["budget_slots"]
         lines.append(f"| {network} / {dataset} | {label.get(method, method)} | "
                      f"{'-' if budget is None else f'{budget:,}'} | " + " | ".join(vals)
-                     + f" | {'sweep incomplete' if best is None else f'{best:g}'} |")
+                     + f" | {_choice(best, rs, lrs)} |")
     return [*lines, ""]
+
+
+def _score(r: dict, bold: bool = False) -> str:
+    """A sweep run's validation top-1 %, or the step its loss went non-finite at."""
+    if r.get("diverged_at_step") is not None:
+        return f"diverged (step {r['diverged_at_step']})"
+    return f"**{100 * r['val_top1']:.2f}**" if bold else f"{100 * r['val_top1']:.2f}"
+
+
+def _choice(best: float | None, rs: dict[float, dict], lrs: list[float]) -> str:
+    if best is not None:
+        return f"{best:g}"
+    complete = len(rs) == len(lrs)
+    return "every lr diverged" if complete and all(r.get("diverged_at_step") is not None for r in rs.values()) \
+        else "sweep incomplete"
 
 
 def _order(method: str) -> int:
@@ -269,7 +283,8 @@ def clipping_table(unclipped: list[dict], clipped_records: list[dict], label: di
     """Each unclipped sweep run beside the clipped suite's run of the same network, method, budget, seed and lr.
 
     A method needs clipping where its best clipped lr beats its best unclipped one on validation (an
-    unclipped run whose loss went non-finite leaves no record: its lr counts as lost without the clip).
+    unclipped run whose loss went non-finite has no score; an older one left no record: either way its lr
+    counts as lost without the clip).
     """
     index = {(r["network"], r["dataset"], r["method"], r["budget_slots"], r["seed"], r.get("lr")): r
              for r in clipped_records if r.get("phase") == "sweep"}
@@ -279,18 +294,21 @@ def clipping_table(unclipped: list[dict], clipped_records: list[dict], label: di
     for r in sorted(unclipped, key=lambda r: (r["network"], _order(r["method"]), r["lr"])):
         c = index.get((r["network"], r["dataset"], r["method"], r["budget_slots"], r["seed"], r["lr"]))
         key = (r["network"], r["dataset"], r["method"])
-        best[key][0] = max(best[key][0], r["val_top1"])
-        # every clipped lr counts, also one whose unclipped run diverged and left no record
-        best[key][1] = max([best[key][1]] + [v["val_top1"] for k, v in index.items() if k[:3] == key[:3]])
+        if r["val_top1"] is not None:
+            best[key][0] = max(best[key][0], r["val_top1"])
+        # every clipped lr counts, also one whose unclipped run diverged
+        best[key][1] = max([best[key][1]] + [v["val_top1"] for k, v in index.items()
+                                             if k[:3] == key[:3] and v["val_top1"] is not None])
         norm = r.get("grad_norm_median")
-        with_clip = "-" if c is None else f"{100 * c['val_top1']:.2f}"
+        with_clip = "-" if c is None else _score(c)
         lines.append(f"| {r['network']} / {r['dataset']} | {label.get(r['method'], r['method'])} | {r['lr']:g} | "
-                     f"{100 * r['val_top1']:.2f} | {with_clip} | {'-' if norm is None else f'{norm:.2f}'} |")
+                     f"{_score(r)} | {with_clip} | {'-' if norm is None else f'{norm:.2f}'} |")
     lines += ["", "| network / dataset | method | best unclipped | best clipped | needs clipping |",
               "|---|---|---:|---:|---|"]
     for (network, dataset, method), (free, clip) in best.items():
         need = "-" if clip < 0 else ("yes" if clip > free else "no")
-        lines.append(f"| {network} / {dataset} | {label.get(method, method)} | {100 * free:.2f} | "
+        lines.append(f"| {network} / {dataset} | {label.get(method, method)} | "
+                     f"{'every lr diverged' if free < 0 else f'{100 * free:.2f}'} | "
                      f"{'-' if clip < 0 else f'{100 * clip:.2f}'} | {need} |")
     return [*lines, ""]
 

@@ -134,7 +134,8 @@ def grid(config: dict, runs: Path | None = None) -> list[dict]:
 
 
 def chosen_lr(sweep: list[dict], runs: Path) -> float | None:
-    """The sweep's learning rate with the best validation top-1 (ties: the smaller); None until all are recorded.
+    """The sweep's learning rate with the best validation top-1 (ties: the smaller); None until all are
+    recorded, or when every one diverged (a diverged run's record has no score and is left out).
 
     Only `val_top1` is read: sweep runs are never scored on the test split.
     """
@@ -143,8 +144,10 @@ def chosen_lr(sweep: list[dict], runs: Path) -> float | None:
         path = runs / f"{spec['id']}.json"
         if not path.exists():
             return None
-        scores.append((-json.loads(path.read_text())["val_top1"], spec["lr"]))
-    return min(scores)[1]
+        record = json.loads(path.read_text())
+        if record.get("diverged_at_step") is None:
+            scores.append((-record["val_top1"], spec["lr"]))
+    return min(scores)[1] if scores else None
 
 
 def run_id(spec: dict) -> str:
@@ -281,7 +284,9 @@ def execute(
             ok = process.exitcode == 0 and record.exists()
             if ok:
                 recorded = json.loads(record.read_text())  # a sweep run has a validation score only
-                status = "ok" + (f", top-1 {recorded['top1']:.4f}" if recorded.get("top1") is not None else "")
+                status = ("ok" + (f", top-1 {recorded['top1']:.4f}" if recorded.get("top1") is not None else "")
+                          if recorded.get("diverged_at_step") is None
+                          else f"diverged at step {recorded['diverged_at_step']} (recorded, left out of the lr choice)")
             elif process.exitcode == PAUSED_STATUS:
                 status, left = "paused: the next identical command continues it from its checkpoint", left + 1
             elif timed_out:

@@ -256,7 +256,8 @@ def test_clipping_table_says_which_methods_need_the_clip() -> None:
         return {"network": "net", "dataset": "data", "method": method, "budget_slots": 5, "seed": 0, "lr": lr,
                 "val_top1": val, "phase": "sweep", "grad_norm_median": norm}
 
-    unclipped = [sweep("trady", 0.1, 0.60, 3.0), sweep("trady", 0.3, 0.50, 4.0), sweep("full", 0.1, 0.30, 9.0)]
+    unclipped = [sweep("trady", 0.1, 0.60, 3.0), sweep("trady", 0.3, 0.50, 4.0), sweep("full", 0.1, 0.30, 9.0),
+                 {**sweep("full", 1.0, None), "diverged_at_step": 2}]  # no score: its lr is lost without the clip
     clipped = [sweep("trady", 0.1, 0.55), sweep("trady", 0.3, 0.58), sweep("full", 0.1, 0.25),
                sweep("full", 0.3, 0.40),  # its unclipped run diverged: no record, the clipped one still counts
                {**sweep("full", 0.1, 0.99), "phase": "final"}]  # finals are never compared
@@ -265,6 +266,28 @@ def test_clipping_table_says_which_methods_need_the_clip() -> None:
                 line.split(" | ")[-1].strip("| ") in ("yes", "no")}
     assert verdicts == {"TraDy": "no |", "full": "yes |"}
     assert "| net / data | TraDy | 0.3 | 50.00 | 58.00 | 4.00 |" in lines
+    assert "| net / data | full | 1 | diverged (step 2) | - | - |" in lines
+
+
+def test_a_diverged_sweep_run_is_left_out_of_the_choice_and_the_sweep_completes(tmp_path: Path) -> None:
+    import bench_report as br
+
+    config = _sweep_config(tmp_path)
+    runs = tmp_path / "runs"
+    sweep = [s for s in benchmark.grid(config, runs) if s["method"] == "trady"]
+    _write(runs, sweep[0], val_top1=0.40)
+    _write(runs, sweep[1], val_top1=None, top1=None, diverged_at_step=7)  # would be the best: it is not trained
+    _write(runs, sweep[2], val_top1=0.45)
+    finals = [s for s in benchmark.grid(config, runs) if s["method"] == "trady" and s["phase"] == "final"]
+    assert finals and {s["lr"] for s in finals} == {sweep[2]["lr"]}
+    for spec in [s for s in benchmark.grid(config, runs) if s["method"] == "classifier"]:
+        _write(runs, spec, val_top1=None, top1=None, diverged_at_step=3)
+    assert not [s for s in benchmark.grid(config, runs) if s["method"] == "classifier" and s["phase"] == "final"]
+    records = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
+    lines = br.sweep_table(records, {("mbv2-w0.35", "cifar10", "trady"): sweep[2]["lr"]}, {})
+    trady = next(line for line in lines if "| trady |" in line)
+    assert "diverged (step 7)" in trady and f"**{45.0:.2f}**" in trady and trady.endswith(f"| {sweep[2]['lr']:g} |")
+    assert next(line for line in lines if "| classifier |" in line).endswith("| every lr diverged |")
 
 
 def test_a_sweep_only_grid_plans_no_final_runs(tmp_path: Path) -> None:
