@@ -566,6 +566,35 @@ def _run(spec: dict, record_path: str, ckpt_path: Path | None, deadline: float |
               f"{steps_per_epoch} (step {run['step']} of {total}); checkpoint {ckpt_path}", flush=True)
         return PAUSED
 
+    def step(batch: Any) -> None:
+        """One training step; a non-finite loss raises FloatingPointError."""
+        t = time.perf_counter()
+        with autocast(device, precision):
+            loss = loss_of(setup.model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if recipe.get("clip_grad_norm"):
+            run["grad_norms"].append(float(torch.nn.utils.clip_grad_norm_(setup.params, recipe["clip_grad_norm"])))
+        else:  # measured, not applied: whether a method needs clipping is read off these
+            grads = [p.grad for p in setup.params if p.grad is not None]
+            run["grad_norms"].append(float(torch.nn.utils.get_total_norm(grads)))
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's kernels, not just their launch
+        run["step_times"].append(time.perf_counter() - t)
+        run["losses"].append(loss.item())
+        run["step"] += 1
+        run["position"] += 1
+        if not math.isfinite(run["losses"][-1]):
+            raise FloatingPointError(f"loss is {run['losses'][-1]} at step {run['step']}")
+
+    def diverged(error: FloatingPointError) -> str:
+        """A sweep run that diverged is recorded as such; any other run fails (a divergence to look at)."""
+        if spec.get("phase") != "sweep":
+            raise error
+        wall = sum(piece["seconds"] for piece in run["pieces"]) + time.perf_counter() - piece_start
+        return _diverged(spec, record_path, ckpt_path, lr, run["step"], str(error), wall)
+
     t_train = time.perf_counter()
     while run["epoch"] < recipe["epochs"]:
         setup.train_mode()
@@ -575,35 +604,20 @@ def _run(spec: dict, record_path: str, ckpt_path: Path | None, deadline: float |
             batch = to_device(task.train_batch(run["order"], run["position"], batch_size, g, image_size), device)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(run["step"], total, warmup, lr)
-            t = time.perf_counter()
-            with autocast(device, precision):
-                loss = loss_of(setup.model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe.get("clip_grad_norm"):
-                run["grad_norms"].append(float(torch.nn.utils.clip_grad_norm_(setup.params, recipe["clip_grad_norm"])))
-            else:  # measured, not applied: whether a method needs clipping is read off these
-                grads = [p.grad for p in setup.params if p.grad is not None]
-                run["grad_norms"].append(float(torch.nn.utils.get_total_norm(grads)))
-            optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # the step's kernels, not just their launch
-            run["step_times"].append(time.perf_counter() - t)
-            run["losses"].append(loss.item())
-            run["step"] += 1
-            run["position"] += 1
-            if not math.isfinite(run["losses"][-1]):
-                if spec.get("phase") != "sweep":  # a final run that diverges is a failure to look at
-                    raise FloatingPointError(f"loss is {run['losses'][-1]} at step {run['step']}")
-                wall = sum(piece["seconds"] for piece in run["pieces"]) + time.perf_counter() - piece_start
-                return _diverged(spec, record_path, ckpt_path, lr, run["step"], run["losses"][-1], wall)
-            if tuner is not None and run["step"] < total and resample_due(every, run["step"]):
-                resample()
+            try:
+                step(batch)
+                if tuner is not None and run["step"] < total and resample_due(every, run["step"]):
+                    resample()
+            except FloatingPointError as error:  # the loss, or the tuner's own checks (NonFiniteError)
+                return diverged(error)
             if ckpt_path and run["position"] < steps_per_epoch and _out_of_time(deadline):
                 run["train_s"] += time.perf_counter() - t_train
                 return pause()
         if tuner is not None and run["epoch"] + 1 < recipe["epochs"] and resample_due(every):
-            resample()
+            try:
+                resample()
+            except FloatingPointError as error:
+                return diverged(error)
         run.update(epoch=run["epoch"] + 1, position=0, order=None, losses=run["losses"][-steps_per_epoch:])
         if ckpt_path and run["epoch"] < recipe["epochs"]:
             run["train_s"] += time.perf_counter() - t_train
@@ -667,13 +681,13 @@ def _run(spec: dict, record_path: str, ckpt_path: Path | None, deadline: float |
     return "done"
 
 
-def _diverged(spec: dict, record_path: str, ckpt_path: Path | None, lr: float, step: int, loss: float,
+def _diverged(spec: dict, record_path: str, ckpt_path: Path | None, lr: float, step: int, why: str,
               wall_seconds: float) -> str:
-    """The record of a sweep run whose loss went non-finite: its learning rate is out of the choice, and the
-    sweep completes with the others (no score: it is not trained)."""
+    """The record of a sweep run whose loss or gradients went non-finite: its learning rate is out of the
+    choice, and the sweep completes with the others (no score: it is not trained)."""
     record = {**{k: v for k, v in spec.items() if k not in ("recipe", "ranking_path", "threads")},
               "recipe": spec["recipe"], "lr": lr, "top1": None, "val_top1": None, "diverged_at_step": step,
-              "diverged_loss": str(loss), "wall_seconds": wall_seconds, "torch": torch.__version__}
+              "diverged_why": why, "wall_seconds": wall_seconds, "torch": torch.__version__}
     atomic_write_json(record, Path(record_path), sort_keys=True, indent=1)
     if ckpt_path:
         ckpt_path.unlink(missing_ok=True)

@@ -602,10 +602,11 @@ def _sweep_and_finals(configs: list[dict], records: list[dict]) -> tuple[list[di
                 final = [s for s in mine if s["phase"] == "final"]
                 sweeps += [by_id[s["id"]] for s in tried if s["id"] in by_id]
                 finals += [by_id[s["id"]] for s in final if s["id"] in by_id]
-                if final:
-                    chosen[(cell["network"], cell["dataset"], method)] = final[0]["lr"]
+                lr = final[0]["lr"] if final else chosen_lr(tried, RUNS)  # a sweep-only grid has no finals
+                if lr is not None:
+                    chosen[(cell["network"], cell["dataset"], method)] = lr
                 per_seed = len(cell["budgets"]) if _is_budgeted(config, method) else 1
-                expected = len(cell["seeds"]) * per_seed
+                expected = 0 if config["lr_sweep"].get("only") else len(cell["seeds"]) * per_seed
                 done_sweep = sum(s["id"] in by_id for s in tried)
                 done_final = sum(s["id"] in by_id for s in final)
                 if done_sweep < len(tried) or done_final < expected:

@@ -290,13 +290,19 @@ def test_a_diverged_sweep_run_is_left_out_of_the_choice_and_the_sweep_completes(
     assert next(line for line in lines if "| classifier |" in line).endswith("| every lr diverged |")
 
 
-def test_a_sweep_only_grid_plans_no_final_runs(tmp_path: Path) -> None:
+def test_a_sweep_only_grid_plans_no_final_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = _sweep_config(tmp_path)
     config["lr_sweep"] = {**config["lr_sweep"], "only": True}
     runs = tmp_path / "runs"
     for spec in benchmark.grid(config, runs):
-        _write(runs, spec, val_top1=0.5)
+        _write(runs, spec, val_top1=0.5 + 0.1 * (spec["lr"] == config["lr_sweep"]["lrs"][1]))
     assert {s["phase"] for s in benchmark.grid(config, runs)} == {"sweep"}
+    # its report names each method's choice and expects no final run
+    monkeypatch.setattr(benchmark, "RUNS", runs)
+    records = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
+    sweeps, finals, chosen, missing = benchmark._sweep_and_finals([config], records)
+    assert len(sweeps) == len(records) and not finals and not missing
+    assert set(chosen.values()) == {config["lr_sweep"]["lrs"][1]} and len(chosen) == len(config["methods"])
 
 
 def test_full_fine_tuning_with_frozen_bn_statistics_trains_every_weight_and_keeps_the_running_stats() -> None:
