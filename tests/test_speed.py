@@ -1,4 +1,5 @@
-"""Step cost follows the trained channels: flat in the budget, no weight-sized copies, no graph breaks."""
+"""Step cost follows the trained channels: flat in the budget, no weight-sized copies, no graph breaks, no
+host waits and nothing float64 on a device that has none."""
 
 from __future__ import annotations
 
