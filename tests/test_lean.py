@@ -288,6 +288,23 @@ def test_bit_pack_round_trip_writes_numpys_bytes():
     assert torch.equal(pack_bits(unpack_bits(every, torch.Size([2048]))), every)
 
 
+@pytest.mark.parametrize("module", [nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.1), nn.LeakyReLU(0.3), nn.Hardtanh(-2.0, 3.0)],
+                         ids=lambda m: repr(m))
+def test_masked_activation_gradients_are_autograds_bit_for_bit(module: nn.Module):
+    """From the packed mask: 1 or the slope per element, times the gradient, as autograd's kernels form it."""
+    from medyate_peft.lean import _lean_masked
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 9, 9, generator=g) * 3
+    x[0, 0, 0, :3] = torch.tensor([0.0, -2.0, 3.0])  # the kinks: the derivative autograd's kernel defines there
+    grad = torch.randn(x.shape, generator=g)
+    leaf = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(module(leaf), leaf, grad)
+    y = _lean_masked(module, leaf)
+    assert torch.equal(y, module(x))
+    assert torch.equal(torch.autograd.grad(y, leaf, grad)[0], expected)
+
+
 def test_eval_batch_norm_function_equals_batch_norm():
     bn = _randomise_batch_norms(nn.BatchNorm2d(6)).eval().requires_grad_(False)
     x = torch.randn(3, 6, 5, 5, requires_grad=True)
