@@ -459,16 +459,16 @@ def _mask_fn(module: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor],
     """The derivative's support, as autograd's own backward kernel defines it (at the kinks and for NaN),
     and the slope outside it.
 
-    Hardtanh: its backward kernel run on a gradient of ones, cast to bool (faster on CPU than two
-    comparisons combined); ReLU: ``not x <= 0`` (threshold_backward's test); LeakyReLU: ``x > 0``.
+    Hardtanh, ReLU (``not x <= 0``) and LeakyReLU (``x > 0``): each one's backward kernel run on a gradient
+    of ones, cast to bool (2-3x faster on the CPU than the comparisons, whose bool kernels are slow there).
     """
     if isinstance(module, nn.Hardtanh):  # ReLU6 included
         lo, hi = module.min_val, module.max_val
         return lambda x: torch.ops.aten.hardtanh_backward(_ones(x), x, lo, hi).bool(), 0.0
     if isinstance(module, nn.LeakyReLU):
-        return lambda x: x > 0, module.negative_slope
+        return lambda x: torch.ops.aten.leaky_relu_backward(_ones(x), x, 0.0, False).bool(), module.negative_slope
     if isinstance(module, nn.ReLU):
-        return lambda x: (x <= 0).logical_not_(), 0.0
+        return lambda x: torch.ops.aten.threshold_backward(_ones(x), x, 0.0).bool(), 0.0
     return lambda x: (x >= module.lo).logical_and_(x <= module.hi), 0.0  # medyate_peft.backbones.mcu.Clamp
 
 
