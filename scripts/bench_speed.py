@@ -384,6 +384,8 @@ def write(rows: list[dict], args: argparse.Namespace, device: torch.device) -> N
         lines += ["", "Bytes written per op in one step (a TorchDispatchMode: fresh outputs and in-place targets; "
                   "independent of the load), the method minus its floor (largest first):", ""]
         lines += [f"- {r['network']} {r.get('precision', 'fp32')}, {r['method']}: {r['excess_work']}" for r in worked]
+        lines += ["", "The lean path's work per activation, op by op against plain autograd's and the alternatives "
+                  "tried: `results/lean_ops.md` (`scripts/bench_lean_ops.py`)."]
     with atomic_write(RESULTS / f"{stem}.md") as handle:
         handle.write("\n".join(lines) + "\n")
     atomic_write_json(rows, RESULTS / f"{stem}.json", indent=1)
