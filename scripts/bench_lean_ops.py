@@ -179,7 +179,8 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         "# The lean backward's masks, op by op (CPU)", "",
         f"    python scripts/bench_lean_ops.py --rounds {args.rounds} --threads {args.threads}", "",
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), load "
-        f"{os.getloadavg()[0]:.1f} at the end. Thread CPU time, median over {args.rounds} rounds that visit every "
+        f"{os.getloadavg()[0]:.1f} at the end; {args.allocator or 'the system allocator as it is'}. "
+        f"Thread CPU time, median over {args.rounds} rounds that visit every "
         "variant once; *x plain*: against the plain path's op of the same group and shape (dropout: against the "
         "redraw); bytes written per element from a dispatch mode. What each variant is: the module docstring.", "",
         "| shape | group | variant | ms | x plain | bytes written / element |",
@@ -200,6 +201,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the speed table uses 1)")
     args = parser.parse_args()
+    args.allocator = bench_common.keep_freed_memory()  # fresh memory's page faults would swamp single ops
     torch.set_num_threads(args.threads)
     write(measure(args.rounds), args)
 

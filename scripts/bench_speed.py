@@ -14,7 +14,9 @@ clock, and the CPU time of the one thread that runs it (torch runs one thread he
 included). On a shared machine the wall clock also counts the time the process waits for a core
 (load 6 on 2 cores: a step's wall time is about twice its CPU time, in bursts), so there the ratios
 and the 1.10x target are read on CPU time, the wall ratios reported beside them; on a GPU on the
-(synchronised) wall clock. Where a sparse step is above 1.10x its floor, three profiled steps of each
+(synchronised) wall clock. On glibc the allocator is set to keep freed memory first (`--system-allocator`
+leaves it as it is): page faults of fresh memory otherwise swamp the differences measured. Where a sparse step is
+above 1.10x its floor, three profiled steps of each
 (torch.profiler, per-op self time, median) say which ops hold the difference, and a dispatch mode
 counts the bytes each op writes beyond the floor's (independent of the load). Writes results/speed.md
 and results/speed.json; on a GPU (`--device cuda`, each step synchronised before its clock is read;
@@ -328,6 +330,18 @@ def where(device: torch.device, threads: int) -> str:
             "— are kept from an earlier run (wall clock only, marked *previous*)")
 
 
+def _allocators(rows: list[dict]) -> str:
+    """Which rows ran with glibc keeping freed memory (`bench_common.keep_freed_memory`), which without."""
+    kept = sorted({r["network"] for r in rows if r.get("allocator") == "kept"})
+    system = sorted({r["network"] for r in rows if r.get("allocator") != "kept"})
+    if not kept:
+        return "Memory: the system allocator as it is."
+    text = (f"Memory: glibc's malloc kept freed memory ({', '.join(kept)}), as a GPU's caching allocator does; "
+            "with its defaults, page faults of freshly mapped memory doubled a vision forward's CPU time and moved "
+            "a step's ratio to its floor by up to ±0.15 from run to run")
+    return text + (f"; the system allocator as it is for {', '.join(system)}." if system else ".")
+
+
 def _cell(row: dict, key: str, fmt: str = "{:.2f}") -> str:
     return fmt.format(row[key]) if key in row else "—"
 
@@ -359,7 +373,7 @@ def write(rows: list[dict], args: argparse.Namespace, device: torch.device) -> N
         "# Step time against the floor (one process, interleaved rounds)", "",
         "Commands (one process per network group, each network's methods interleaved within it):", "",
         *[f"    {c}" for c in commands], "",
-        f"{where(device, args.threads)}. Vision: one real cifar10 "
+        f"{where(device, args.threads)}. {_allocators(rows)} Vision: one real cifar10 "
         "batch; transformers: random tokens (column *batch*). Timed rounds (column *rounds*) "
         f"after warm-up round(s); each round times one training step (forward, backward, clip, "
         "SGD step) of every method in a shuffled order. *lean off*: the same model stepped with plain autograd "
@@ -407,7 +421,10 @@ def main() -> None:
                         help="fp32 and/or bf16 (autocast), each network timed in each")
     parser.add_argument("--keep-others", action="store_true",
                         help="keep the recorded rows of networks not run now (to run networks one process at a time)")
+    parser.add_argument("--system-allocator", action="store_true",
+                        help="leave glibc's malloc as it is (default: it keeps freed memory, see the report)")
     args = parser.parse_args()
+    allocator = "system" if args.system_allocator else bench_common.keep_freed_memory() and "kept"
     torch.set_num_threads(args.threads)
     device = bench_common.run_device(args.device)
     recipe = yaml.safe_load(args.config.read_text())["recipe"]
@@ -434,6 +451,7 @@ def main() -> None:
             ran = run_network(network, entries, batch, args.rounds, args.warmup)
             for row in ran:
                 row["load"] = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"
+                row["allocator"] = allocator or "system"
             rows += ran
             del entries
             write(rows, args, device)
