@@ -323,7 +323,7 @@ def where(device: torch.device, threads: int) -> str:
     if device.type == "cuda":
         return (f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), {host} on the host; every step "
                 "synchronised before its clock is read; bf16 rows: autocast (weights, gradients, optimizer fp32)")
-    return (f"{host}, CPU only (no GPU run yet), measured on a shared 2-core machine under load (load average per "
+    return (f"{host}, CPU only (no GPU run yet), measured on a shared 2-core machine (its load average per "
             "network in the last column): ratios of medians in one process are the numbers to read, absolute times "
             "are not. Ratios without a label are of the thread's CPU time (the work; the wall clock also counts "
             "waiting for a core, see the module docstring); *wall* ratios beside them. Rows whose CPU columns read "
