@@ -424,7 +424,7 @@ def main() -> None:
     parser.add_argument("--system-allocator", action="store_true",
                         help="leave glibc's malloc as it is (default: it keeps freed memory, see the report)")
     args = parser.parse_args()
-    allocator = "system" if args.system_allocator else bench_common.keep_freed_memory() and "kept"
+    allocator = "kept" if not args.system_allocator and bench_common.keep_freed_memory() else "system"
     torch.set_num_threads(args.threads)
     device = bench_common.run_device(args.device)
     recipe = yaml.safe_load(args.config.read_text())["recipe"]
@@ -451,7 +451,7 @@ def main() -> None:
             ran = run_network(network, entries, batch, args.rounds, args.warmup)
             for row in ran:
                 row["load"] = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"
-                row["allocator"] = allocator or "system"
+                row["allocator"] = allocator
             rows += ran
             del entries
             write(rows, args, device)
