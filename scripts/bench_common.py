@@ -685,7 +685,8 @@ def _run(spec: dict, record_path: str, ckpt_path: Path | None, deadline: float |
 def _diverged(spec: dict, record_path: str, ckpt_path: Path | None, lr: float, step: int, why: str,
               wall_seconds: float) -> str:
     """The record of a sweep run whose loss or gradients went non-finite: its learning rate is out of the
-    choice, and the sweep completes with the others (no score: it is not trained)."""
+    choice, and the sweep completes with the others (no score: it is not trained). `diverged_at_step`: the
+    optimizer steps it had taken when it stopped."""
     record = {**{k: v for k, v in spec.items() if k not in ("recipe", "ranking_path", "threads")},
               "recipe": spec["recipe"], "lr": lr, "top1": None, "val_top1": None, "diverged_at_step": step,
               "diverged_why": why, "wall_seconds": wall_seconds, "torch": torch.__version__}
