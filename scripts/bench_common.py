@@ -50,6 +50,8 @@ DATA_DIR = Path(os.environ.get("MEDYATE_DATA_DIR") or next(
     REPO.parent / "shared" / "assets" / "data"))
 CACHE_DIR = Path(os.environ.get("MEDYATE_BENCH_CACHE", Path.home() / ".cache" / "medyate-bench"))
 BASELINES = ("full", "classifier", "lora", "full_frozen_bn")
+# full fine-tuning as usually run, and with BN statistics kept (bench_report has the tuple too: it imports no torch)
+FULL_METHODS = ("full", "full_frozen_bn")
 TEXT_MAX_LENGTH = 64
 
 
@@ -332,7 +334,7 @@ def medyate_config(spec: dict, input_size: list[int]) -> Any:
 def setup_method(spec: dict, model: nn.Module, task: Task) -> Setup:
     """Wrap `model` for the method of `spec` and say what is trainable."""
     method = spec["method"]
-    if method in ("full", "full_frozen_bn"):
+    if method in FULL_METHODS:
         for p in model.parameters():
             p.requires_grad_(True)
         # full_frozen_bn: BatchNorm's affine weights train, its running statistics stay, as in every other method
@@ -390,7 +392,7 @@ def measure_step(setup: Setup, spec: dict, batch: Any) -> dict:
         "weight_grad_bytes": sum(grads.values()),
         "head_grad_bytes": head,
     }
-    if spec["method"] in ("full", "full_frozen_bn"):
+    if spec["method"] in FULL_METHODS:
         out["analytical_used_slots"] = sum(c.layer_slots for c in candidate_costs(model, batch))
     elif spec["method"] == "classifier":
         out["analytical_used_slots"] = 0
@@ -403,7 +405,7 @@ def adapter_file(setup: Setup, spec: dict) -> tuple[int, str]:
     from safetensors.torch import save_model
 
     with tempfile.TemporaryDirectory() as d:
-        if spec["method"] in ("full", "full_frozen_bn", "classifier"):
+        if spec["method"] in (*FULL_METHODS, "classifier"):
             module = setup.model if spec["method"] != "classifier" else setup.model.get_submodule("classifier")
             path = Path(d) / "model.safetensors"
             save_model(module, str(path))

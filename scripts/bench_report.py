@@ -190,9 +190,14 @@ def sweep_table(sweeps: list[dict], chosen: dict[tuple[str, str, str], float], l
     return [*lines, ""]
 
 
+def diverged(r: dict) -> bool:
+    """A sweep run stopped on a non-finite loss or gradient: recorded without scores."""
+    return r.get("diverged_at_step") is not None
+
+
 def _score(r: dict, bold: bool = False) -> str:
     """A sweep run's validation top-1 %, or the step its loss went non-finite at."""
-    if r.get("diverged_at_step") is not None:
+    if diverged(r):
         return f"diverged (step {r['diverged_at_step']})"
     return f"**{100 * r['val_top1']:.2f}**" if bold else f"{100 * r['val_top1']:.2f}"
 
@@ -201,8 +206,7 @@ def _choice(best: float | None, rs: dict[float, dict], lrs: list[float]) -> str:
     if best is not None:
         return f"{best:g}"
     complete = len(rs) == len(lrs)
-    return "every lr diverged" if complete and all(r.get("diverged_at_step") is not None for r in rs.values()) \
-        else "sweep incomplete"
+    return "every lr diverged" if complete and all(map(diverged, rs.values())) else "sweep incomplete"
 
 
 def _order(method: str) -> int:
@@ -294,11 +298,11 @@ def clipping_table(unclipped: list[dict], clipped_records: list[dict], label: di
     for r in sorted(unclipped, key=lambda r: (r["network"], _order(r["method"]), r["lr"])):
         c = index.get((r["network"], r["dataset"], r["method"], r["budget_slots"], r["seed"], r["lr"]))
         key = (r["network"], r["dataset"], r["method"])
-        if r["val_top1"] is not None:
+        if not diverged(r):
             best[key][0] = max(best[key][0], r["val_top1"])
         # every clipped lr counts, also one whose unclipped run diverged
         best[key][1] = max([best[key][1]] + [v["val_top1"] for k, v in index.items()
-                                             if k[:3] == key[:3] and v["val_top1"] is not None])
+                                             if k[:3] == key[:3] and not diverged(v)])
         norm = r.get("grad_norm_median")
         with_clip = "-" if c is None else _score(c)
         lines.append(f"| {r['network']} / {r['dataset']} | {label.get(r['method'], r['method'])} | {r['lr']:g} | "

@@ -139,14 +139,18 @@ def chosen_lr(sweep: list[dict], runs: Path) -> float | None:
 
     Only `val_top1` is read: sweep runs are never scored on the test split.
     """
-    scores = []
-    for spec in sweep:
-        path = runs / f"{spec['id']}.json"
-        if not path.exists():
-            return None
-        record = json.loads(path.read_text())
-        if record.get("diverged_at_step") is None:
-            scores.append((-record["val_top1"], spec["lr"]))
+    paths = [runs / f"{spec['id']}.json" for spec in sweep]
+    if not all(path.exists() for path in paths):
+        return None
+    return best_lr([json.loads(path.read_text()) for path in paths])
+
+
+def best_lr(records: list[dict]) -> float | None:
+    """`chosen_lr` on a complete sweep's records: the best validation top-1 (ties: the smaller lr), None when
+    every run diverged."""
+    import bench_report as br
+
+    scores = [(-r["val_top1"], r["lr"]) for r in records if not br.diverged(r)]
     return min(scores)[1] if scores else None
 
 
@@ -235,6 +239,8 @@ def execute(
     command (piece or time limit reached; their checkpoints in `checkpoints` carry them on), 1 when a
     run failed.
     """
+    import bench_report as br
+
     runs, checkpoints = runs or RUNS, checkpoints or CHECKPOINTS
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "peft", "transformers", "timm"])
@@ -282,11 +288,11 @@ def execute(
             done += 1
             record = runs / f"{spec['id']}.json"
             ok = process.exitcode == 0 and record.exists()
-            if ok:
-                recorded = json.loads(record.read_text())  # a sweep run has a validation score only
-                status = ("ok" + (f", top-1 {recorded['top1']:.4f}" if recorded.get("top1") is not None else "")
-                          if recorded.get("diverged_at_step") is None
-                          else f"diverged at step {recorded['diverged_at_step']} (recorded, left out of the lr choice)")
+            recorded = json.loads(record.read_text()) if ok else None  # a sweep run has a validation score only
+            if ok and br.diverged(recorded):
+                status = f"diverged at step {recorded['diverged_at_step']} (recorded, left out of the lr choice)"
+            elif ok:
+                status = "ok" + (f", top-1 {recorded['top1']:.4f}" if recorded.get("top1") is not None else "")
             elif process.exitcode == PAUSED_STATUS:
                 status, left = "paused: the next identical command continues it from its checkpoint", left + 1
             elif timed_out:
@@ -600,20 +606,21 @@ def _sweep_and_finals(configs: list[dict], records: list[dict]) -> tuple[list[di
                                                                                       cell["dataset"], method)]
                 tried = [s for s in mine if s["phase"] == "sweep"]
                 final = [s for s in mine if s["phase"] == "final"]
-                sweeps += [by_id[s["id"]] for s in tried if s["id"] in by_id]
                 finals += [by_id[s["id"]] for s in final if s["id"] in by_id]
-                lr = final[0]["lr"] if final else chosen_lr(tried, RUNS)  # a sweep-only grid has no finals
+                done = [by_id[s["id"]] for s in tried if s["id"] in by_id]
+                sweeps += done
+                # a sweep-only grid has no finals to read the choice from
+                lr = final[0]["lr"] if final else best_lr(done) if len(done) == len(tried) else None
                 if lr is not None:
                     chosen[(cell["network"], cell["dataset"], method)] = lr
                 per_seed = len(cell["budgets"]) if _is_budgeted(config, method) else 1
                 expected = 0 if config["lr_sweep"].get("only") else len(cell["seeds"]) * per_seed
-                done_sweep = sum(s["id"] in by_id for s in tried)
                 done_final = sum(s["id"] in by_id for s in final)
-                if done_sweep < len(tried) or done_final < expected:
+                if len(done) < len(tried) or done_final < expected:
                     absent = [f"s{s['seed']}" + ("" if s["budget_slots"] is None else f"@{s['budget_slots']}")
                               for s in final if s["id"] not in by_id]
                     missing.append(f"- {cell['network']} / {cell['dataset']} / {METHOD_LABEL[method]}: sweep "
-                                   f"{done_sweep} of {len(tried)}, final runs {done_final} of {expected}"
+                                   f"{len(done)} of {len(tried)}, final runs {done_final} of {expected}"
                                    + (f" (not run: {', '.join(absent)})" if absent else ""))
     return sweeps, finals, chosen, missing
 
